@@ -1,0 +1,3 @@
+"""scriven: train, evaluate, inspect and serve small generative text models on your own text."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""Text generation from a language-model checkpoint: the prompt is read once, then the recurrent
+state (or key/value cache) is carried, so each new token costs one model step."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .config import check_positive_int
+from .errors import ScrivenError
+from .sampling import filter_logits, repetition_penalty_filter, sample_next, validate
+from .tokenizers import Tokenizer
+from .train import resolve_device
+
+LM_KINDS = ("lstm", "gpt")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one sample, as it comes."""
+
+    sample: int        # which of the num_samples streams
+    token_id: int
+    text: str          # the text this token adds to that sample's output
+    probability: float # the model's probability of this token after filtering and temperature
+
+
+@dataclass
+class LoadedLM:
+    """A language model ready to generate: load once, generate many times (the server does)."""
+
+    model: nn.Module
+    tokenizer: Tokenizer
+    device: torch.device
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto") -> LoadedLM:
+        dev = resolve_device(device)
+        model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=LM_KINDS)
+        return cls(model, tok, dev, ckpt.path)
+
+
+def _check_lengths(max_new_tokens: int, num_samples: int) -> None:
+    check_positive_int(max_new_tokens, "max_new_tokens", allow_zero=True)
+    check_positive_int(num_samples, "num_samples")
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Prompt ids; unknown words become <unk> with a warning that names them."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ScrivenError("prompt is empty: give at least one word to continue")
+    ids, unknown = tokenizer.encode_with_unknowns(prompt)
+    if not ids:
+        raise ScrivenError("prompt has no tokens the model can read")
+    if unknown:
+        shown = ", ".join(repr(w) for w in unknown[:5]) + (" …" if len(unknown) > 5 else "")
+        warnings.warn(f"prompt words not in the vocabulary, read as <unk>: {shown}", stacklevel=3)
+    return ids
+
+
+@torch.inference_mode()
+def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None,
+               repetition_penalty: float = 1.0, generator: torch.Generator | None = None
+               ) -> Iterator[tuple[Tensor, Tensor]]:
+    """Yield (next ids (B,), their probabilities (B,)) one step at a time. The prompt (B, T) is
+    read once; after that each step feeds only the newest token and the carried state."""
+    logits, state = model(prompt_ids)                                     # (B, T, V)
+    last = logits[:, -1].float()                                          # (B, V)
+    history = prompt_ids
+    for _ in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            last = repetition_penalty_filter(last, history, repetition_penalty)
+        ids = sample_next(last, temperature, top_k, top_p, generator)     # (B,)
+        probs = _probability(last, ids, temperature, top_k, top_p)
+        yield ids, probs
+        if repetition_penalty != 1.0:
+            history = torch.cat([history, ids[:, None]], dim=1)
+        logits, state = model(ids[:, None], state)                        # (B, 1, V)
+        last = logits[:, -1].float()
+
+
+def _probability(logits: Tensor, ids: Tensor, temperature: float, top_k: int | None,
+                 top_p: float | None) -> Tensor:
+    if temperature == 0:
+        return torch.softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return torch.softmax(filtered, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+
+
+def generate_stream(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int = 200,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    repetition_penalty: float = 1.0, stop: list[str] | None = None,
+                    seed: int | None = None, num_samples: int = 1, device: str = "auto",
+                    ) -> Iterator[TokenEvent]:
+    """Generate and yield each token as it comes (see `generate` for the parameters)."""
+    lm = checkpoint if isinstance(checkpoint, LoadedLM) else LoadedLM.load(checkpoint, device)
+    _check_lengths(max_new_tokens, num_samples)
+    validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
+    prompt_ids = encode_prompt(lm.tokenizer, prompt)
+    yield from _events(lm, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                       repetition_penalty, stop, seed, num_samples)
+
+
+def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperature: float,
+            top_k: int | None, top_p: float | None, repetition_penalty: float,
+            stop: list[str] | None, seed: int | None, num_samples: int) -> Iterator[TokenEvent]:
+    tok = lm.tokenizer
+    stops = [s for s in (stop or []) if s]
+    generator = torch.Generator(device=lm.device)
+    generator.manual_seed(seed if seed is not None else torch.seed())
+    batch = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=lm.device)
+    texts = [tok.decode(prompt_ids) for _ in range(num_samples)]
+    generated: list[list[int]] = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    for ids, probs in sample_ids(lm.model, batch, max_new_tokens, temperature, top_k, top_p,
+                                 repetition_penalty, generator):
+        for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
+            if done[s]:
+                continue
+            generated[s].append(token_id)
+            piece = _new_text(tok, prompt_ids, generated[s], texts[s])
+            texts[s] += piece
+            cut = _stop_at(texts[s], piece, stops)
+            if cut is not None:
+                piece = piece[: len(piece) - (len(texts[s]) - cut)]
+                done[s] = True
+            yield TokenEvent(s, token_id, piece, prob)
+        if all(done):
+            return
+
+
+def _new_text(tok: Tokenizer, prompt_ids: list[int], generated: list[int], so_far: str,
+              window: int = 24) -> str:
+    """The text one new token adds. Decoding a short tail keeps this constant-time; the tail's
+    text before and after the token differ only in what the token added."""
+    tail = (prompt_ids + generated)[-window:]
+    before, after = tok.decode(tail[:-1]), tok.decode(tail)
+    if after.startswith(before):
+        return after[len(before):]
+    piece = tok.decode(tail[-1:])
+    return piece if not so_far or not piece or piece[0] in " ,.;:!?)'" else " " + piece
+
+
+def _stop_at(text: str, piece: str, stops: list[str]) -> int | None:
+    """Where `text` must end if a stop string has just appeared in it (the stop string is cut)."""
+    for s in stops:
+        at = text.find(s, max(0, len(text) - len(piece) - len(s)))
+        if at != -1:
+            return at
+    return None
+
+
+def generate(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int = 200,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float = 1.0, stop: list[str] | None = None,
+             seed: int | None = None, num_samples: int = 1, device: str = "auto") -> list[str]:
+    """Continue `prompt` with a trained text generator; returns `num_samples` texts, each the
+    prompt followed by what was generated.
+
+    temperature: 0 is greedy; top_k / top_p: keep only the k most likely tokens / the smallest
+    set with probability mass p; repetition_penalty > 1 discourages tokens already present;
+    stop: strings that end a sample (not included); seed: makes sampling reproducible."""
+    lm = checkpoint if isinstance(checkpoint, LoadedLM) else LoadedLM.load(checkpoint, device)
+    _check_lengths(max_new_tokens, num_samples)
+    validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
+    prompt_ids = encode_prompt(lm.tokenizer, prompt)
+    texts = [lm.tokenizer.decode(prompt_ids)] * num_samples
+    for event in _events(lm, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                         repetition_penalty, stop, seed, num_samples):
+        texts[event.sample] += event.text
+    return texts

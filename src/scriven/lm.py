@@ -1,0 +1,223 @@
+"""Language-model training and evaluation: text -> token stream -> contiguous streams with
+truncated back-propagation through time, the LSTM's hidden state carried between windows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .config import check, from_dict, to_dict
+from .data import read_text, resolve_text_source
+from .errors import ScrivenError
+from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
+from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
+from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
+
+Batch = tuple[Tensor, Tensor]  # inputs, targets: (B, T) each
+
+
+def split_by_position(ids: Tensor, valid_fraction: float, test_fraction: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Contiguous train / valid / test parts, in that order: the end of the text is held out."""
+    n = ids.numel()
+    n_test = int(n * test_fraction)
+    n_valid = int(n * valid_fraction)
+    n_train = n - n_valid - n_test
+    return ids[:n_train], ids[n_train:n_train + n_valid], ids[n_train + n_valid:]
+
+
+def chars_per_token(tokenizer: Tokenizer, tokens: list[str]) -> float:
+    """Characters of normalised text per token, for converting nats/token to bits/character.
+    Word tokens stand for the word plus one separating space; characters stand for themselves."""
+    if not tokens:
+        return 1.0
+    if tokenizer.kind == "char":
+        return 1.0
+    return sum(len(t.replace("\u2581", " ").lstrip("Ġ")) + (1 if tokenizer.kind == "word" else 0)
+               for t in tokens) / len(tokens)
+
+
+class LMTask:
+    """Next-token prediction on one long token stream, cut into `batch_size` parallel streams
+    per process. Rank r of w reads streams r*B..(r+1)*B of w*B, so w processes at batch B see
+    exactly the data one process sees at batch w*B."""
+
+    metric = "perplexity"
+    higher_is_better = False
+
+    def __init__(self, train_ids: Tensor, valid_ids: Tensor, chars_per_token: float,
+                 batch_size: int, seq_len: int, device: torch.device,
+                 dist: Distributed | None = None) -> None:
+        self.dist = dist or Distributed()
+        self.device = device
+        self.seq_len = seq_len
+        self.chars_per_token = chars_per_token
+        streams = batch_size * self.dist.world
+        length = (train_ids.numel() - 1) // streams
+        if length < seq_len + 1:
+            raise ScrivenError(
+                f"the training text has {train_ids.numel()} tokens, too few for {streams} streams "
+                f"of {seq_len}-token windows: use more text or a smaller batch_size/seq_len")
+        x = train_ids[: streams * length].view(streams, length)              # (S, N)
+        y = train_ids[1: streams * length + 1].view(streams, length)         # (S, N)
+        rows = slice(self.dist.rank * batch_size, (self.dist.rank + 1) * batch_size)
+        self.x, self.y = x[rows].to(device), y[rows].to(device)             # (B, N)
+        self.valid_ids = valid_ids
+        if valid_ids.numel() < 2:
+            raise ScrivenError("the validation part of the text is too short (under 2 tokens)")
+        self.hidden: tuple[Tensor, Tensor] | None = None
+
+    def steps_per_epoch(self) -> int:
+        return self.x.size(1) // self.seq_len
+
+    def start_epoch(self, epoch: int) -> None:
+        self.hidden = None  # the streams start over at the top of the text
+
+    def batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        T = self.seq_len
+        for i in range(start, self.steps_per_epoch()):
+            yield self.x[:, i * T:(i + 1) * T], self.y[:, i * T:(i + 1) * T]
+
+    def loss(self, model: nn.Module, batch: Batch, label_smoothing: float) -> tuple[Tensor, int]:
+        x, y = batch
+        logits, hidden = model(x, self.hidden)                               # (B, T, V)
+        self.hidden = (hidden[0].detach(), hidden[1].detach())  # truncated BPTT: no grad across windows
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), label_smoothing=label_smoothing)
+        return loss, y.numel()
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        nll, count = stream_nll(model, self.valid_ids, self.device, self.dist)
+        return lm_metrics(nll, count, self.chars_per_token)
+
+    def state(self) -> dict[str, Tensor]:
+        if self.hidden is None:
+            return {}
+        return {"hidden.h": self.hidden[0], "hidden.c": self.hidden[1]}
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        self.hidden = (tensors["hidden.h"], tensors["hidden.c"]) if "hidden.h" in tensors else None
+
+
+def stream_nll(model: nn.Module, ids: Tensor, device: torch.device, dist: Distributed | None = None,
+               window: int = 256) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of `ids` read left to right as one stream, the state
+    carried between windows so every token sees all of its past. Across ranks each process scores
+    one contiguous slice and the sums are reduced."""
+    dist = dist or Distributed()
+    n = ids.numel() - 1
+    lo, hi = n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world
+    total, count, hidden = 0.0, 0, None
+    with torch.no_grad():
+        for i in range(lo, hi, window):
+            j = min(i + window, hi)
+            x = ids[i:j].to(device)[None]                                   # (1, T)
+            y = ids[i + 1:j + 1].to(device)[None]
+            logits, hidden = model(x, hidden)
+            total += F.cross_entropy(logits.float()[0], y[0], reduction="sum").item()
+            count += j - i
+    if dist.world > 1:
+        sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(sums)
+        total, count = sums[0].item(), int(sums[1].item())
+    return total, count
+
+
+def lm_metrics(nll: float, count: int, chars_per_token: float) -> dict[str, float]:
+    mean = nll / max(count, 1)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)),
+            "bits_per_char": mean / math.log(2) / chars_per_token, "tokens": float(count)}
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "word"          # word | char | bpe
+    lowercase: bool = True      # word only (the book lowercases)
+    min_count: int = 1          # word only: rarer words become <unk>
+    max_size: int | None = None # word only: keep the most frequent words
+    vocab_size: int = 8000      # bpe only
+
+    def __post_init__(self) -> None:
+        check(self.kind in ("word", "char", "bpe"), "tokenizer",
+              f"must be word, char or bpe, got {self.kind!r}")
+
+
+def build_tokenizer(config: TokenizerConfig, text: str) -> Tokenizer:
+    if config.kind == "word":
+        return WordTokenizer.train([text], lowercase=config.lowercase, min_count=config.min_count,
+                                   max_size=config.max_size)
+    if config.kind == "char":
+        return CharTokenizer.train([text])
+    return BPETokenizer.train([text], vocab_size=config.vocab_size)
+
+
+def _cut_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[str, str, str]:
+    """Split the text by position at line boundaries: train first, then valid, then test."""
+    n = len(text)
+    a = text.rfind("\n", 0, int(n * (1 - valid_fraction - test_fraction))) + 1
+    b = text.rfind("\n", 0, int(n * (1 - test_fraction))) + 1
+    if not 0 < a < b < n:
+        a, b = int(n * (1 - valid_fraction - test_fraction)), int(n * (1 - test_fraction))
+    return text[:a], text[a:b], text[b:]
+
+
+def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "lstm",
+             tokenizer: str = "word", min_count: int = 1, vocab_size: int = 8000,
+             epochs: int | None = None, minutes: float | None = None, max_steps: int | None = None,
+             batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
+             dropout: float | None = None, eval_every: int = 200, patience: int = 0,
+             amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
+             progress: bool = True) -> TrainResult:
+    """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
+
+    Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
+    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly."""
+    check(model == "lstm", "model", f"must be lstm, got {model!r}")
+    check(preset in LSTM_PRESETS, "preset", f"must be one of {', '.join(LSTM_PRESETS)}, got {preset!r}")
+    if epochs is None and minutes is None and max_steps is None:
+        minutes = 10.0
+    tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)
+    train_text, valid_text, _ = _cut_text(read_text(resolve_text_source(text)), 0.05, 0.05)
+    if resume:  # the run's own tokenizer and model config, so the data encodes as before
+        saved = ckpt_io.load(Path(out) / "latest")
+        tok = ckpt_io.tokenizer_of(saved)
+        model_config = from_dict(LSTMConfig, saved.config["model"], "checkpoint model config")
+    else:
+        tok = build_tokenizer(tok_config, train_text)
+        model_config = LSTMConfig.preset(preset, tok.vocab_size)
+        if dropout is not None:
+            model_config = replace(model_config, dropout=dropout)
+    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
+    valid_ids = torch.tensor(tok.encode(valid_text), dtype=torch.long)
+    cpt = chars_per_token(tok, tok.tokenize(valid_text))
+    train_config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
+                               batch_size=batch_size, seq_len=seq_len,
+                               lr=lr if lr is not None else 3e-3, eval_every=eval_every,
+                               patience=patience, amp=amp, device=device, seed=seed)
+    dist = Distributed.from_env()
+    dev = resolve_device(device, dist)
+    torch.manual_seed(seed)
+    net = LSTMLanguageModel(model_config)
+    task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist)
+    spec = CheckpointSpec("lstm", to_dict(model_config), tok.to_json_str(),
+                          {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
+                           "tokenizer": to_dict(tok_config)})
+    return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress)
+
+
+def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
+    """Perplexity and bits per character of a checkpoint on any text (a file or dataset name)."""
+    dev = resolve_device(device)
+    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=("lstm",))
+    content = read_text(resolve_text_source(text))
+    ids = torch.tensor(tok.encode(content), dtype=torch.long)
+    if ids.numel() < 2:
+        raise ScrivenError(f"text {text}: needs at least 2 tokens to score")
+    tokens = tok.tokenize(content)
+    nll, count = stream_nll(model, ids, dev)
+    return lm_metrics(nll, count, chars_per_token(tok, tokens))

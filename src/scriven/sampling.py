@@ -1,0 +1,99 @@
+"""Decoding rules as small pure functions on logits, composed in a fixed order by `sample_next`.
+
+Every filter takes logits (..., V) and returns logits of the same shape, with removed tokens at
+-inf, so each can be tested alone: top-k of 1 equals argmax, top-p of 1 changes nothing,
+temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .errors import ScrivenError
+
+
+def validate(temperature: float, top_k: int | None, top_p: float | None,
+             repetition_penalty: float, vocab_size: int) -> None:
+    """Check sampling parameters once, at the boundary, with messages that name the parameter."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not math.isfinite(temperature) or temperature < 0:
+        raise ScrivenError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0:
+            raise ScrivenError(f"top_k must be a positive integer, got {top_k!r}")
+        if top_k > vocab_size:
+            raise ScrivenError(f"top_k must be at most the vocabulary size {vocab_size}, got {top_k}")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) \
+                or not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise ScrivenError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+            or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise ScrivenError(f"repetition_penalty must be a number > 0 (1 = off), got {repetition_penalty!r}")
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """Divide by the temperature (> 0): below 1 sharpens, above 1 flattens."""
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep exactly the k highest logits; others get -inf."""
+    if k >= logits.size(-1):
+        return logits
+    values, indices = torch.topk(logits, k, dim=-1)  # (..., k)
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of tokens whose probability sums to at least p; others get -inf."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # A token is dropped when the mass before it already reaches p; the top token always stays.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def repetition_penalty_filter(logits: Tensor, previous: Tensor, penalty: float) -> Tensor:
+    """Make tokens already in `previous` (B, T) less likely (CTRL-style): positive logits are
+    divided by the penalty and negative ones multiplied, so the push is always downwards."""
+    if penalty == 1.0 or previous.numel() == 0:
+        return logits
+    seen = torch.gather(logits, -1, previous)
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(-1, previous, seen)
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None) -> Tensor:
+    """Temperature, then top-k, then top-p: the order Hugging Face `generate` uses too."""
+    if temperature > 0:
+        logits = apply_temperature(logits, temperature)
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return logits
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Pick one token id per row of logits (B, V) -> (B,). Temperature 0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if top_k is not None and top_k < logits.size(-1):
+        # Same distribution as top_k_filter, but softmax and top-p run over k values, not V.
+        values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k)
+        values = filter_logits(values, temperature, None, top_p)
+        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
+        return indices.gather(-1, choice).squeeze(-1)
+    logits = filter_logits(logits, temperature, None, top_p)
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,440 @@
+"""The shared trainer: one loop for every model, driven by a `Task` that owns the data and loss.
+
+The loop knows optimisers, schedules, mixed precision, evaluation, early stopping, checkpoints and
+exact resume; a task knows how to cut its data into batches, compute a loss and score a model.
+Nothing here is global, and every write happens on rank 0 only, so `torchrun` runs it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .config import check, check_float, check_positive_int, to_dict
+from .errors import ScrivenError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = None        # stop after this many passes over the training data
+    minutes: float | None = None     # or after this much wall-clock time
+    max_steps: int | None = None     # or after this many optimiser steps
+    batch_size: int = 32             # LM: parallel streams per process
+    seq_len: int = 64                # LM: tokens per truncated-BPTT window
+    max_tokens: int = 4096           # translation: padded tokens per batch per process
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05       # the schedule decays to lr * min_lr_ratio
+    schedule: str = "cosine"         # cosine | inverse_sqrt | constant (all after warmup)
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # max global gradient norm; 0 = off
+    label_smoothing: float = 0.0
+    eval_every: int = 200            # steps between validations (and checkpoints)
+    patience: int = 0                # validations without improvement before stopping; 0 = off
+    amp: str = "auto"                # auto | bf16 | fp16 | off
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    compile: bool = False            # torch.compile the model
+    seed: int = 0
+    log_every: int = 20
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "max_steps"):
+            value = getattr(self, name)
+            if value is not None:
+                check_positive_int(value, name)
+        if self.minutes is not None:
+            check_float(self.minutes, "minutes", 0.0, 1e6, low_open=True)
+        check(self.epochs is not None or self.minutes is not None or self.max_steps is not None,
+              "training length", "needs one of epochs, minutes or max_steps")
+        for name in ("batch_size", "seq_len", "max_tokens", "eval_every", "log_every"):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.warmup_steps, "warmup_steps", allow_zero=True)
+        check_positive_int(self.patience, "patience", allow_zero=True)
+        check_positive_int(self.seed, "seed", allow_zero=True)
+        check_float(self.lr, "lr", 0.0, 10.0, low_open=True)
+        check_float(self.min_lr_ratio, "min_lr_ratio", 0.0, 1.0)
+        check_float(self.weight_decay, "weight_decay", 0.0, 10.0)
+        check_float(self.eps, "eps", 0.0, 1.0, low_open=True)
+        check_float(self.grad_clip, "grad_clip", 0.0, 1e6)
+        check_float(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+              f"must be two numbers in [0, 1), got {self.betas!r}")
+        check(self.schedule in ("cosine", "inverse_sqrt", "constant"), "schedule",
+              f"must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
+        check(self.amp in ("auto", "bf16", "fp16", "off"), "amp",
+              f"must be auto, bf16, fp16 or off, got {self.amp!r}")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+              "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
+
+
+class Task(Protocol):
+    """What the trainer needs from a model family's data and objective."""
+
+    metric: str              # the validation metric early stopping and `best` follow
+    higher_is_better: bool
+
+    def steps_per_epoch(self) -> int: ...
+    def batches(self, epoch: int, start: int) -> Iterator[Any]: ...
+    def loss(self, model: nn.Module, batch: Any, label_smoothing: float) -> tuple[Tensor, int]: ...
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+    def state(self) -> dict[str, Tensor]: ...
+    def load_state(self, tensors: dict[str, Tensor]) -> None: ...
+    def start_epoch(self, epoch: int) -> None: ...
+
+
+@dataclass
+class Distributed:
+    """Rank and world size, read once from torchrun's environment."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ScrivenError(f"device {name!r} was asked for, but no CUDA GPU is available")
+        if name == "cuda" and dist is not None and dist.world > 1:
+            name = f"cuda:{dist.local_rank}"
+    return torch.device(name)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for full fp32. `auto` takes bf16 where the hardware runs it
+    natively (CUDA with bf16, or a CPU with AVX-512 BF16/AMX), since it measured faster there."""
+    if amp == "off":
+        return None
+    if amp == "fp16":
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def lr_at(config: TrainConfig, step: int, progress: float) -> float:
+    """Learning rate after `step` steps; `progress` in [0, 1] is how much of the budget is used."""
+    if config.warmup_steps and step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    floor = config.lr * config.min_lr_ratio
+    if config.schedule == "constant":
+        return config.lr
+    if config.schedule == "inverse_sqrt":
+        return max(floor, config.lr * math.sqrt(max(config.warmup_steps, 1) / max(step, 1)))
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    # Weight decay on matrices only: decaying biases, norms and embeddings rarely helps.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
+    sd = opt.state_dict()
+    tensors = {}
+    for index, slots in sd["state"].items():
+        for name, value in slots.items():
+            tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+@dataclass
+class Progress:
+    """Everything about where training stands that a resume must restore."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0            # batches of the current epoch already consumed
+    elapsed: float = 0.0         # seconds of training so far, across resumes
+    tokens: int = 0
+    best: float | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    epochs_done: float
+    elapsed: float
+    tokens: int
+    tokens_per_second: float
+    metrics: dict[str, float]
+    best: float | None
+    stopped_early: bool
+
+
+@dataclass
+class CheckpointSpec:
+    """What the caller adds to each checkpoint besides weights and training state."""
+
+    kind: str
+    model_config: dict[str, Any]
+    tokenizer_json: str
+    data: dict[str, Any]
+
+
+class _Log:
+    """Metrics as JSON lines on rank 0; appends across resumes so one file tells the whole run."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _budget_progress(config: TrainConfig, p: Progress, steps_per_epoch: int) -> float:
+    fractions = []
+    if config.max_steps:
+        fractions.append(p.step / config.max_steps)
+    if config.epochs:
+        fractions.append(p.step / (config.epochs * steps_per_epoch))
+    if config.minutes:
+        fractions.append(p.elapsed / (config.minutes * 60))
+    return max(fractions)
+
+
+def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec: CheckpointSpec,
+        resume: bool = False, progress_bar: bool = True) -> TrainResult:
+    """Train `model` on `task` and write `out/latest`, `out/best`, `out/metrics.jsonl`."""
+    out = Path(out)
+    dist = Distributed.from_env()
+    device = resolve_device(config.device, dist)
+    if dist.world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    amp_dtype = autocast_dtype(config.amp, device)
+    p = Progress()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    model.to(device)
+    opt = make_optimizer(model, config)
+
+    if resume:
+        saved = ckpt_io.load(out / "latest", with_training_state=True)
+        if saved.kind != spec.kind:
+            raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {spec.kind}")
+        ckpt_io.load_weights(model, saved.weights, str(saved.path))
+        load_optimizer(opt, {k: v.to(device) for k, v in saved.state.items()},
+                       saved.trainer["param_groups"])
+        task.load_state({k[5:]: v.to(device) for k, v in saved.state.items() if k.startswith("task.")})
+        torch.set_rng_state(saved.state["rng.torch"])
+        if device.type == "cuda" and "rng.cuda" in saved.state:
+            torch.cuda.set_rng_state(saved.state["rng.cuda"])
+        p = Progress(**saved.trainer["progress"])
+    elif dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_file = out / "metrics.jsonl"
+        if metrics_file.exists():
+            metrics_file.unlink()  # a fresh run starts a fresh log
+
+    train_model: nn.Module = model
+    if config.compile:
+        train_model = torch.compile(model)
+    if dist.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+
+    log = _Log(out / "metrics.jsonl" if dist.main else None)
+    steps_per_epoch = task.steps_per_epoch()
+    if steps_per_epoch < 1:
+        raise ScrivenError("the training data is smaller than one batch: use more text or a "
+                           "smaller batch_size/seq_len")
+    total_steps = None
+    if config.max_steps or config.epochs:
+        total_steps = min(s for s in (config.max_steps, (config.epochs or 0) * steps_per_epoch or None) if s)
+    bar = None
+    if progress_bar and dist.main:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=p.step, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, disable=None)
+    metrics: dict[str, float] = {}
+    window_loss, window_tokens, window_steps = 0.0, 0, 0
+    window_start = time.perf_counter()
+
+    def save(best: bool) -> None:
+        if not dist.main:
+            return
+        tensors, groups = optimizer_tensors(opt)
+        state = {**tensors, "rng.torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            state["rng.cuda"] = torch.cuda.get_rng_state()
+        state.update({f"task.{k}": v.detach().cpu() for k, v in task.state().items()})
+        config_dict = {"model": spec.model_config, "train": to_dict(config), "data": spec.data,
+                       "metrics": metrics}
+        weights = ckpt_io.model_weights(model)
+        trainer = {"progress": vars(p), "param_groups": groups}
+        ckpt_io.save(out / "latest", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
+                                                        spec.tokenizer_json, state, trainer))
+        if best:
+            ckpt_io.save(out / "best", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
+                                                          spec.tokenizer_json))
+
+    def validate() -> bool:
+        """Evaluate, log, save; True when early stopping says stop."""
+        nonlocal metrics
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            metrics = task.evaluate(model)
+        model.train()
+        score = metrics[task.metric]
+        improved = p.best is None or (score > p.best if task.higher_is_better else score < p.best)
+        if improved:
+            p.best, p.bad_evals = score, 0
+        else:
+            p.bad_evals += 1
+        stop = bool(config.patience) and p.bad_evals >= config.patience
+        p.stopped_early = stop
+        log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
+                   **{f"val_{k}": v for k, v in metrics.items()}})
+        save(best=improved)
+        if bar is not None:
+            bar.write(f"step {p.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        return stop
+
+    def budget_spent() -> bool:
+        if config.max_steps and p.step >= config.max_steps:
+            return True
+        if config.epochs and p.step >= config.epochs * steps_per_epoch:
+            return True
+        return bool(config.minutes) and p.elapsed >= config.minutes * 60
+
+    model.train()
+    stop = budget_spent() or p.stopped_early
+    last_eval_step = p.step if resume else -1
+    while not stop:
+        if p.position == 0:
+            task.start_epoch(p.epoch)
+        for batch in task.batches(p.epoch, p.position):
+            t0 = time.perf_counter()
+            lr = lr_at(config, p.step, _budget_progress(config, p, steps_per_epoch))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                loss, n_tokens = task.loss(train_model, batch, config.label_smoothing)
+            if not torch.isfinite(loss):
+                raise ScrivenError(f"training diverged at step {p.step} (loss {loss.item()}): "
+                                   "lower lr or raise warmup_steps")
+            scaler.scale(loss).backward()
+            if config.grad_clip:
+                scaler.unscale_(opt)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            p.step += 1
+            p.position += 1
+            p.tokens += n_tokens * dist.world
+            p.elapsed += time.perf_counter() - t0
+            window_loss += loss.item()
+            window_tokens += n_tokens * dist.world
+            window_steps += 1
+            if p.step % config.log_every == 0:
+                now = time.perf_counter()
+                rate = window_tokens / max(now - window_start, 1e-9)
+                log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
+                           "loss": window_loss / window_steps, "lr": lr, "tokens_per_s": rate})
+                if bar is not None:
+                    post = {"loss": f"{window_loss / window_steps:.3f}", "tok/s": f"{rate:,.0f}"}
+                    if config.minutes:
+                        post["left"] = f"{max(0.0, config.minutes * 60 - p.elapsed):.0f}s"
+                    bar.set_postfix(post, refresh=False)
+                window_loss, window_tokens, window_steps = 0.0, 0, 0
+                window_start = now
+            if bar is not None:
+                bar.update(1)
+            if p.step % config.eval_every == 0:
+                last_eval_step = p.step
+                if validate():
+                    stop = True
+                    break
+            if budget_spent():
+                stop = True
+                break
+        else:
+            p.epoch += 1
+            p.position = 0
+    if last_eval_step != p.step:
+        validate()
+    if bar is not None:
+        bar.close()
+    if dist.main:
+        _plot_curves(out)
+    epochs_done = p.epoch + p.position / steps_per_epoch
+    return TrainResult(out, p.step, epochs_done, p.elapsed, p.tokens,
+                       p.tokens / max(p.elapsed, 1e-9), metrics, p.best, p.stopped_early)
+
+
+def _plot_curves(out: Path) -> None:
+    try:
+        from .plots import plot_training_curves
+    except ImportError:  # plotting is optional for training
+        return
+    plot_training_curves(out / "metrics.jsonl", out / "loss.png")
+

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from scriven.errors import ScrivenError
+from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
+
+
+def model(**overrides):
+    torch.manual_seed(0)
+    config = dict(vocab_size=40, embed_dim=16, hidden_dim=24, num_layers=2, dropout=0.0)
+    config.update(overrides)
+    return LSTMLanguageModel(LSTMConfig(**config)).eval()
+
+
+def test_carried_state_equals_reading_everything_at_once():
+    m = model()
+    ids = torch.randint(0, 40, (3, 20))
+    full, _ = m(ids)
+    first, state = m(ids[:, :7])
+    second, _ = m(ids[:, 7:], state)
+    assert torch.allclose(torch.cat([first, second], 1), full, atol=1e-5)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    m = model()
+    ids = torch.randint(0, 40, (1, 12))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 40
+    assert torch.allclose(m(ids)[0][:, :8], m(changed)[0][:, :8])
+
+
+def test_tied_embeddings_share_one_matrix_and_project_when_sizes_differ():
+    m = model(tie_embeddings=True)
+    assert m.head.weight is m.embed.weight
+    logits, (h, c) = m(torch.randint(0, 40, (2, 5)))
+    assert logits.shape == (2, 5, 40)
+    assert h.shape == (2, 2, 16) and c.shape == (2, 2, 24)
+
+
+def test_seed_preset_has_the_books_sizes():
+    c = LSTMConfig.preset("seed", 1000)
+    assert (c.embed_dim, c.hidden_dim, c.num_layers, c.dropout) == (128, 128, 3, 0.2)
+
+
+@pytest.mark.parametrize("field, value", [("vocab_size", 0), ("hidden_dim", -1), ("dropout", 1.0),
+                                          ("num_layers", 1.5)])
+def test_config_rejects_bad_values(field, value):
+    config = dict(vocab_size=10)
+    config[field] = value
+    with pytest.raises(ScrivenError, match=field):
+        LSTMConfig(**config)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ScrivenError, match="preset"):
+        LSTMConfig.preset("huge", 10)

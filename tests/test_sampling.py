@@ -1,0 +1,100 @@
+import math
+
+import pytest
+import torch
+
+from scriven.errors import ScrivenError
+from scriven.sampling import (
+    filter_logits,
+    repetition_penalty_filter,
+    sample_next,
+    top_k_filter,
+    top_p_filter,
+    validate,
+)
+
+
+def logits(batch=3, vocab=50, seed=0):
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed))
+
+
+def test_top_k_of_one_equals_argmax():
+    x = logits()
+    for seed in range(5):
+        got = sample_next(x, temperature=1.3, top_k=1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(got, x.argmax(-1))
+
+
+def test_temperature_zero_is_greedy():
+    x = logits()
+    assert torch.equal(sample_next(x, temperature=0), x.argmax(-1))
+
+
+def test_top_p_of_one_changes_nothing():
+    x = logits()
+    assert torch.equal(top_p_filter(x, 1.0), x)
+
+
+def test_top_k_keeps_exactly_k_highest():
+    x = logits()
+    kept = torch.isfinite(top_k_filter(x, 7))
+    assert kept.sum(-1).tolist() == [7, 7, 7]
+    assert torch.equal(kept, torch.zeros_like(kept).scatter(-1, x.topk(7).indices, True))
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    x = logits(batch=1, vocab=200)
+    p = 0.6
+    kept = torch.isfinite(top_p_filter(x, p))[0]
+    probs = torch.softmax(x, -1)[0]
+    mass = probs[kept].sum().item()
+    assert mass >= p
+    # dropping the least likely kept token would fall below p
+    assert mass - probs[kept].min().item() < p
+    # every kept token is more likely than every dropped one
+    assert probs[kept].min() >= probs[~kept].max()
+
+
+def test_top_p_always_keeps_the_top_token():
+    x = torch.tensor([[10.0, 0.0, 0.0]])
+    assert torch.isfinite(top_p_filter(x, 1e-9)).sum() == 1
+
+
+def test_fast_top_k_sampling_matches_filtered_distribution():
+    # sample_next's top-k path samples from k values; compare frequencies with the filter.
+    x = logits(batch=1, vocab=20, seed=3)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_next(x, 0.8, top_k=4, top_p=0.9, generator=g) for _ in range(4000)])
+    expected = torch.softmax(filter_logits(x, 0.8, 4, 0.9), -1)[0]
+    freq = torch.bincount(draws.flatten(), minlength=20).float() / draws.numel()
+    assert torch.allclose(freq, expected, atol=0.03)
+    assert (freq[expected == 0] == 0).all()
+
+
+def test_repetition_penalty_lowers_seen_tokens_only():
+    x = torch.tensor([[2.0, -1.0, 0.5, 3.0]])
+    out = repetition_penalty_filter(x, torch.tensor([[0, 1]]), 2.0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0]]
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    x = logits()
+    a = sample_next(x, 1.0, generator=torch.Generator().manual_seed(7))
+    b = sample_next(x, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=math.nan), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=51), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_bad_parameters_are_named(kwargs, word):
+    args = dict(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0, vocab_size=50)
+    args.update(kwargs)
+    with pytest.raises(ScrivenError, match=word):
+        validate(**args)
