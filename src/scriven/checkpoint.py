@@ -169,9 +169,9 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], where: str)
 
 
 def tokenizer_of(ckpt: Checkpoint):  # -> Tokenizer
-    from .tokenizers import tokenizer_from_json_str
+    from .tokenizers import from_json_str
     try:
-        return tokenizer_from_json_str(ckpt.tokenizer_json)
+        return from_json_str(ckpt.tokenizer_json)
     except ScrivenError as e:
         raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json: {e}") from None
 

@@ -64,7 +64,7 @@ def _print_result(result) -> None:  # TrainResult
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
-    from .generate import LoadedLM, generate_stream
+    from .generate import LoadedLM, generate_stream, prompt_text
     lm = LoadedLM.load(a.checkpoint, a.device)
     stream = generate_stream(lm, a.prompt, max_new_tokens=a.max_new_tokens,
                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -75,8 +75,8 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     if a.num_samples == 1:
         first = True
         for event in stream:
-            if first:
-                print(lm.tokenizer.decode(lm.tokenizer.encode(a.prompt)), end="", flush=True)
+            if first:  # after the stream has validated the parameters
+                print(prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt)), end="")
                 first = False
             print(event.text, end="", flush=True)
         print()
@@ -84,10 +84,10 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     texts: dict[int, str] = {}
     for event in stream:
         texts[event.sample] = texts.get(event.sample, "") + event.text
-    prompt_text = lm.tokenizer.decode(lm.tokenizer.encode(a.prompt))
+    shown = prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt))
     for s in range(a.num_samples):
         print(f"--- sample {s + 1}")
-        print(prompt_text + texts.get(s, ""))
+        print(shown + texts.get(s, ""))
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:

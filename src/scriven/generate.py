@@ -15,7 +15,7 @@ from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
 from .sampling import filter_logits, repetition_penalty_filter, sample_next, validate
-from .tokenizers import Tokenizer
+from .tokenizers import Tokenizer, detokenize
 from .train import resolve_device
 
 LM_KINDS = ("lstm", "gpt")
@@ -63,6 +63,14 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
         shown = ", ".join(repr(w) for w in unknown[:5]) + (" …" if len(unknown) > 5 else "")
         warnings.warn(f"prompt words not in the vocabulary, read as <unk>: {shown}", stacklevel=3)
     return ids
+
+
+def prompt_text(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> str:
+    """The prompt as it reads in the output: the user's words (unknown ones too), detokenized
+    the way generated text is."""
+    if tokenizer.kind == "word":
+        return detokenize(tokenizer.tokenize(prompt), sentence_case=tokenizer.lowercase)
+    return tokenizer.decode(prompt_ids)
 
 
 @torch.inference_mode()
@@ -172,7 +180,7 @@ def generate(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int
     _check_lengths(max_new_tokens, num_samples)
     validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
     prompt_ids = encode_prompt(lm.tokenizer, prompt)
-    texts = [lm.tokenizer.decode(prompt_ids)] * num_samples
+    texts = [prompt_text(lm.tokenizer, prompt, prompt_ids)] * num_samples
     for event in _events(lm, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                          repetition_penalty, stop, seed, num_samples):
         texts[event.sample] += event.text

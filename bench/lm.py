@@ -1,0 +1,237 @@
+"""Benchmark for the word-level text generator on Anna Karenina. Prints one JSON summary.
+
+All figures come from one run on one machine, so ratios between them are meaningful:
+  quality per CPU time: validation perplexity versus training minutes for (a) the book's method
+      reproduced faithfully and (b) scriven's default, on the same split and vocabulary;
+  generation speed: single stream at 100 and 2,000 new tokens, scriven (prompt read once, state
+      carried) versus the book's re-feed loop on the same model; 64 streams batched;
+  training throughput in tokens/s.
+
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/lm.py            # 15 + 30 minutes of training
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/lm.py --quick    # a 2-minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from scriven.data import fetch, read_text
+from scriven.generate import sample_ids
+from scriven.lm import LMTask, chars_per_token, lm_metrics, stream_nll
+from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
+from scriven.tokenizers import WordTokenizer, split_words
+from scriven.train import CheckpointSpec, TrainConfig, fit
+
+PROMPT = "anna and the prince"
+
+
+def seed_split(text: str):
+    """The book's tokenization, split by token position 90/5/5, vocabulary from train only."""
+    words = split_words(text, lowercase=True)
+    n = len(words)
+    a, b = int(n * 0.9), int(n * 0.95)
+    tok = WordTokenizer.train([" ".join(words[:a])], lowercase=True, min_count=1)
+    def ids(part):
+        return torch.tensor(tok.encode(" ".join(part)), dtype=torch.long)
+    return tok, ids(words[:a]), ids(words[a:b]), words[a:b]
+
+
+class BookWindowsTask:
+    """The book's data pipeline: every window of 100 tokens at stride 1, shuffled, batches of
+    32, the hidden state carried from one (unrelated) batch to the next, as the book does."""
+
+    metric = "perplexity"
+    higher_is_better = False
+
+    def __init__(self, train_ids, valid_ids, cpt, seq_len=100, batch_size=32, seed=0):
+        self.ids, self.valid_ids, self.cpt = train_ids, valid_ids, cpt
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.n_windows = train_ids.numel() - seq_len
+        self.hidden = None
+
+    def steps_per_epoch(self):
+        return self.n_windows // self.batch_size
+
+    def start_epoch(self, epoch):
+        pass  # the book never resets the state
+
+    def batches(self, epoch, start):
+        order = torch.randperm(self.n_windows, generator=torch.Generator().manual_seed(self.seed + epoch))
+        offsets = torch.arange(self.seq_len + 1)
+        for i in range(start, self.steps_per_epoch()):
+            starts = order[i * self.batch_size:(i + 1) * self.batch_size]
+            windows = self.ids[starts[:, None] + offsets]                    # (B, T+1)
+            yield windows[:, :-1], windows[:, 1:]
+
+    def loss(self, model, batch, label_smoothing):
+        x, y = batch
+        logits, hidden = model(x, self.hidden)
+        self.hidden = (hidden[0].detach(), hidden[1].detach())
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten()), y.numel()
+
+    def evaluate(self, model):
+        nll, count = stream_nll(model, self.valid_ids, torch.device("cpu"))
+        return lm_metrics(nll, count, self.cpt)
+
+    def state(self):
+        return {}
+
+    def load_state(self, tensors):
+        pass
+
+
+def curve(run_dir: Path) -> list[tuple[float, float]]:
+    points = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "val_perplexity" in r:
+            points.append((round(r["elapsed"] / 60, 3), round(r["val_perplexity"], 2)))
+    return points
+
+
+def train(name, model, task, config, tok, workdir):
+    out = workdir / name
+    spec = CheckpointSpec("lstm", vars(model.config), tok.to_json_str(), {"bench": name})
+    t0 = time.perf_counter()
+    result = fit(model, task, config, out, spec, progress_bar=False)
+    print(f"[{name}] {result.steps} steps, {result.elapsed / 60:.1f} min, "
+          f"{result.tokens_per_second:,.0f} tok/s, {result.metrics}", file=sys.stderr, flush=True)
+    return result, curve(out), time.perf_counter() - t0
+
+
+def ppl_at(points, minutes):
+    """Best validation perplexity reached within `minutes` of training."""
+    seen = [p for m, p in points if m <= minutes + 1e-9]
+    return min(seen) if seen else None
+
+
+def minutes_to_reach(points, target):
+    for m, p in points:
+        if p <= target:
+            return m
+    return None
+
+
+@torch.inference_mode()
+def scriven_rate(model, prompt, n, batch=1, repeats=2):
+    best = 0.0
+    for r in range(repeats):
+        g = torch.Generator().manual_seed(42 + r)
+        x = prompt.repeat(batch, 1)
+        t = time.perf_counter()
+        count = 0
+        for _ in sample_ids(model, x, n, temperature=0.6, top_k=10, generator=g):
+            count += batch
+        best = max(best, count / (time.perf_counter() - t))
+    return best
+
+
+@torch.inference_mode()
+def book_rate(model, prompt, n, window=100):
+    """The book's generate(): every step re-feeds up to the last 100 tokens *and* carries the
+    state, which both costs O(window) per token and reads the same tokens again."""
+    torch.manual_seed(42)
+    idx = prompt[0].tolist()
+    state = None
+    t = time.perf_counter()
+    for _ in range(n):
+        x = torch.tensor(idx[-window:])[None]
+        logits, state = model(x, state)
+        logits = logits[0, -1] / 0.6
+        top = torch.topk(logits, 10)
+        choice = torch.multinomial(torch.softmax(top.values, -1), 1)
+        idx.append(top.indices[choice].item())
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=15.0, help="scriven default's budget")
+    ap.add_argument("--book-minutes", type=float, default=30.0, help="the book method's budget")
+    ap.add_argument("--quick", action="store_true", help="2-minute smoke run")
+    ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
+    args = ap.parse_args()
+    if args.quick:
+        args.minutes, args.book_minutes = 1.0, 1.0
+    torch.manual_seed(0)
+    random.seed(0)
+    text = read_text(fetch("anna"))
+    tok, train_ids, valid_ids, valid_words = seed_split(text)
+    cpt = chars_per_token(tok, valid_words)
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-"))
+    print(f"vocab {tok.vocab_size}, tokens train/valid {train_ids.numel()}/{valid_ids.numel()}",
+          file=sys.stderr)
+
+    # (b) scriven's default: contiguous streams, truncated BPTT, AdamW + warmup/cosine, bf16.
+    torch.manual_seed(0)
+    ours = LSTMLanguageModel(LSTMConfig.preset("default", tok.vocab_size))
+    ours_config = TrainConfig(minutes=args.minutes, batch_size=32, seq_len=64, lr=3e-3,
+                              warmup_steps=100, eval_every=100, seed=0)
+    ours_task = LMTask(train_ids, valid_ids, cpt, 32, 64, torch.device("cpu"))
+    ours_result, ours_curve, _ = train("scriven", ours, ours_task, ours_config, tok, workdir)
+
+    # (a) the book's method: stride-1 windows of 100, batch 32, Adam 1e-4, clip 5, seed sizes.
+    torch.manual_seed(0)
+    book = LSTMLanguageModel(LSTMConfig.preset("seed", tok.vocab_size))
+    book_config = TrainConfig(minutes=args.book_minutes, batch_size=32, seq_len=100, lr=1e-4,
+                              schedule="constant", warmup_steps=0, weight_decay=0.0,
+                              betas=(0.9, 0.999), grad_clip=5.0, eval_every=250, amp="off", seed=0)
+    book_task = BookWindowsTask(train_ids, valid_ids, cpt)
+    book_result, book_curve, _ = train("book", book, book_task, book_config, tok, workdir)
+
+    book_final = book_curve[-1][1]
+    ours_reach_book = minutes_to_reach(ours_curve, book_final)
+    ours_best = min(p for _, p in ours_curve)
+
+    # Generation speed, on scriven's trained model (the book's loop on the same model).
+    ours.eval()
+    prompt = torch.tensor([tok.encode(PROMPT)], dtype=torch.long)
+    gen = {
+        "scriven_100": scriven_rate(ours, prompt, 100),
+        "scriven_2000": scriven_rate(ours, prompt, 2000),
+        "book_100": book_rate(ours, prompt, 100),
+        "book_2000": book_rate(ours, prompt, 2000),
+        "scriven_batched_64x200": scriven_rate(ours, prompt, 200, batch=64),
+    }
+    summary = {
+        "bench": "lm",
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+        "data": {"vocab": tok.vocab_size, "train_tokens": train_ids.numel(),
+                 "valid_tokens": valid_ids.numel(), "split": "token position 90/5/5"},
+        "quality": {
+            "scriven_default": {"minutes": round(ours_result.elapsed / 60, 2),
+                                "best_valid_ppl": ours_best,
+                                "valid_ppl_at_3min": ppl_at(ours_curve, 3.0),
+                                "valid_ppl_at_15min": ppl_at(ours_curve, 15.0),
+                                "bits_per_char": round(ours_result.metrics["bits_per_char"], 3),
+                                "curve_min_ppl": ours_curve},
+            "book_method": {"minutes": round(book_result.elapsed / 60, 2),
+                            "final_valid_ppl": book_final, "curve_min_ppl": book_curve},
+            "scriven_minutes_to_book_final_ppl": ours_reach_book,
+        },
+        "training_tokens_per_s": {"scriven_default": round(ours_result.tokens_per_second),
+                                  "book_method": round(book_result.tokens_per_second)},
+        "generation_tokens_per_s": {k: round(v) for k, v in gen.items()},
+        "targets": {
+            "ppl_le_100_within_15min": ours_best <= 100 and (ppl_at(ours_curve, 15.0) or math.inf) <= 100,
+            "book_30min_ppl_in_under_3min": ours_reach_book is not None and ours_reach_book < 3.0,
+            "single_stream_ge_5000": gen["scriven_100"] >= 5000 and gen["scriven_2000"] >= 5000,
+            "long_rate_ge_0.9x_short": gen["scriven_2000"] >= 0.9 * gen["scriven_100"],
+            "batched_64_ge_50000": gen["scriven_batched_64x200"] >= 50000,
+        },
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

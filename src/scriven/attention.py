@@ -1,0 +1,165 @@
+"""Scaled dot-product and multi-head attention, with masks and an incremental key/value cache.
+
+Shapes: B batch, H heads, Tq query length, Tk key length, D model width, Dh = D / H.
+Masks are boolean and say who MAY attend (True = allowed); they broadcast to (B, H, Tq, Tk).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import check, check_float, check_positive_int
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """softmax(Q Kᵀ / √d_k) V.
+
+    query (B, H, Tq, Dh), key (B, H, Tk, Dh), value (B, H, Tk, Dv); `mask` boolean, broadcastable
+    to (B, H, Tq, Tk), True where attending is allowed. Returns the output (B, H, Tq, Dv) and, if
+    `need_weights`, the attention weights (B, H, Tq, Tk) before dropout (else None).
+
+    A query row whose keys are all masked gets zero weights and a zero output instead of NaN
+    (softmax over nothing is undefined; zero is what padding queries should contribute).
+    """
+    empty_rows: Tensor | None = None  # (..., Tq, 1) True where a query may attend to nothing
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"attention mask must be boolean (True = may attend), got {mask.dtype}")
+        any_allowed = mask.any(dim=-1, keepdim=True)
+        if not bool(any_allowed.all()):
+            empty_rows = ~any_allowed
+            # Let empty rows attend everywhere (finite softmax), then zero them below.
+            mask = mask | empty_rows
+
+    if not need_weights:
+        # The fused kernel never materialises the (Tq, Tk) weights: faster and leaner.
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
+        if empty_rows is not None:
+            out = out.masked_fill(empty_rows, 0.0)
+        return out, None
+
+    scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: exactly zero weight
+    weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
+    if empty_rows is not None:
+        weights = weights.masked_fill(empty_rows, 0.0)
+    dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
+    return dropped @ value, weights  # (B, H, Tq, Dv), (B, H, Tq, Tk)
+
+
+def causal_mask(size: int, device: torch.device | str | None = None, past: int = 0) -> Tensor:
+    """(size, past + size) boolean mask: query i (at absolute position past + i) may attend to
+    keys 0 .. past + i. With `past` > 0 it serves a chunk of queries decoded after a cache."""
+    q_pos = torch.arange(past, past + size, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(past + size, device=device)[None, :]  # (1, Tk)
+    return k_pos <= q_pos  # (Tq, Tk)
+
+
+def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
+    """(B, 1, 1, T) boolean mask, True at real (non-pad) tokens of `ids` (B, T): keys only, so
+    it broadcasts over heads and query positions."""
+    return (ids != pad_id)[:, None, None, :]
+
+
+@dataclass
+class KVCache:
+    """Projected keys/values of one attention layer kept between decoding steps.
+
+    Self-attention appends each step's new keys/values; cross-attention fills it once from the
+    encoder memory and reuses it. Either way a new token costs one projection, not a prefix.
+    """
+
+    key: Tensor | None = None  # (B, H, T, Dh)
+    value: Tensor | None = None  # (B, H, T, Dh)
+
+    @property
+    def length(self) -> int:
+        """Number of cached positions (0 when empty)."""
+        return 0 if self.key is None else self.key.size(2)
+
+    def reorder(self, index: Tensor) -> None:
+        """Select rows along the batch dimension (beam search: keep the surviving hypotheses;
+        drop finished sentences). `index` is a 1-D LongTensor of batch rows, repeats allowed."""
+        if self.key is not None and self.value is not None:
+            self.key = self.key.index_select(0, index)
+            self.value = self.value.index_select(0, index)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate query/key/value projections and an output projection.
+
+    Self-attention when `memory` is None (keys/values from `x`), cross-attention otherwise (keys
+    and values from `memory`).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        check_positive_int(d_model, "d_model")
+        check_positive_int(n_heads, "n_heads")
+        check(d_model % n_heads == 0, "d_model",
+              f"must be divisible by n_heads ({n_heads}), got {d_model}")
+        check_float(dropout, "dropout", 0.0, 1.0, high_open=True)
+        self.d_model = d_model
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: Tensor | None = None,
+        mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, Tq, D); memory (B, Tk, D) or None; mask broadcastable to (B, H, Tq, Tk), where
+        for cached self-attention Tk counts the cached positions too.
+
+        Returns (output (B, Tq, D), weights (B, H, Tq, Tk) or None). With `cache`, self-attention
+        appends this call's keys/values to it; cross-attention projects `memory` only when the
+        cache is empty.
+        """
+        b, t, _ = x.shape
+        q = self._split_heads(self.q_proj(x))  # (B, H, Tq, Dh)
+        if memory is None:
+            k = self._split_heads(self.k_proj(x))  # (B, H, Tq, Dh)
+            v = self._split_heads(self.v_proj(x))
+            if cache is not None:
+                if cache.key is not None and cache.value is not None:
+                    k = torch.cat([cache.key, k], dim=2)  # (B, H, past + Tq, Dh)
+                    v = torch.cat([cache.value, v], dim=2)
+                cache.key, cache.value = k, v
+        elif cache is not None and cache.key is not None and cache.value is not None:
+            k, v = cache.key, cache.value  # (B, H, Tk, Dh), projected at the first step
+        else:
+            k = self._split_heads(self.k_proj(memory))  # (B, H, Tk, Dh)
+            v = self._split_heads(self.v_proj(memory))
+            if cache is not None:
+                cache.key, cache.value = k, v
+
+        dropout_p = self.dropout if self.training else 0.0
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
+        out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, Tq, D)
+        return self.out_proj(out), weights

@@ -1,0 +1,128 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scriven.errors import ScrivenError
+from scriven.generate import LoadedLM, generate, generate_stream, sample_ids
+from scriven.lm import train_lm
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from conftest import make_text
+    folder = tmp_path_factory.mktemp("gen")
+    (folder / "tiny.txt").write_text(make_text())
+    train_lm(str(folder / "tiny.txt"), folder / "run", preset="tiny", batch_size=4, seq_len=8,
+             max_steps=40, lr=1e-2, eval_every=20, progress=False)
+    return folder / "run"
+
+
+def test_carried_state_equals_recomputing_the_whole_prefix(run):
+    lm = LoadedLM.load(run)
+    prompt = torch.tensor([lm.tokenizer.encode("anna said to the")])
+    ids = torch.cat([i[:, None] for i, _ in sample_ids(lm.model, prompt, 12, temperature=0)], 1)
+    # Recompute: feed the whole sequence from scratch at every step and take the argmax.
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            logits, _ = lm.model(seq)
+            seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(seq[:, prompt.size(1):], ids)
+
+
+def test_same_seed_same_text_and_samples_differ(run):
+    a = generate(run, "anna said", max_new_tokens=20, seed=5, num_samples=3)
+    b = generate(run, "anna said", max_new_tokens=20, seed=5, num_samples=3)
+    assert a == b and len(a) == 3
+    assert len(set(a)) > 1
+
+
+def test_stream_yields_what_generate_returns(run):
+    events = list(generate_stream(run, "the prince", max_new_tokens=15, seed=1, temperature=0.8))
+    assert len(events) == 15
+    assert all(0 < e.probability <= 1 for e in events)
+    text = generate(run, "the prince", max_new_tokens=15, seed=1, temperature=0.8)[0]
+    assert text == "The prince" + "".join(e.text for e in events)
+
+
+def test_top_k_one_equals_greedy(run):
+    assert generate(run, "kitty", max_new_tokens=10, top_k=1, seed=1) == \
+        generate(run, "kitty", max_new_tokens=10, temperature=0)
+
+
+def test_stop_string_ends_the_sample_before_it(run):
+    text = generate(run, "anna", max_new_tokens=60, seed=2, stop=["."])[0]
+    assert "." not in text
+
+
+def test_max_new_tokens_zero_returns_the_prompt(run):
+    assert generate(run, "anna said", max_new_tokens=0) == ["Anna said"]
+
+
+def test_unknown_words_and_emoji_warn_and_still_generate(run):
+    with pytest.warns(UserWarning, match="zebra"):
+        out = generate(run, "zebra 🙂 said", max_new_tokens=5, seed=0)
+    assert out[0].startswith("Zebra 🙂 said")
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="   "), "prompt"),
+    (dict(temperature=-1), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=10**6), "top_k"),
+    (dict(top_p=0), "top_p"),
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(num_samples=0), "num_samples"),
+])
+def test_bad_generation_input_is_named(run, kwargs, word):
+    args = dict(prompt="anna")
+    args.update(kwargs)
+    with pytest.raises(ScrivenError, match=word):
+        generate(run, **args)
+
+
+def test_cli_streams_and_reports_bad_checkpoints(run, tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "scriven", "generate", str(run), "anna said",
+                         "--max-new-tokens", "5", "--seed", "1"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.startswith("Anna said")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (run / "best").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    bad = subprocess.run([sys.executable, "-m", "scriven", "generate", str(broken), "anna"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "model.safetensors" in bad.stderr
+
+
+def test_a_pickle_in_place_of_weights_is_refused_not_loaded(run, tmp_path):
+    import pickle
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    for f in (run / "best").iterdir():
+        (evil / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "pwned"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (evil / "model.safetensors").write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(ScrivenError, match="not a valid safetensors"):
+        generate(evil, "anna")
+    assert not marker.exists()
+
+
+def test_wrong_kind_or_corrupt_config_is_named(run, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in (run / "best").iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(ScrivenError, match="config.json"):
+        generate(bad, "anna")

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import scriven.lm as lm_module
+from scriven.errors import ScrivenError
+from scriven.generate import generate
+from scriven.lm import evaluate_lm, train_lm
+
+TINY = dict(preset="tiny", batch_size=4, seq_len=8, eval_every=5, progress=False)
+
+
+def weights(run):
+    return load_file(str(run / "latest" / "model.safetensors"))
+
+
+def test_training_lowers_validation_perplexity_and_writes_a_checkpoint(tiny_text, tmp_path):
+    result = train_lm(str(tiny_text), tmp_path / "run", max_steps=60, lr=1e-2, **TINY)
+    log = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    ppl = [r["val_perplexity"] for r in log if "val_perplexity" in r]
+    assert ppl[-1] < ppl[0] * 0.7
+    assert result.steps == 60
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "state.safetensors", "trainer.json"):
+        assert (tmp_path / "run" / "latest" / name).is_file()
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_same_seed_gives_the_same_weights(tiny_text, tmp_path):
+    train_lm(str(tiny_text), tmp_path / "a", max_steps=10, seed=3, **TINY)
+    train_lm(str(tiny_text), tmp_path / "b", max_steps=10, seed=3, **TINY)
+    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_equals_uninterrupted_training(tiny_text, tmp_path, monkeypatch):
+    # Dropout and a cosine schedule both make this a real test of RNG, optimizer and
+    # data-position restore.
+    args = dict(TINY, preset="seed", max_steps=17, dropout=0.3)
+    train_lm(str(tiny_text), tmp_path / "full", **args)
+
+    real_loss = lm_module.LMTask.loss
+    calls = {"n": 0}
+
+    def crash_after_step_10(self, model, batch, smoothing):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt  # like Ctrl-C mid-run; the step-10 checkpoint is on disk
+        return real_loss(self, model, batch, smoothing)
+
+    monkeypatch.setattr(lm_module.LMTask, "loss", crash_after_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(str(tiny_text), tmp_path / "cut", **args)
+    monkeypatch.setattr(lm_module.LMTask, "loss", real_loss)
+    trainer = json.loads((tmp_path / "cut" / "latest" / "trainer.json").read_text())
+    assert trainer["progress"]["step"] == 10
+    train_lm(str(tiny_text), tmp_path / "cut", resume=True, **args)
+
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resume_without_a_run_is_a_clear_error(tiny_text, tmp_path):
+    with pytest.raises(ScrivenError, match="no such file"):
+        train_lm(str(tiny_text), tmp_path / "none", max_steps=5, resume=True, **TINY)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"\x00\x01\x02binary", "binary"),
+    (b"caf\xe9 au lait\n", "UTF-8"),
+])
+def test_bad_corpus_is_named(tmp_path, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(ScrivenError, match=message):
+        train_lm(str(path), tmp_path / "run", max_steps=5, **TINY)
+
+
+def test_corpus_smaller_than_one_batch(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text("just a few words here.\nand a few more.\nthe end.\n")
+    with pytest.raises(ScrivenError, match="too few"):
+        train_lm(str(path), tmp_path / "run", max_steps=5, **TINY)
+
+
+def test_evaluate_reports_perplexity_and_bits_per_char(tiny_text, tmp_path):
+    train_lm(str(tiny_text), tmp_path / "run", max_steps=10, **TINY)
+    metrics = evaluate_lm(tmp_path / "run", str(tiny_text))
+    assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-5)
+    assert 0 < metrics["bits_per_char"] < 10
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "scriven", *args], capture_output=True, text=True, **kw)
+
+
+def test_kill_9_during_training_then_resume(tiny_text, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "scriven", "train", "lm", str(tiny_text),
+                             "--out", str(run), "--preset", "tiny", "--batch-size", "4",
+                             "--seq-len", "8", "--eval-every", "2", "--max-steps", "100000",
+                             "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            trainer = run / "latest" / "trainer.json"
+            if trainer.exists() and json.loads(trainer.read_text())["progress"]["step"] >= 6:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("training wrote no checkpoint")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # Whatever moment the kill hit, a complete checkpoint is there to use and to resume.
+    out = generate(run, "anna said", max_new_tokens=5, seed=0)
+    assert out[0].startswith("Anna said")
+    step = json.loads((run / "latest" / "trainer.json").read_text())["progress"]["step"] if (
+        run / "latest").exists() else 0
+    done = _cli("train", "lm", str(tiny_text), "--out", str(run), "--preset", "tiny",
+                "--batch-size", "4", "--seq-len", "8", "--eval-every", "2",
+                "--max-steps", str(step + 4), "--resume", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == step + 4
+
+
+def test_cli_errors_are_one_line_without_traceback(tiny_text, tmp_path):
+    bad = _cli("train", "lm", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "r"), "--max-steps", "1")
+    assert bad.returncode != 0
+    assert "Traceback" not in bad.stderr and "missing.txt" in bad.stderr
+    bad = _cli("train", "lm", str(tiny_text), "--out", str(tmp_path / "r"), "--max-steps", "0")
+    assert bad.returncode != 0 and "max_steps" in bad.stderr and "Traceback" not in bad.stderr
