@@ -130,7 +130,7 @@ def scriven_rate(model, prompt, n, batch=1, repeats=2):
         x = prompt.repeat(batch, 1)
         t = time.perf_counter()
         count = 0
-        for _ in sample_ids(model, x, n, temperature=0.6, top_k=10, generator=g):
+        for _ in sample_ids(model, x, n, temperature=0.6, top_k=10, generator=g):  # noqa: B007
             count += batch
         best = max(best, count / (time.perf_counter() - t))
     return best

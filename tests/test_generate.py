@@ -22,7 +22,7 @@ def run(tmp_path_factory):
 def test_carried_state_equals_recomputing_the_whole_prefix(run):
     lm = LoadedLM.load(run)
     prompt = torch.tensor([lm.tokenizer.encode("anna said to the")])
-    ids = torch.cat([i[:, None] for i, _ in sample_ids(lm.model, prompt, 12, temperature=0)], 1)
+    ids = torch.cat([i[:, None] for i, _, _ in sample_ids(lm.model, prompt, 12, temperature=0)], 1)
     # Recompute: feed the whole sequence from scratch at every step and take the argmax.
     seq = prompt
     with torch.no_grad():
@@ -43,6 +43,9 @@ def test_stream_yields_what_generate_returns(run):
     events = list(generate_stream(run, "the prince", max_new_tokens=15, seed=1, temperature=0.8))
     assert len(events) == 15
     assert all(0 < e.probability <= 1 for e in events)
+    with_alts = list(generate_stream(run, "the prince", max_new_tokens=3, seed=1, alternatives=4))
+    assert all(len(e.alternatives) == 4 for e in with_alts)
+    assert all(e.alternatives[0][1] >= e.alternatives[-1][1] for e in with_alts)
     text = generate(run, "the prince", max_new_tokens=15, seed=1, temperature=0.8)[0]
     assert text == "The prince" + "".join(e.text for e in events)
 

@@ -29,6 +29,7 @@ class TokenEvent:
     token_id: int
     text: str          # the text this token adds to that sample's output
     probability: float # the model's probability of this token after filtering and temperature
+    alternatives: tuple[tuple[str, float], ...] = ()  # the most likely tokens at this step
 
 
 @dataclass
@@ -76,10 +77,12 @@ def prompt_text(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> str
 @torch.inference_mode()
 def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None,
-               repetition_penalty: float = 1.0, generator: torch.Generator | None = None
-               ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield (next ids (B,), their probabilities (B,)) one step at a time. The prompt (B, T) is
-    read once; after that each step feeds only the newest token and the carried state."""
+               repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
+               alternatives: int = 0) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+    """Yield (next ids (B,), their probabilities (B,), top alternatives or None) one step at a
+    time; alternatives are (probabilities (B, A), ids (B, A)) of the `alternatives` most likely
+    tokens. The prompt (B, T) is read once; after that each step feeds only the newest token and
+    the carried state."""
     logits, state = model(prompt_ids)                                     # (B, T, V)
     last = logits[:, -1].float()                                          # (B, V)
     history = prompt_ids
@@ -87,39 +90,43 @@ def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temper
         if repetition_penalty != 1.0:
             last = repetition_penalty_filter(last, history, repetition_penalty)
         ids = sample_next(last, temperature, top_k, top_p, generator)     # (B,)
-        probs = _probability(last, ids, temperature, top_k, top_p)
-        yield ids, probs
+        dist = _distribution(last, temperature, top_k, top_p)             # (B, V)
+        probs = dist.gather(-1, ids[:, None]).squeeze(-1)
+        yield ids, probs, (torch.topk(dist, alternatives, dim=-1) if alternatives else None)
         if repetition_penalty != 1.0:
             history = torch.cat([history, ids[:, None]], dim=1)
         logits, state = model(ids[:, None], state)                        # (B, 1, V)
         last = logits[:, -1].float()
 
 
-def _probability(logits: Tensor, ids: Tensor, temperature: float, top_k: int | None,
-                 top_p: float | None) -> Tensor:
+def _distribution(logits: Tensor, temperature: float, top_k: int | None,
+                  top_p: float | None) -> Tensor:
+    """The distribution a token is drawn from (the plain softmax when greedy)."""
     if temperature == 0:
-        return torch.softmax(logits, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
-    filtered = filter_logits(logits, temperature, top_k, top_p)
-    return torch.softmax(filtered, dim=-1).gather(-1, ids[:, None]).squeeze(-1)
+        return torch.softmax(logits, dim=-1)
+    return torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
 def generate_stream(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int = 200,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, stop: list[str] | None = None,
                     seed: int | None = None, num_samples: int = 1, device: str = "auto",
-                    ) -> Iterator[TokenEvent]:
-    """Generate and yield each token as it comes (see `generate` for the parameters)."""
+                    alternatives: int = 0) -> Iterator[TokenEvent]:
+    """Generate and yield each token as it comes (see `generate` for the parameters);
+    `alternatives` > 0 adds that many most likely tokens and their probabilities to each event."""
     lm = checkpoint if isinstance(checkpoint, LoadedLM) else LoadedLM.load(checkpoint, device)
     _check_lengths(max_new_tokens, num_samples)
     validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
+    check_positive_int(alternatives, "alternatives", allow_zero=True)
     prompt_ids = encode_prompt(lm.tokenizer, prompt)
     yield from _events(lm, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                       repetition_penalty, stop, seed, num_samples)
+                       repetition_penalty, stop, seed, num_samples, min(alternatives, lm.tokenizer.vocab_size))
 
 
 def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperature: float,
             top_k: int | None, top_p: float | None, repetition_penalty: float,
-            stop: list[str] | None, seed: int | None, num_samples: int) -> Iterator[TokenEvent]:
+            stop: list[str] | None, seed: int | None, num_samples: int,
+            alternatives: int = 0) -> Iterator[TokenEvent]:
     tok = lm.tokenizer
     stops = [s for s in (stop or []) if s]
     generator = torch.Generator(device=lm.device)
@@ -128,8 +135,8 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     texts = [tok.decode(prompt_ids) for _ in range(num_samples)]
     generated: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
-    for ids, probs in sample_ids(lm.model, batch, max_new_tokens, temperature, top_k, top_p,
-                                 repetition_penalty, generator):
+    for ids, probs, top in sample_ids(lm.model, batch, max_new_tokens, temperature, top_k, top_p,
+                                      repetition_penalty, generator, alternatives):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
                 continue
@@ -140,7 +147,9 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
             if cut is not None:
                 piece = piece[: len(piece) - (len(texts[s]) - cut)]
                 done[s] = True
-            yield TokenEvent(s, token_id, piece, prob)
+            alts = () if top is None else tuple(
+                (tok.id_to_token(i), p) for p, i in zip(top[0][s].tolist(), top[1][s].tolist()))
+            yield TokenEvent(s, token_id, piece, prob, alts)
         if all(done):
             return
 

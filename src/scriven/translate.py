@@ -1,0 +1,571 @@
+"""English→French translation with the encoder–decoder Transformer: train on sentence pairs
+(`train_translate`), translate text (`translate`, `LoadedTranslator`), score with BLEU and chrF
+(`evaluate_translation`) and look at the cross-attention of one translation (`attention`).
+
+Data flow: pair file → `read_pairs` (normalised; malformed lines reported with line numbers) →
+`split_pairs` by source sentence (train/valid/test 90/5/5, fixed seed) → one joint BPE tokenizer
+learned on the training split, both sides, case and accents kept → ids: source = its pieces,
+target = <bos> pieces <eos> → `token_batches` by token count. The decoder reads <bos> + target
+and predicts target + <eos> (teacher forcing); one embedding table serves both languages.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint as ckpt_io
+from .config import check, check_float, check_positive_int, from_dict, to_dict
+from .data import DATASETS, get_dataset, resolve_text_source
+from .errors import ScrivenError
+from .models.transformer import PRESETS, Transformer, TransformerConfig
+from .pairs import Batch, Pair, normalize_text, pad_sequences, read_pairs, split_pairs, token_batches
+from .search import beam_search, greedy_search
+from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
+from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
+
+KIND = "transformer"
+# The split is part of the data, not of a run: fixed, so every run (and `evaluate_translation`)
+# sees the same test sentences.
+SPLIT = {"valid_fraction": 0.05, "test_fraction": 0.05, "seed": 0}
+BLEU_SAMPLE_SEED = 0
+
+# Model sizes: the Transformer presets plus a tiny one for tests and smoke runs.
+TRANSLATOR_PRESETS: dict[str, dict[str, Any]] = {
+    **PRESETS,
+    "tiny": {
+        "d_model": 32, "n_heads": 2, "d_ff": 64, "encoder_layers": 1, "decoder_layers": 1,
+        "dropout": 0.1, "activation": "relu", "norm_first": True, "positions": "sinusoidal",
+        "max_len": 64, "share_embeddings": True,
+    },
+}
+
+Example = tuple[list[int], list[int]]  # source ids, <bos> target ids <eos>
+
+
+def model_config(preset: str, vocab_size: int) -> TransformerConfig:
+    """The named preset for one shared vocabulary of `vocab_size` (embeddings tied)."""
+    check(preset in TRANSLATOR_PRESETS, "preset",
+          f"must be one of {', '.join(TRANSLATOR_PRESETS)}, got {preset!r}")
+    values = dict(TRANSLATOR_PRESETS[preset], src_vocab_size=vocab_size,
+                  tgt_vocab_size=vocab_size)
+    return from_dict(TransformerConfig, values, where=f"preset {preset}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class PairData:
+    """A pair file read and split: what training and evaluation share."""
+
+    path: Path
+    dataset: str | None  # the registered dataset name, when the data came by name
+    train: list[Pair]
+    valid: list[Pair]
+    test: list[Pair]
+    malformed: int
+    too_long: int
+
+
+def load_pairs(pairs: str | Path, max_words: int | None = None, strict: bool = False) -> PairData:
+    """Read a TSV/CSV pair file or a dataset name ("eng-fra") and split it by source sentence.
+    Malformed lines and pairs over `max_words` are skipped with one warning naming the first
+    line numbers; `strict` makes a malformed line an error."""
+    name = str(pairs)
+    path = resolve_text_source(name)
+    dataset = name if name in DATASETS else None
+    items, report = read_pairs(path, strict=strict, max_words=max_words)
+    if report.malformed or report.too_long:
+        warnings.warn(report.summary(), stacklevel=3)
+    s = split_pairs(items, **SPLIT)
+    return PairData(path, dataset, s.train, s.valid, s.test, len(report.malformed),
+                    len(report.too_long))
+
+
+def _encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    if isinstance(tok, BPETokenizer):  # the Rust batch encoder: one call, all cores
+        return [e.ids for e in tok.hf_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    return [tok.encode(t) for t in texts]
+
+
+def encode_pairs(tok: Tokenizer, pairs: Sequence[Pair], max_len: int, strict: bool = False,
+                 what: str = "training") -> tuple[list[Example], list[Pair]]:
+    """(source ids, <bos> target <eos>) per pair. Pairs whose source is longer than `max_len`
+    tokens, or whose target with <bos> is, cannot be fed to the model: they are dropped with a
+    warning naming their lines (an error with `strict`)."""
+    sources = _encode_texts(tok, [p.source for p in pairs])
+    targets = _encode_texts(tok, [p.target for p in pairs])
+    examples: list[Example] = []
+    kept: list[Pair] = []
+    dropped: list[int] = []
+    for pair, src, tgt in zip(pairs, sources, targets):
+        if len(src) > max_len or len(tgt) + 1 > max_len:
+            dropped.append(pair.line)
+            continue
+        examples.append((src, [BOS_ID, *tgt, EOS_ID]))
+        kept.append(pair)
+    if dropped:
+        lines = ", ".join(map(str, sorted(dropped)[:5])) + (" ..." if len(dropped) > 5 else "")
+        message = (f"{len(dropped)} {what} pairs are longer than the model's max_len ({max_len} "
+                   f"tokens) and were left out (lines {lines})")
+        if strict:
+            raise ScrivenError(message)
+        warnings.warn(message, stacklevel=3)
+    return examples, kept
+
+
+def bleu_subset(n_pairs: int, size: int) -> list[int]:
+    """A fixed random sample of `size` indices out of `n_pairs`, in order. Pair files are often
+    sorted by length, so the first pairs would be the shortest, not a fair sample."""
+    if size >= n_pairs:
+        return list(range(n_pairs))
+    return sorted(random.Random(BLEU_SAMPLE_SEED).sample(range(n_pairs), size))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+Hypotheses = list[tuple[list[int], float | None]]  # n-best (token ids, score); greedy: no score
+
+
+def default_max_len(model: Transformer, source_len: int) -> int:
+    """Output length limit when none is given: twice the source plus 10, within the model."""
+    return min(model.config.max_len, 2 * source_len + 10)
+
+
+def search_ids(model: Transformer, sources: Sequence[Sequence[int]], beam: int = 1,
+               n_best: int = 1, length_penalty: float = 1.0, max_len: int | None = None,
+               batch_size: int = 64) -> list[Hypotheses]:
+    """Decode many sources: sorted by length into batches of `batch_size` sentences (little
+    padding), greedy for beam 1, else beam search; results in input order."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    results: list[Hypotheses] = [[] for _ in sources]
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        src = pad_sequences([sources[i] for i in rows], PAD_ID).to(device)  # (B, S)
+        limit = max_len or default_max_len(model, src.size(1))
+        if beam == 1:
+            found: list[Hypotheses] = [[(ids, None)] for ids in
+                                       greedy_search(model, src, BOS_ID, EOS_ID, limit)]
+        else:
+            found = [list(h) for h in beam_search(model, src, beam, BOS_ID, EOS_ID, limit,
+                                                  length_penalty, n_best)]
+        for i, hyps in zip(rows, found):
+            results[i] = hyps
+    return results
+
+
+def detokenize(tok: Tokenizer, ids: Sequence[int]) -> str:
+    """Natural text for output ids: specials and <unk> dropped, and any stray byte pieces that
+    do not form a character (the replacement character) removed."""
+    text = tok.decode([i for i in ids if i != UNK_ID])
+    return text.replace("\ufffd", "").strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def _corpus_scores(hyps: list[str], refs: list[list[str | None]]) -> dict[str, Any]:
+    """BLEU (cased, 13a) and chrF with their sacrebleu signatures; `refs` are reference streams
+    (several for multi-reference scoring; None where a sentence has fewer)."""
+    from sacrebleu.metrics import BLEU, CHRF
+    bleu, chrf = BLEU(), CHRF()
+    b = bleu.corpus_score(hyps, refs)
+    c = chrf.corpus_score(hyps, refs)
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
+            "chrf_signature": str(chrf.get_signature())}
+
+
+class TranslationTask:
+    """Teacher-forced, label-smoothed cross-entropy on batches of about `max_tokens` padded
+    tokens, reshuffled each epoch from seed + epoch (so any batch can be found again on resume);
+    validation = loss over the validation split plus BLEU/chrF of greedy translations of a fixed
+    sample of it. Under torchrun rank r takes batches r, r + w, ...; validation is split across
+    ranks and reduced, so every rank returns the same numbers."""
+
+    metric = "bleu"
+    higher_is_better = True
+
+    def __init__(self, train: list[Example], valid: list[Example], bleu_sources: list[list[int]],
+                 bleu_references: list[str], tokenizer: Tokenizer, max_tokens: int, seed: int,
+                 device: torch.device, dist: Distributed | None = None,
+                 decode_batch_size: int = 64) -> None:
+        if not train:
+            raise ScrivenError("the training split is empty: give more sentence pairs")
+        if not valid:
+            raise ScrivenError("the validation split is empty (5% of the source sentences): "
+                               "give more sentence pairs")
+        self.train, self.valid = train, valid
+        self.bleu_sources, self.bleu_references = bleu_sources, bleu_references
+        self.tokenizer = tokenizer
+        self.max_tokens, self.seed = max_tokens, seed
+        self.device = device
+        self.dist = dist or Distributed()
+        self.decode_batch_size = decode_batch_size
+        self._epoch: int | None = None
+        self._batches: list[Batch] = []
+        self._valid_batches = token_batches(valid, max_tokens, PAD_ID, shuffle=False)
+
+    def _epoch_batches(self, epoch: int) -> list[Batch]:
+        if self._epoch != epoch:
+            self._batches = token_batches(self.train, self.max_tokens, PAD_ID, shuffle=True,
+                                          seed=self.seed + epoch)
+            self._epoch = epoch
+        return self._batches
+
+    def steps_per_epoch(self) -> int:
+        # Bucketing makes the batch count vary a little between epochs; epoch 0's count is the
+        # same on every run and resume, which is what the schedule needs.
+        return len(self._epoch_batches(0)) // self.dist.world
+
+    def start_epoch(self, epoch: int) -> None:
+        pass
+
+    def batches(self, epoch: int, start: int) -> Iterator[Batch]:
+        batches = self._epoch_batches(epoch)
+        w, r = self.dist.world, self.dist.rank
+        for i in range(start, len(batches) // w):
+            yield batches[i * w + r]
+
+    def loss(self, model: nn.Module, batch: Batch, label_smoothing: float) -> tuple[Tensor, int]:
+        src = batch.src.to(self.device)                                     # (B, S)
+        tgt = batch.tgt.to(self.device)                                     # (B, T + 1)
+        logits = model(src, tgt[:, :-1])                                    # (B, T, V)
+        labels = tgt[:, 1:]                                                 # (B, T)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                               ignore_index=PAD_ID, label_smoothing=label_smoothing)
+        return loss, int((labels != PAD_ID).sum())
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        assert isinstance(model, Transformer)
+        w, r = self.dist.world, self.dist.rank
+        total, count = 0.0, 0
+        for batch in self._valid_batches[r::w]:
+            src, tgt = batch.src.to(self.device), batch.tgt.to(self.device)
+            logits = model(src, tgt[:, :-1])                                # (B, T, V)
+            total += F.cross_entropy(logits.float().flatten(0, 1), tgt[:, 1:].flatten(),
+                                     ignore_index=PAD_ID, reduction="sum").item()
+            count += int((tgt[:, 1:] != PAD_ID).sum())
+        mine = list(range(r, len(self.bleu_sources), w))
+        found = search_ids(model, [self.bleu_sources[i] for i in mine],
+                           batch_size=self.decode_batch_size)
+        hyps = {i: detokenize(self.tokenizer, h[0][0]) for i, h in zip(mine, found)}
+        if w > 1:
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(sums)
+            total, count = sums[0].item(), int(sums[1].item())
+            gathered: list[dict[int, str] | None] = [None] * w
+            torch.distributed.all_gather_object(gathered, hyps)
+            hyps = {i: t for part in gathered if part for i, t in part.items()}
+        mean = total / max(count, 1)
+        scores = _corpus_scores([hyps[i] for i in range(len(self.bleu_sources))],
+                                [self.bleu_references])
+        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "bleu": scores["bleu"],
+                "chrf": scores["chrf"]}
+
+    def state(self) -> dict[str, Tensor]:
+        return {}  # batches are a function of (seed, epoch, position), which the trainer keeps
+
+    def load_state(self, tensors: dict[str, Tensor]) -> None:
+        pass
+
+
+def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_size: int = 8000,
+                    max_words: int | None = None, strict: bool = False,
+                    epochs: int | None = None, minutes: float | None = None,
+                    max_steps: int | None = None, max_tokens: int = 6144, lr: float | None = None,
+                    warmup_steps: int = 400, label_smoothing: float = 0.1, eval_every: int = 500,
+                    patience: int = 0, bleu_sentences: int = 500, amp: str = "auto",
+                    device: str = "auto", seed: int = 0, resume: bool = False,
+                    progress: bool = True) -> TrainResult:
+    """Train a translator on a sentence-pair file (TSV or CSV: source, target, extra columns
+    ignored) or a dataset name ("eng-fra").
+
+    The pairs are split 90/5/5 by source sentence (every translation of a sentence in the same
+    split); a joint BPE tokenizer of `vocab_size` is learned on the training split (both
+    languages, case and accents kept). Validation every `eval_every` steps: loss, and BLEU/chrF
+    of greedy translations of a fixed sample of `bleu_sentences` validation pairs; `best` and
+    early stopping (`patience`) follow BLEU. `max_words` drops pairs with a longer side; pairs
+    longer than the model's max_len tokens are always dropped (with a warning). Writes
+    `out/latest`, `out/best`, `out/metrics.jsonl`, `out/loss.png`; `resume` continues exactly.
+    """
+    check(preset in TRANSLATOR_PRESETS, "preset",
+          f"must be one of {', '.join(TRANSLATOR_PRESETS)}, got {preset!r}")
+    check_positive_int(bleu_sentences, "bleu_sentences")
+    if epochs is None and minutes is None and max_steps is None:
+        minutes = 10.0
+    config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
+                         max_tokens=max_tokens, lr=lr if lr is not None else 1e-3,
+                         warmup_steps=warmup_steps, betas=(0.9, 0.98),
+                         label_smoothing=label_smoothing, eval_every=eval_every,
+                         patience=patience, amp=amp, device=device, seed=seed)
+    data = load_pairs(pairs, max_words=max_words, strict=strict)
+    if resume:  # the run's own tokenizer and model, so the data encodes as before
+        saved = ckpt_io.load(Path(out) / "latest")
+        if saved.kind != KIND:
+            raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not a translator")
+        tok = ckpt_io.tokenizer_of(saved)
+        net_config = from_dict(TransformerConfig, saved.config["model"], "checkpoint model config")
+    else:
+        if not data.train:
+            raise ScrivenError(f"{pairs}: no pairs left for training after the split")
+        texts = [p.source for p in data.train] + [p.target for p in data.train]
+        tok = BPETokenizer.train(texts, vocab_size=vocab_size)
+        net_config = model_config(preset, tok.vocab_size)
+    train_examples, _ = encode_pairs(tok, data.train, net_config.max_len, strict, "training")
+    valid_examples, valid_pairs = encode_pairs(tok, data.valid, net_config.max_len, strict,
+                                               "validation")
+    subset = bleu_subset(len(valid_pairs), bleu_sentences)
+    dist = Distributed.from_env()
+    dev = resolve_device(device, dist)
+    torch.manual_seed(seed)
+    net = Transformer(net_config)
+    task = TranslationTask(train_examples, valid_examples,
+                           [valid_examples[i][0] for i in subset],
+                           [valid_pairs[i].target for i in subset], tok, max_tokens, seed, dev, dist)
+    notes: dict[str, Any] = {
+        "source": str(pairs), "path": str(data.path.resolve()), "dataset": data.dataset,
+        "split": {"by": "source sentence", **SPLIT},
+        "pairs": {"train": len(train_examples), "valid": len(valid_examples),
+                  "test": len(data.test), "malformed": data.malformed,
+                  "over_max_words": data.too_long},
+        "max_words": max_words,
+        "tokenizer": {"kind": "bpe", "vocab_size": tok.vocab_size, "joint": True},
+        "bleu_sentences": len(subset),
+    }
+    if data.dataset is not None:
+        ds = get_dataset(data.dataset)
+        notes.update(licence=ds.licence, attribution=ds.attribution)
+    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes)
+    return fit(net, task, config, out, spec, resume=resume, progress_bar=progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# Translating
+
+
+@dataclass
+class LoadedTranslator:
+    """A translator ready to use: load once, translate many times (the server does)."""
+
+    model: Transformer
+    tokenizer: Tokenizer
+    device: torch.device
+    path: Path | None = None
+    data: dict[str, Any] = field(default_factory=dict)  # the checkpoint's data notes
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str = "auto") -> LoadedTranslator:
+        dev = resolve_device(device)
+        model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=(KIND,))
+        return cls(model, tok, dev, ckpt.path, dict(ckpt.config.get("data") or {}))
+
+    @property
+    def max_len(self) -> int:
+        return self.model.config.max_len
+
+    def encode_sources(self, texts: Sequence[str], names: Sequence[str] | None = None
+                       ) -> tuple[list[list[int]], list[int]]:
+        """Normalised source ids, and the indices of sources cut to the model's max_len. An
+        empty source (after normalisation) is an error naming it (`names[i]`, or text[i])."""
+        normalised = []
+        for i, text in enumerate(texts):
+            where = names[i] if names is not None else f"text[{i}]"
+            if not isinstance(text, str):
+                raise ScrivenError(f"{where} must be a string, got {type(text).__name__}")
+            clean = normalize_text(text)
+            if not clean:
+                raise ScrivenError(f"{where} is empty: nothing to translate")
+            normalised.append(clean)
+        ids = _encode_texts(self.tokenizer, normalised)
+        cut = [i for i, x in enumerate(ids) if len(x) > self.max_len]
+        return [x[: self.max_len] for x in ids], cut
+
+
+def _resolve(checkpoint: str | Path | LoadedTranslator, device: str) -> LoadedTranslator:
+    if isinstance(checkpoint, LoadedTranslator):
+        return checkpoint
+    return LoadedTranslator.load(checkpoint, device)
+
+
+def _check_search(beam: int, n_best: int, length_penalty: float, max_len: int | None,
+                  batch_size: int) -> None:
+    check_positive_int(beam, "beam")
+    check_positive_int(n_best, "n_best")
+    check(n_best <= beam, "n_best", f"must be at most beam ({beam}), got {n_best}")
+    check_float(length_penalty, "length_penalty", 0.0, 10.0)
+    if max_len is not None:
+        check_positive_int(max_len, "max_len")
+    check_positive_int(batch_size, "batch_size")
+
+
+def _warn_cut(tr: LoadedTranslator, cut: list[int], names: Sequence[str] | None) -> None:
+    if cut:
+        shown = ", ".join((names[i] if names is not None else f"text[{i}]") for i in cut[:3])
+        more = " ..." if len(cut) > 3 else ""
+        warnings.warn(f"{len(cut)} source(s) longer than the model's max_len ({tr.max_len} "
+                      f"tokens) were cut to it: {shown}{more}", stacklevel=3)
+
+
+def translate(checkpoint: str | Path | LoadedTranslator, text: str | Sequence[str], beam: int = 1,
+              n_best: int = 1, length_penalty: float = 1.0, max_len: int | None = None,
+              batch_size: int = 64, device: str = "auto", names: Sequence[str] | None = None,
+              ) -> Any:
+    """Translate one sentence (`text` a str → a str) or many (a list → a list, same order).
+
+    beam: 1 is greedy search, more is beam search of that width; n_best (≤ beam): return the
+    n best hypotheses per sentence as lists of (text, score), score = log P / GNMT length
+    penalty with exponent `length_penalty`; max_len: the longest output in tokens (default
+    twice the longest source of the batch plus 10, at most the model's max_len); batch_size:
+    sentences decoded together (sorted by length first). `names` label the sentences in error
+    messages (e.g. "line 3"); default text[i].
+
+    Sources are normalised like the training data. An empty source is an error naming it. A
+    source longer than the model's max_len tokens is cut to its first max_len tokens, with a
+    warning. Characters never seen in training (emoji too) are read as bytes or <unk>; <unk>
+    and undecodable pieces are left out of the output.
+    """
+    _check_search(beam, n_best, length_penalty, max_len, batch_size)
+    single = isinstance(text, str)
+    if not single and not isinstance(text, Sequence):
+        raise ScrivenError(f"text must be a string or a list of strings, got {type(text).__name__}")
+    sentences = [text] if single else list(text)
+    if names is not None and len(names) != len(sentences):
+        raise ScrivenError(f"names has {len(names)} entries for {len(sentences)} sentences")
+    tr = _resolve(checkpoint, device)
+    if max_len is not None:
+        check(max_len <= tr.max_len, "max_len",
+              f"must be at most the model's max_len ({tr.max_len}), got {max_len}")
+    if single and names is None:
+        names = ["text"]
+    ids, cut = tr.encode_sources(sentences, names)
+    _warn_cut(tr, cut, names)
+    found = search_ids(tr.model, ids, beam, n_best, length_penalty, max_len, batch_size)
+    if n_best == 1:
+        out: list[Any] = [detokenize(tr.tokenizer, h[0][0]) for h in found]
+    else:
+        out = [[(detokenize(tr.tokenizer, ids_), float(score or 0.0)) for ids_, score in h]
+               for h in found]
+    return out[0] if single else out
+
+
+@dataclass
+class CrossAttention:
+    """Cross-attention of one translation. Row t of each map is the decoder position that
+    reads <bos> + target[:t] and predicts `target_tokens[t]` (the last one is <eos>); columns
+    are `source_tokens`. Rows sum to 1."""
+
+    source_tokens: list[str]
+    target_tokens: list[str]
+    translation: str
+    cross: Tensor  # (layers, heads, target, source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: maps as nested lists [layer][head][target][source]."""
+        return {"source_tokens": self.source_tokens, "target_tokens": self.target_tokens,
+                "translation": self.translation, "cross": self.cross.tolist()}
+
+
+def attention(checkpoint: str | Path | LoadedTranslator, source: str, target: str | None = None,
+              device: str = "auto") -> CrossAttention:
+    """Tokens and per-layer, per-head cross-attention for translating `source`: into the
+    model's own greedy translation when `target` is None, else into `target` (teacher forced).
+    Both are cut to the model's max_len tokens, with a warning."""
+    tr = _resolve(checkpoint, device)
+    (src,), cut = tr.encode_sources([source], ["source"])
+    _warn_cut(tr, cut, ["source"])
+    if target is None:
+        tgt = search_ids(tr.model, [src])[0][0][0]
+    else:
+        (tgt,), cut = tr.encode_sources([target], ["target"])
+        if len(tgt) + 1 > tr.max_len:
+            warnings.warn(f"target is longer than the model's max_len ({tr.max_len} tokens); "
+                          "it was cut", stacklevel=2)
+            tgt = tgt[: tr.max_len - 1]
+    src_t = torch.tensor([src], device=tr.device)                           # (1, S)
+    tgt_in = torch.tensor([[BOS_ID, *tgt]], device=tr.device)               # (1, T)
+    maps = tr.model.attention_maps(src_t, tgt_in)
+    cross = torch.stack([m[0] for m in maps["cross"]]).float().cpu()       # (L, H, T, S)
+    tok = tr.tokenizer
+    return CrossAttention([tok.id_to_token(i) for i in src],
+                          [tok.id_to_token(i) for i in [*tgt, EOS_ID]],
+                          detokenize(tok, tgt), cross)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
+                         device: str = "auto", beam: int = 1, limit: int | None = None,
+                         batch_size: int = 64) -> dict[str, Any]:
+    """BLEU (sacrebleu, cased, 13a tokenisation) and chrF of the checkpoint's translations of a
+    pair file or dataset name, with the sacrebleu signatures.
+
+    All pairs of the file are scored, except when `text` is the data the checkpoint was trained
+    on (the same dataset name or file): then only its held-out test split is, and `pairs` says
+    so. `bleu`/`chrf` take each pair's target as the one reference; `bleu_multi_ref` scores each
+    distinct source once against all its translations in the scored data. `limit`: score a
+    fixed random sample of that many pairs."""
+    if limit is not None:
+        check_positive_int(limit, "limit")
+    _check_search(beam, 1, 1.0, None, batch_size)
+    tr = _resolve(checkpoint, device)
+    trained_on = tr.data.get("dataset") or None
+    name = str(text)
+    same_file = (trained_on is None and tr.data.get("path") is not None and name not in DATASETS
+                 and Path(name).is_file()
+                 and Path(name).resolve() == Path(tr.data["path"]))
+    if (trained_on is not None and name == trained_on) or same_file:
+        data = load_pairs(name, max_words=tr.data.get("max_words"))
+        pairs = data.test
+        scope = (f"held-out test split of {name} (the checkpoint's training data): "
+                 f"{len(pairs)} pairs")
+        if not pairs:
+            raise ScrivenError(f"{name}: the test split is empty; evaluate on another pair file")
+    else:
+        pairs, report = read_pairs(resolve_text_source(name))
+        if report.malformed:
+            warnings.warn(report.summary(), stacklevel=2)
+        scope = f"all {len(pairs)} pairs of {name}"
+    references: dict[str, list[str]] = {}
+    for p in pairs:
+        references.setdefault(p.source, []).append(p.target)
+    if limit is not None and limit < len(pairs):
+        pairs = [pairs[i] for i in bleu_subset(len(pairs), limit)]
+        scope += f", a fixed random sample of {limit}"
+    sources = list(dict.fromkeys(p.source for p in pairs))  # each distinct source once
+    ids, cut = tr.encode_sources(sources, [f"source {s!r}" for s in sources])
+    _warn_cut(tr, cut, [f"source {s!r}" for s in sources])
+    start = time.perf_counter()
+    found = search_ids(tr.model, ids, beam=beam, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    output = {s: detokenize(tr.tokenizer, h[0][0]) for s, h in zip(sources, found)}
+    single = _corpus_scores([output[p.source] for p in pairs], [[p.target for p in pairs]])
+    n_refs = max(len(references[s]) for s in sources)
+    streams = [[references[s][k] if k < len(references[s]) else None for s in sources]
+               for k in range(n_refs)]
+    multi = _corpus_scores([output[s] for s in sources], streams)
+    return {
+        "bleu": round(single["bleu"], 2), "chrf": round(single["chrf"], 2),
+        "bleu_signature": single["bleu_signature"], "chrf_signature": single["chrf_signature"],
+        "bleu_multi_ref": round(multi["bleu"], 2), "chrf_multi_ref": round(multi["chrf"], 2),
+        "multi_ref_signature": multi["bleu_signature"],
+        "pairs": scope, "sentences": len(pairs), "distinct_sources": len(sources),
+        "beam": beam, "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 1),
+    }
