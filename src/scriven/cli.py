@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
     lm = train.add_parser("lm", help="next-token text generator")
     lm.add_argument("text", help="a text file or a dataset name (e.g. anna)")
-    lm.add_argument("--model", default="lstm", choices=["lstm"])
+    lm.add_argument("--model", default="lstm", choices=["lstm", "gpt"],
+                    help="lstm (recurrent) or gpt (decoder-only Transformer)")
     lm.add_argument("--preset", default="default", help="model size: default, seed (the book's), tiny")
     lm.add_argument("--tokenizer", default="word", choices=["word", "char", "bpe"])
     lm.add_argument("--min-count", type=_positive_int, default=1, help="word: rarer words become <unk>")

@@ -83,9 +83,12 @@ def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temper
     time; alternatives are (probabilities (B, A), ids (B, A)) of the `alternatives` most likely
     tokens. The prompt (B, T) is read once; after that each step feeds only the newest token and
     the carried state."""
-    logits, state = model(prompt_ids)                                     # (B, T, V)
+    # A Transformer's context is bounded: when its cache is full, re-read the newest half of the
+    # text into a fresh cache. That costs one prompt-sized step every max_len/2 tokens.
+    limit = None if getattr(model, "carries_state", True) else model.config.max_len
+    history = prompt_ids if limit is None else prompt_ids[:, -limit:]
+    logits, state = model(history)                                        # (B, T, V)
     last = logits[:, -1].float()                                          # (B, V)
-    history = prompt_ids
     for _ in range(max_new_tokens):
         if repetition_penalty != 1.0:
             last = repetition_penalty_filter(last, history, repetition_penalty)
@@ -93,9 +96,13 @@ def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temper
         dist = _distribution(last, temperature, top_k, top_p)             # (B, V)
         probs = dist.gather(-1, ids[:, None]).squeeze(-1)
         yield ids, probs, (torch.topk(dist, alternatives, dim=-1) if alternatives else None)
-        if repetition_penalty != 1.0:
+        if repetition_penalty != 1.0 or limit is not None:
             history = torch.cat([history, ids[:, None]], dim=1)
-        logits, state = model(ids[:, None], state)                        # (B, 1, V)
+        if limit is not None and state.length >= limit:
+            history = history[:, -(limit // 2):]
+            logits, state = model(history)
+        else:
+            logits, state = model(ids[:, None], state)                    # (B, 1, V)
         last = logits[:, -1].float()
 
 

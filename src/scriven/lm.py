@@ -16,11 +16,16 @@ from . import checkpoint as ckpt_io
 from .config import check, from_dict, to_dict
 from .data import read_text, resolve_text_source
 from .errors import ScrivenError
+from .models.gpt import GPT, GPT_PRESETS, GPTConfig
 from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
 from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
 
 Batch = tuple[Tensor, Tensor]  # inputs, targets: (B, T) each
+
+# Text generator families: `scriven train lm --model NAME` (the checkpoint kind is NAME too).
+MODELS = {"lstm": (LSTMConfig, LSTMLanguageModel, LSTM_PRESETS),
+          "gpt": (GPTConfig, GPT, GPT_PRESETS)}
 
 
 def split_by_position(ids: Tensor, valid_fraction: float, test_fraction: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,8 +58,9 @@ class LMTask:
 
     def __init__(self, train_ids: Tensor, valid_ids: Tensor, chars_per_token: float,
                  batch_size: int, seq_len: int, device: torch.device,
-                 dist: Distributed | None = None) -> None:
+                 dist: Distributed | None = None, carries_state: bool = True) -> None:
         self.dist = dist or Distributed()
+        self.carries_state = carries_state
         self.device = device
         self.seq_len = seq_len
         self.chars_per_token = chars_per_token
@@ -87,12 +93,13 @@ class LMTask:
     def loss(self, model: nn.Module, batch: Batch, label_smoothing: float) -> tuple[Tensor, int]:
         x, y = batch
         logits, hidden = model(x, self.hidden)                               # (B, T, V)
-        self.hidden = (hidden[0].detach(), hidden[1].detach())  # truncated BPTT: no grad across windows
+        if self.carries_state:  # truncated BPTT: the state flows on, its gradient does not
+            self.hidden = (hidden[0].detach(), hidden[1].detach())
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), label_smoothing=label_smoothing)
         return loss, y.numel()
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        nll, count = stream_nll(model, self.valid_ids, self.device, self.dist)
+        nll, count = stream_nll(model, self.valid_ids, self.device, self.dist, self.seq_len)
         return lm_metrics(nll, count, self.chars_per_token)
 
     def state(self) -> dict[str, Tensor]:
@@ -106,21 +113,39 @@ class LMTask:
 
 def stream_nll(model: nn.Module, ids: Tensor, device: torch.device, dist: Distributed | None = None,
                window: int = 256) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of `ids` read left to right as one stream, the state
-    carried between windows so every token sees all of its past. Across ranks each process scores
-    one contiguous slice and the sums are reduced."""
+    """Summed negative log-likelihood (nats) of `ids` read left to right as one stream.
+
+    A recurrent model carries its state between windows, so every token sees all of its past. A
+    Transformer has a fixed context: windows overlap by half and only each window's second half
+    is scored, so every token but the first few sees at least `window / 2` tokens of context.
+    Across ranks each process scores one contiguous slice and the sums are reduced."""
     dist = dist or Distributed()
+    recurrent = getattr(model, "carries_state", True)
+    if not recurrent:
+        window = min(window, model.config.max_len)
     n = ids.numel() - 1
     lo, hi = n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world
     total, count, hidden = 0.0, 0, None
     with torch.no_grad():
-        for i in range(lo, hi, window):
-            j = min(i + window, hi)
-            x = ids[i:j].to(device)[None]                                   # (1, T)
-            y = ids[i + 1:j + 1].to(device)[None]
-            logits, hidden = model(x, hidden)
-            total += F.cross_entropy(logits.float()[0], y[0], reduction="sum").item()
-            count += j - i
+        if recurrent:
+            for i in range(lo, hi, window):
+                j = min(i + window, hi)
+                logits, hidden = model(ids[i:j].to(device)[None], hidden)      # (1, T, V)
+                total += F.cross_entropy(logits.float()[0], ids[i + 1:j + 1].to(device),
+                                         reduction="sum").item()
+                count += j - i
+        else:
+            context = window // 2
+            scored = lo  # positions before this one already have a score
+            while scored < hi:
+                start = max(lo, scored - context)  # re-read up to `context` scored tokens
+                end = min(start + window, hi)
+                logits, _ = model(ids[start:end].to(device)[None])             # (1, T, V)
+                keep = slice(scored - start, end - start)
+                total += F.cross_entropy(logits.float()[0, keep], ids[scored + 1:end + 1].to(device),
+                                         reduction="sum").item()
+                count += end - scored
+                scored = end
     if dist.world > 1:
         sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
@@ -177,8 +202,9 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
     `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly."""
-    check(model == "lstm", "model", f"must be lstm, got {model!r}")
-    check(preset in LSTM_PRESETS, "preset", f"must be one of {', '.join(LSTM_PRESETS)}, got {preset!r}")
+    check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
+    config_cls, model_cls, presets = MODELS[model]
+    check(preset in presets, "preset", f"must be one of {', '.join(presets)}, got {preset!r}")
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
     tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)
@@ -186,10 +212,12 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     if resume:  # the run's own tokenizer and model config, so the data encodes as before
         saved = ckpt_io.load(Path(out) / "latest")
         tok = ckpt_io.tokenizer_of(saved)
-        model_config = from_dict(LSTMConfig, saved.config["model"], "checkpoint model config")
+        if saved.kind != model:
+            raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {model}")
+        model_config = from_dict(config_cls, saved.config["model"], "checkpoint model config")
     else:
         tok = build_tokenizer(tok_config, train_text)
-        model_config = LSTMConfig.preset(preset, tok.vocab_size)
+        model_config = config_cls.preset(preset, tok.vocab_size)
         if dropout is not None:
             model_config = replace(model_config, dropout=dropout)
     train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
@@ -202,9 +230,12 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
     torch.manual_seed(seed)
-    net = LSTMLanguageModel(model_config)
-    task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist)
-    spec = CheckpointSpec("lstm", to_dict(model_config), tok.to_json_str(),
+    net = model_cls(model_config)
+    if not net.carries_state:
+        check(seq_len <= model_config.max_len, "seq_len",
+              f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
+    task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
+    spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
                            "tokenizer": to_dict(tok_config)})
     return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress)
@@ -213,7 +244,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
     """Perplexity and bits per character of a checkpoint on any text (a file or dataset name)."""
     dev = resolve_device(device)
-    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=("lstm",))
+    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=tuple(MODELS))
     content = read_text(resolve_text_source(text))
     ids = torch.tensor(tok.encode(content), dtype=torch.long)
     if ids.numel() < 2:

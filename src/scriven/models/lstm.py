@@ -45,6 +45,8 @@ LSTM_PRESETS: dict[str, dict] = {
 
 
 class LSTMLanguageModel(nn.Module):
+    carries_state = True  # the (h, c) state flows from one training window to the next
+
     def __init__(self, config: LSTMConfig) -> None:
         super().__init__()
         self.config = config
