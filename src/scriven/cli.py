@@ -40,6 +40,7 @@ def _add_training_length(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=_positive_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/latest exactly")
+    p.add_argument("--log-every", type=_positive_int, default=20, help="steps between log lines")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
@@ -50,7 +51,7 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
                       minutes=a.minutes, max_steps=a.max_steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, dropout=a.dropout, eval_every=a.eval_every,
                       patience=a.patience, amp=a.amp, device=a.device, seed=a.seed,
-                      resume=a.resume, progress=a.progress)
+                      resume=a.resume, log_every=a.log_every, progress=a.progress)
     _print_result(result)
 
 
@@ -106,6 +107,118 @@ def _cmd_data_fetch(a: argparse.Namespace) -> None:
     print(fetch(a.name))
 
 
+def _cmd_plot_curves(a: argparse.Namespace) -> None:
+    from .plots import plot_training_curves
+    plot_training_curves(a.run, a.out)
+    print(a.out)
+
+
+def _cmd_plot_attention(a: argparse.Namespace) -> None:
+    from .plots import plot_attention
+    found = plot_attention(a.checkpoint, a.source, a.out, target=a.target, layer=a.layer,
+                           kinds=a.kinds, device=a.device)
+    print(f"{a.out}: layer {found['layer'] + 1}, translation: {found['translation']}")
+
+
+def _cmd_plot_positions(a: argparse.Namespace) -> None:
+    from .plots import plot_positional_encoding
+    found = plot_positional_encoding(a.out, max_len=a.max_len, d_model=a.d_model,
+                                     checkpoint=a.checkpoint, device=a.device)
+    print(f"{a.out}: {tuple(found['encoding'].shape)}")
+
+
+def _cmd_plot_next_token(a: argparse.Namespace) -> None:
+    from .plots import plot_next_token
+    found = plot_next_token(a.checkpoint, a.prompt, a.out, temperatures=a.temperatures,
+                            top_k=a.top_k, top_p=a.top_p, show=a.show, device=a.device)
+    print(json.dumps({"out": a.out, "kept": {f"{t:g}": n for t, n in found["kept"].items()}}))
+
+
+def _cmd_plot_embeddings(a: argparse.Namespace) -> None:
+    from .plots import plot_embeddings
+    found = plot_embeddings(a.checkpoint, a.words, a.out, neighbours=a.neighbours, device=a.device)
+    for word, near in found["neighbours"].items():
+        print(f"{word}: " + ", ".join(f"{t} {c:.2f}" for t, c in near))
+
+
+def _cmd_serve(a: argparse.Namespace) -> None:
+    from .serve import ServeLimits, serve
+    limits = ServeLimits(max_new_tokens=a.max_new_tokens, max_beam=a.max_beam,
+                         max_batch=a.max_batch, request_timeout=a.timeout,
+                         max_body_bytes=a.max_body_bytes)
+    serve(a.checkpoints, host=a.host, port=a.port, device=a.device, limits=limits,
+          threads=a.threads, log_level=a.log_level)
+
+
+def _add_plot_parsers(sub) -> None:
+    plot = sub.add_parser("plot", help="pictures of what happens inside a model (PNG or SVG)")
+    kinds = plot.add_subparsers(dest="plot_command", required=True)
+
+    def out(p: argparse.ArgumentParser, default: str) -> None:
+        p.add_argument("--out", default=default, help=f"a .png or .svg file (default {default})")
+        p.add_argument("--device", default="auto")
+
+    c = kinds.add_parser("curves", help="training and validation loss of a run")
+    c.add_argument("run", help="a run folder or its metrics.jsonl")
+    c.add_argument("--out", default="loss.png", help="a .png or .svg file")
+    c.set_defaults(func=_cmd_plot_curves)
+
+    at = kinds.add_parser("attention", help="attention heatmaps of one translation, per head")
+    at.add_argument("checkpoint", help="a translator checkpoint or run folder")
+    at.add_argument("source", help="the sentence to translate")
+    at.add_argument("--target", help="teacher-force this translation (default: the model's own)")
+    at.add_argument("--layer", type=int, default=0, help="layer, from 0 (negative: from the end)")
+    at.add_argument("--kinds", nargs="+", default=["encoder_self", "decoder_self", "cross"],
+                    choices=["encoder_self", "decoder_self", "cross"])
+    out(at, "attention.png")
+    at.set_defaults(func=_cmd_plot_attention)
+
+    po = kinds.add_parser("positions", help="positional encodings and their dot products")
+    po.add_argument("--checkpoint", help="a translator: its own table (default: the formula)")
+    po.add_argument("--max-len", type=_positive_int, default=64, help="positions")
+    po.add_argument("--d-model", type=_positive_int, default=128, help="dimensions")
+    out(po, "positions.png")
+    po.set_defaults(func=_cmd_plot_positions)
+
+    nt = kinds.add_parser("next-token", help="next-token distribution at several temperatures")
+    nt.add_argument("checkpoint", help="a language-model checkpoint or run folder")
+    nt.add_argument("prompt")
+    nt.add_argument("--temperatures", type=_number, nargs="+", default=[0.5, 1.0, 1.5])
+    nt.add_argument("--top-k", type=_positive_int)
+    nt.add_argument("--top-p", type=_number)
+    nt.add_argument("--show", type=_positive_int, default=20, help="tokens shown")
+    out(nt, "next-token.png")
+    nt.set_defaults(func=_cmd_plot_next_token)
+
+    em = kinds.add_parser("embeddings", help="nearest words and a 2-D projection (PCA)")
+    em.add_argument("checkpoint", help="any checkpoint or run folder")
+    em.add_argument("words", nargs="+")
+    em.add_argument("--neighbours", type=_positive_int, default=8)
+    out(em, "embeddings.png")
+    em.set_defaults(func=_cmd_plot_embeddings)
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="HTTP API and web playground for checkpoints")
+    s.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="checkpoints or run folders (language models and translators); "
+                        "NAME=PATH names one")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
+                                                      "machine only)")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--threads", type=_positive_int, help="torch threads per operation")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=512, help="cap per request")
+    s.add_argument("--max-beam", type=_positive_int, default=8, help="cap per request")
+    s.add_argument("--max-batch", type=_positive_int, default=64,
+                   help="rows decoded together in one step")
+    s.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024)
+    s.add_argument("--timeout", type=_number, default=60.0, help="seconds per request")
+    s.add_argument("--log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scriven", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("text", help="a text file, pair file or dataset name")
     e.add_argument("--device", default="auto")
     e.set_defaults(func=_cmd_evaluate)
+
+    _add_plot_parsers(sub)
+    _add_serve_parser(sub)
     return parser
 
 

@@ -4,6 +4,7 @@ truncated back-propagation through time, the LSTM's hidden state carried between
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -103,12 +104,32 @@ class LMTask:
         return lm_metrics(nll, count, self.chars_per_token)
 
     def state(self) -> dict[str, Tensor]:
+        """The carried state of all streams of all ranks, (L, world*B, H), so a run can resume
+        on any number of processes."""
         if self.hidden is None:
             return {}
-        return {"hidden.h": self.hidden[0], "hidden.c": self.hidden[1]}
+        h, c = self.hidden
+        if self.dist.world > 1:
+            h, c = (_gather_streams(t, self.dist.world) for t in (h, c))
+        return {"hidden.h": h, "hidden.c": c}
 
     def load_state(self, tensors: dict[str, Tensor]) -> None:
-        self.hidden = (tensors["hidden.h"], tensors["hidden.c"]) if "hidden.h" in tensors else None
+        self.hidden = None
+        if "hidden.h" not in tensors:
+            return
+        b = self.x.size(0)
+        if tensors["hidden.h"].size(1) != b * self.dist.world:
+            warnings.warn("resuming with a different total batch size: the streams are cut "
+                          "differently, so the carried LSTM state starts afresh", stacklevel=2)
+            return
+        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        self.hidden = (tensors["hidden.h"][:, rows].contiguous(), tensors["hidden.c"][:, rows].contiguous())
+
+
+def _gather_streams(t: Tensor, world: int) -> Tensor:
+    parts = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=1)
 
 
 def stream_nll(model: nn.Module, ids: Tensor, device: torch.device, dist: Distributed | None = None,
@@ -197,7 +218,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
              batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
              dropout: float | None = None, eval_every: int = 200, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
-             progress: bool = True) -> TrainResult:
+             log_every: int = 20, progress: bool = True) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
@@ -226,7 +247,8 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     train_config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
                                batch_size=batch_size, seq_len=seq_len,
                                lr=lr if lr is not None else 3e-3, eval_every=eval_every,
-                               patience=patience, amp=amp, device=device, seed=seed)
+                               patience=patience, amp=amp, device=device, seed=seed,
+                               log_every=log_every)
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
     torch.manual_seed(seed)

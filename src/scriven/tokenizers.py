@@ -116,6 +116,10 @@ class _VocabTokenizer(Tokenizer):
     def token_to_id(self, token: str) -> int | None:
         return self._index.get(token)
 
+    def encode(self, text: str) -> list[int]:
+        get = self._index.get
+        return [get(p, UNK_ID) for p in self.tokenize(text)]
+
     def encode_with_unknowns(self, text: str) -> tuple[list[int], list[str]]:
         get = self._index.get
         pieces = self.tokenize(text)
@@ -358,10 +362,18 @@ def _capitalise_sentence(m: re.Match[str]) -> str:
 
 
 def _sentence_case(text: str) -> str:
+    # Special tokens shown by decode(skip_special=False) must stay as they are: hide them as
+    # private-use characters, which the patterns treat like punctuation.
+    hidden = [(token, chr(0xE000 + k)) for k, token in enumerate(SPECIAL_TOKENS) if token in text]
+    for token, mark in hidden:
+        text = text.replace(token, mark)
     text = _FIRST_LETTER_RE.sub(lambda m: m.group(1) + m.group(2).upper(), text, count=1)
     text = _SENTENCE_RE.sub(_capitalise_sentence, text)
     text = _QUOTATION_RE.sub(lambda m: m.group(1) + m.group(2).upper(), text)
-    return _I_RE.sub("I", text)
+    text = _I_RE.sub("I", text)
+    for token, mark in hidden:
+        text = text.replace(mark, token)
+    return text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -261,9 +261,9 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
     out = Path(out)
     dist = Distributed.from_env()
     device = resolve_device(config.device, dist)
-    if dist.world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend)
+    owns_group = dist.world > 1 and not torch.distributed.is_initialized()
+    if owns_group:
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     amp_dtype = autocast_dtype(config.amp, device)
@@ -317,13 +317,14 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
     window_start = time.perf_counter()
 
     def save(best: bool) -> None:
+        task_state = task.state()  # on every rank: a task may gather its state across ranks
         if not dist.main:
             return
         tensors, groups = optimizer_tensors(opt)
         state = {**tensors, "rng.torch": torch.get_rng_state()}
         if device.type == "cuda":
             state["rng.cuda"] = torch.cuda.get_rng_state()
-        state.update({f"task.{k}": v.detach().cpu() for k, v in task.state().items()})
+        state.update({f"task.{k}": v.detach().cpu() for k, v in task_state.items()})
         config_dict = {"model": spec.model_config, "train": to_dict(config), "data": spec.data,
                        "metrics": metrics}
         weights = ckpt_io.model_weights(model)
@@ -396,6 +397,10 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
             window_tokens += n_tokens * dist.world
             window_steps += 1
             if p.step % config.log_every == 0:
+                if dist.world > 1:  # every rank logs at the same steps, so this cannot deadlock
+                    mean = torch.tensor([window_loss], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(mean)
+                    window_loss = mean.item() / dist.world
                 now = time.perf_counter()
                 rate = window_tokens / max(now - window_start, 1e-9)
                 log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
@@ -426,6 +431,8 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         bar.close()
     if dist.main:
         _plot_curves(out)
+    if owns_group:
+        torch.distributed.destroy_process_group()
     epochs_done = p.epoch + p.position / steps_per_epoch
     return TrainResult(out, p.step, epochs_done, p.elapsed, p.tokens,
                        p.tokens / max(p.elapsed, 1e-9), metrics, p.best, p.stopped_early)

@@ -1,0 +1,596 @@
+"""Model work for the server, off the event loop, batched and fair.
+
+Each served model has one worker thread. Requests wait in a first-in first-out queue and are
+admitted in arrival order, up to `max_batch` rows at a time.
+
+Generation (LSTM): continuous batching. Every sample of every active request is one row of a
+single batch; its recurrent state (h, c) sits at that row along the batch dimension, so one
+model call advances every request by one token, whatever its prompt length or how far along it
+is. A finished request leaves at once and a waiting one joins at the next step. Each row samples
+with its own temperature, top-k, top-p and random generator, so a seeded request gives the same
+text whatever else is running (up to float rounding in batches of different sizes).
+
+Translation: micro-batching. The requests that arrived while a batch was decoding form the next
+batch; sentences with the same search settings decode together, greedy ones in one batched
+KV-cache loop that streams each token as it comes, beam ones with `search.beam_search`.
+
+The event loop and a worker talk through a `Ticket`: the worker sends events, collected per
+step and handed to the loop in one call; the loop sets `cancelled` when the client leaves, and
+the worker drops the request at its next step (so does the deadline).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..attention import padding_mask
+from ..generate import LoadedLM, _new_text, _stop_at
+from ..models.lstm import LSTMLanguageModel
+from ..pairs import pad_sequences
+from ..sampling import repetition_penalty_filter
+from ..search import beam_search
+from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
+from ..translate import CrossAttention, LoadedTranslator, default_max_len, detokenize
+
+log = logging.getLogger("scriven.serve")
+
+Event = tuple[str, dict[str, Any]]  # ("start" | "token" | "translation" | "done" | "error", data)
+
+
+class QueueFull(Exception):
+    """The worker's queue is at its limit: the server answers 503."""
+
+
+class Ticket:
+    """One request's link between the event loop, which awaits its events, and a worker
+    thread, which produces them. Create it on the loop's thread."""
+
+    def __init__(self, stream: bool, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.stream = stream  # False: the worker sends only the final "done" or "error"
+        self.deadline = time.monotonic() + timeout
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def stopped(self) -> str | None:
+        """Why the work must stop now, or None."""
+        if self.cancelled:
+            return "cancelled"
+        if time.monotonic() > self.deadline:
+            return "timeout"
+        return None
+
+    def remaining(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
+class _Outbox:
+    """Events of one worker step, delivered to each event loop in a single thread-safe call
+    (one wake-up per step, not one per token)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Ticket, str, dict[str, Any]]] = []
+
+    def put(self, ticket: Ticket, kind: str, data: dict[str, Any]) -> None:
+        self.items.append((ticket, kind, data))
+
+    def flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Ticket, str, dict[str, Any]]]] = \
+            defaultdict(list)
+        for item in self.items:
+            by_loop[item[0].loop].append(item)
+        self.items = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop has closed: the server is shutting down
+                pass
+
+
+def _deliver(items: list[tuple[Ticket, str, dict[str, Any]]]) -> None:
+    for ticket, kind, data in items:
+        ticket.queue.put_nowait((kind, data))
+
+
+def _stop_error(reason: str, timeout: float | None = None) -> dict[str, Any]:
+    if reason == "timeout":
+        return {"status": 504, "detail": "the request took longer than the server's "
+                                          f"request timeout{f' ({timeout:g} s)' if timeout else ''}"}
+    return {"status": 499, "detail": "the client closed the connection"}
+
+
+class _Worker:
+    """A thread that takes jobs from a FIFO queue and runs `_step` until closed."""
+
+    def __init__(self, name: str, max_queue: int) -> None:
+        self.max_queue = max_queue
+        self._pending: deque[Any] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.outbox = _Outbox()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Any) -> None:
+        with self._cond:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting; try again shortly")
+            self._pending.append(job)
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def _take(self, idle: bool, room: int, size) -> list[Any]:
+        """Jobs from the head of the queue while they fit in `room` (at least one when idle);
+        waits for one when `idle`. Empty when closed."""
+        with self._cond:
+            while idle and not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return []
+            taken = []
+            while self._pending and (size(self._pending[0]) <= room or (idle and not taken)):
+                job = self._pending.popleft()
+                room -= size(job)
+                taken.append(job)
+            return taken
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._closed:
+                try:
+                    self._step()
+                except Exception:  # a bug must not kill the thread: fail what was running
+                    log.exception("serving worker step failed")
+                    self._fail_all({"status": 500, "detail": "internal error while decoding"})
+                self.outbox.flush()
+        self._fail_all({"status": 503, "detail": "the server is shutting down"})
+        with self._cond:
+            for job in self._pending:
+                self.outbox.put(job.ticket, "error", {"status": 503,
+                                                      "detail": "the server is shutting down"})
+            self._pending.clear()
+        self.outbox.flush()
+
+    def _step(self) -> None:
+        raise NotImplementedError
+
+    def _fail_all(self, error: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                uniform: Tensor, alternatives: int = 0
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Sample one token per row of `logits` (R, V), each row with its own settings: the same
+    rule as `sampling.filter_logits` + `sample_next` (temperature, then top-k, then top-p), in
+    one batched pass. temperature (R,) with 0 = greedy; top_k (R,) long, V = off; top_p (R,),
+    1 = off; uniform (R,) in [0, 1) drawn from each request's generator (inverse-CDF sampling).
+
+    Returns ids (R,), their probabilities (R,) under the distribution they were drawn from
+    (the plain softmax for greedy rows, as `generate` reports), and the `alternatives` most
+    likely tokens (probabilities (R, A), ids (R, A))."""
+    r, v = logits.shape
+    greedy = temperature == 0                                               # (R,)
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    # Ties keep vocabulary order, so greedy rows pick what argmax picks.
+    ordered, order = torch.sort(logits / scale[:, None], dim=-1, descending=True, stable=True)
+    rank = torch.arange(v, device=logits.device)                            # (V,)
+    k = torch.where(greedy, torch.full_like(top_k, v), top_k)
+    ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
+    probs = torch.softmax(ordered, dim=-1)                                  # (R, V)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    nucleus = (top_p < 1) & ~greedy
+    drop = nucleus[:, None] & (mass_before >= top_p[:, None])               # top-p
+    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1) # (R, V) sorted
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (uniform * cdf[:, -1])[:, None]
+    position = torch.searchsorted(cdf, target, right=True).clamp_(max=v - 1)  # (R, 1)
+    position = torch.where(greedy[:, None], torch.zeros_like(position), position)
+    ids = order.gather(-1, position).squeeze(-1)
+    chosen = probs.gather(-1, position).squeeze(-1)
+    a = min(alternatives, v)
+    return ids, chosen, (probs[:, :a], order[:, :a])
+
+
+@dataclass
+class GenerationJob:
+    """One generation request, validated: prompt ids and sampling settings."""
+
+    ticket: Ticket
+    prompt_ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    num_samples: int = 1
+    alternatives: int = 0
+    # Filled in by the worker:
+    generator: torch.Generator | None = None
+    samples: list[_Row] = field(default_factory=list)
+    started: float = 0.0
+
+
+@dataclass
+class _Row:
+    job: GenerationJob
+    sample: int
+    text: str = ""    # decoded prompt + generated text: where stop strings are looked for
+    output: str = ""  # the generated text, as `generate` appends it to the prompt
+    generated: list[int] = field(default_factory=list)
+    tokens: list[dict[str, Any]] = field(default_factory=list)
+    finish: str | None = None  # "length" | "stop" once done
+
+
+class GenerationWorker(_Worker):
+    """Continuous batching for one LSTM language model (see the module docstring)."""
+
+    def __init__(self, lm: LoadedLM, max_batch: int = 64, max_queue: int = 1024,
+                 name: str = "lm") -> None:
+        if not isinstance(lm.model, LSTMLanguageModel):
+            raise TypeError("continuous batching needs an LSTM model (its state stacks by row)")
+        self.lm = lm
+        self.max_batch = max_batch
+        self.rows: list[_Row] = []
+        self.state: tuple[Tensor, Tensor] | None = None  # (h, c), each (L, R, H)
+        self.last: Tensor | None = None                  # (R, V) logits for each row's next token
+        self.steps = 0      # model steps taken
+        self.peak_rows = 0  # the most rows ever decoded in one step
+        super().__init__(f"scriven-generate-{name}", max_queue)
+
+    @property
+    def active(self) -> int:
+        return len({id(row.job) for row in self.rows})
+
+    def stats(self) -> dict[str, int]:
+        return {"steps": self.steps, "peak_rows": self.peak_rows}
+
+    def _step(self) -> None:
+        self._admit(self._take(not self.rows, self.max_batch - len(self.rows),
+                               lambda job: job.num_samples))
+        self._drop_stopped()
+        if not self.rows:
+            return
+        self._advance()
+
+    def _admit(self, jobs: list[GenerationJob]) -> None:
+        """Read the prompts (equal lengths together in one call) and add one row per sample."""
+        by_length: dict[int, list[GenerationJob]] = defaultdict(list)
+        for job in jobs:
+            reason = job.ticket.stopped()
+            if reason:
+                self.outbox.put(job.ticket, "error", _stop_error(reason))
+                continue
+            job.started = time.monotonic()
+            job.generator = torch.Generator(device=self.lm.device)
+            job.generator.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
+            if job.max_new_tokens == 0:
+                job.samples = [_Row(job, s, finish="length") for s in range(job.num_samples)]
+                self._finish(job)
+                continue
+            by_length[len(job.prompt_ids)].append(job)
+        for group in by_length.values():
+            prompts = torch.tensor([job.prompt_ids for job in group], device=self.lm.device)
+            logits, (h, c) = self.lm.model(prompts)                         # (G, T, V)
+            repeat = torch.tensor([job.num_samples for job in group], device=self.lm.device)
+            last = logits[:, -1].float().repeat_interleave(repeat, dim=0)  # (R', V)
+            h, c = h.repeat_interleave(repeat, dim=1), c.repeat_interleave(repeat, dim=1)
+            for job in group:
+                prompt = self.lm.tokenizer.decode(job.prompt_ids)
+                job.samples = [_Row(job, s, text=prompt) for s in range(job.num_samples)]
+                self.rows.extend(job.samples)
+            if self.state is None or self.last is None:
+                self.state, self.last = (h, c), last
+            else:
+                self.state = (torch.cat([self.state[0], h], 1), torch.cat([self.state[1], c], 1))
+                self.last = torch.cat([self.last, last], 0)
+
+    def _select(self, keep: list[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.state = self.last = None
+            return
+        index = torch.tensor(keep, device=self.lm.device)
+        assert self.state is not None and self.last is not None
+        self.state = (self.state[0].index_select(1, index), self.state[1].index_select(1, index))
+        self.last = self.last.index_select(0, index)
+
+    def _drop_stopped(self) -> None:
+        """Rows of cancelled or timed-out requests leave the batch."""
+        stopped: dict[int, str] = {}
+        for row in self.rows:
+            if id(row.job) not in stopped:
+                reason = row.job.ticket.stopped()
+                if reason:
+                    stopped[id(row.job)] = reason
+                    self.outbox.put(row.job.ticket, "error", _stop_error(reason))
+        if stopped:
+            self._select([i for i, row in enumerate(self.rows) if id(row.job) not in stopped])
+
+    def _advance(self) -> None:
+        """Sample one token for every row, send it, drop finished rows, feed the rest."""
+        assert self.state is not None and self.last is not None
+        rows, logits = self.rows, self.last
+        self.peak_rows = max(self.peak_rows, len(rows))
+        jobs = list({id(row.job): row.job for row in rows}.values())
+        penalised = [i for i, row in enumerate(rows) if row.job.repetition_penalty != 1.0]
+        if penalised:
+            logits = logits.clone()
+            for i in penalised:
+                job = rows[i].job
+                history = torch.tensor([job.prompt_ids + rows[i].generated], device=logits.device)
+                logits[i:i + 1] = repetition_penalty_filter(logits[i:i + 1], history,
+                                                            job.repetition_penalty)
+        device, v = logits.device, logits.size(-1)
+        temperature = torch.tensor([row.job.temperature for row in rows], device=device)
+        top_k = torch.tensor([row.job.top_k or v for row in rows], device=device)
+        top_p = torch.tensor([row.job.top_p or 1.0 for row in rows], device=device)
+        # Each request draws from its own generator, its samples in order: reproducible.
+        counts = Counter(id(row.job) for row in rows)
+        draws = {id(job): iter(torch.rand(counts[id(job)], generator=job.generator).tolist())
+                 for job in jobs}
+        uniform = torch.tensor([next(draws[id(row.job)]) for row in rows], device=device)
+        wanted = max(row.job.alternatives for row in rows)
+        ids, probs, (alt_p, alt_i) = sample_rows(logits, temperature, top_k, top_p, uniform,
+                                                 wanted)
+        self._emit(ids.tolist(), probs.tolist(), alt_p.tolist(), alt_i.tolist())
+        self.steps += 1
+        keep = [i for i, row in enumerate(rows) if row.finish is None]
+        for job in jobs:
+            if all(row.finish is not None for row in job.samples):
+                self._finish(job)
+        self.outbox.flush()  # tokens out before the next model call
+        self._select(keep)
+        if self.rows:
+            feed = ids.index_select(0, torch.tensor(keep, device=device))[:, None]  # (R, 1)
+            out, self.state = self.lm.model(feed, self.state)               # (R, 1, V)
+            self.last = out[:, -1].float()
+
+    def _emit(self, ids: list[int], probs: list[float], alt_p: list[list[float]],
+              alt_i: list[list[int]]) -> None:
+        tok = self.lm.tokenizer
+        for i, row in enumerate(self.rows):
+            job = row.job
+            row.generated.append(ids[i])
+            piece = _new_text(tok, job.prompt_ids, row.generated, row.text)
+            row.text += piece
+            cut = _stop_at(row.text, piece, list(job.stop))
+            if cut is not None:
+                piece = piece[: len(piece) - (len(row.text) - cut)]
+                row.finish = "stop"
+            elif len(row.generated) >= job.max_new_tokens:
+                row.finish = "length"
+            row.output += piece
+            token = {"sample": row.sample, "id": ids[i], "token": tok.id_to_token(ids[i]),
+                     "text": piece,
+                     "probability": probs[i],
+                     "alternatives": [[tok.id_to_token(t), p] for t, p in
+                                      zip(alt_i[i][:job.alternatives], alt_p[i][:job.alternatives])]}
+            if job.ticket.stream:
+                self.outbox.put(job.ticket, "token", token)
+            else:
+                row.tokens.append(token)
+
+    def _finish(self, job: GenerationJob) -> None:
+        samples = [{"sample": row.sample, "generated": row.output, "finish_reason": row.finish,
+                    "generated_tokens": len(row.generated),
+                    **({} if job.ticket.stream else {"tokens": row.tokens})}
+                   for row in job.samples]
+        self.outbox.put(job.ticket, "done", {
+            "samples": samples, "seconds": round(time.monotonic() - job.started, 4)})
+
+    def _fail_all(self, error: dict[str, Any]) -> None:
+        for job in {id(row.job): row.job for row in self.rows}.values():
+            self.outbox.put(job.ticket, "error", error)
+        self.rows, self.state, self.last = [], None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation
+
+
+@dataclass
+class TranslationJob:
+    """One translation request, validated: source ids per sentence and search settings."""
+
+    ticket: Ticket
+    sources: list[list[int]]
+    texts: list[str]
+    beam: int = 1
+    n_best: int = 1
+    length_penalty: float = 1.0
+    max_len: int | None = None
+    attention: bool = False
+    results: list[dict[str, Any] | None] = field(default_factory=list)
+    started: float = 0.0
+
+
+@dataclass
+class _Sentence:
+    job: TranslationJob
+    index: int
+
+    @property
+    def src(self) -> list[int]:
+        return self.job.sources[self.index]
+
+
+class TranslationWorker(_Worker):
+    """Micro-batching for one translator (see the module docstring)."""
+
+    def __init__(self, translator: LoadedTranslator, max_batch: int = 64,
+                 max_queue: int = 1024, name: str = "translator") -> None:
+        self.tr = translator
+        self.max_batch = max_batch
+        self.running: list[TranslationJob] = []
+        self.batches = 0     # decoding batches run
+        self.peak_batch = 0  # the most sentences ever decoded together
+        super().__init__(f"scriven-translate-{name}", max_queue)
+
+    @property
+    def active(self) -> int:
+        return len(self.running)
+
+    def stats(self) -> dict[str, int]:
+        return {"batches": self.batches, "peak_batch": self.peak_batch}
+
+    def _limit(self, sentence: _Sentence) -> int:
+        return sentence.job.max_len or default_max_len(self.tr.model, len(sentence.src))
+
+    def _step(self) -> None:
+        jobs = self._take(True, 4 * self.max_batch, lambda job: len(job.sources))
+        for job in jobs:
+            reason = job.ticket.stopped()
+            if reason:
+                self.outbox.put(job.ticket, "error", _stop_error(reason))
+                continue
+            job.started = time.monotonic()
+            job.results = [None] * len(job.sources)
+            self.running.append(job)
+        # Same search settings decode together; beam search also needs the same length limit
+        # (greedy rows each keep their own), so every sentence gets what `translate` gives it.
+        groups: dict[tuple, list[_Sentence]] = defaultdict(list)
+        for job in self.running:
+            for i in range(len(job.sources)):
+                s = _Sentence(job, i)
+                key = (1,) if job.beam == 1 else (job.beam, job.n_best, job.length_penalty,
+                                                  self._limit(s))
+                groups[key].append(s)
+        for key, sentences in groups.items():
+            sentences.sort(key=lambda s: len(s.src))
+            for start in range(0, len(sentences), self.max_batch):
+                chunk = [s for s in sentences[start:start + self.max_batch]
+                         if not s.job.ticket.stopped()]
+                if not chunk:
+                    continue
+                self.peak_batch = max(self.peak_batch, len(chunk))
+                if key[0] == 1:
+                    self._greedy(chunk)
+                else:
+                    self._beam(chunk, *key)
+                self.batches += 1
+                self.outbox.flush()
+        for job in self.running:
+            reason = job.ticket.stopped()
+            if reason and any(r is None for r in job.results):
+                self.outbox.put(job.ticket, "error", _stop_error(reason))
+        self.running = []
+
+    def _greedy(self, chunk: list[_Sentence]) -> None:
+        """Batched greedy decoding over the KV cache, as `search.greedy_search` does, with a
+        length limit per sentence and each new token streamed."""
+        model, device, tok = self.tr.model, self.tr.device, self.tr.tokenizer
+        src = pad_sequences([s.src for s in chunk], PAD_ID).to(device)      # (B, S)
+        src_mask = padding_mask(src, PAD_ID)                                # (B, 1, 1, S)
+        memory = model.encode(src, src_mask)                                # (B, S, D)
+        cache = model.new_cache()
+        limits = [self._limit(s) for s in chunk]
+        out: list[list[int]] = [[] for _ in chunk]
+        alive = list(range(len(chunk)))
+        tokens = src.new_full((len(chunk),), BOS_ID)                        # (A,)
+        for step in range(max(limits)):
+            logits = model.decode_step(tokens, memory, src_mask, cache)    # (A, V)
+            tokens = logits.argmax(dim=-1)                                  # (A,)
+            keep = []
+            for a, (row, token) in enumerate(zip(alive, tokens.tolist())):
+                sentence = chunk[row]
+                if token != EOS_ID:
+                    out[row].append(token)
+                    if sentence.job.ticket.stream:
+                        self.outbox.put(sentence.job.ticket, "token", {
+                            "index": sentence.index, "id": token,
+                            "token": tok.id_to_token(token),
+                            "text": detokenize(tok, out[row])})
+                    if step + 1 < limits[row] and not sentence.job.ticket.stopped():
+                        keep.append(a)
+            for row in set(alive) - {alive[a] for a in keep}:
+                if not chunk[row].job.ticket.stopped():
+                    self._done(chunk[row], [(out[row], None)])
+            self.outbox.flush()
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=device)
+                alive, tokens = [alive[a] for a in keep], tokens.index_select(0, index)
+                memory, src_mask = memory.index_select(0, index), src_mask.index_select(0, index)
+                cache.reorder(index)
+
+    def _beam(self, chunk: list[_Sentence], beam: int, n_best: int, length_penalty: float,
+              limit: int) -> None:
+        src = pad_sequences([s.src for s in chunk], PAD_ID).to(self.tr.device)  # (B, S)
+        found = beam_search(self.tr.model, src, beam, BOS_ID, EOS_ID, limit, length_penalty,
+                            n_best)
+        for sentence, hyps in zip(chunk, found):
+            self._done(sentence, hyps)
+
+    def _done(self, sentence: _Sentence, hyps: list[tuple[list[int], float | None]]) -> None:
+        job, tok = sentence.job, self.tr.tokenizer
+        ids = hyps[0][0]
+        result: dict[str, Any] = {"index": sentence.index, "source": job.texts[sentence.index],
+                                  "text": detokenize(tok, ids),
+                                  "tokens": [tok.id_to_token(i) for i in ids]}
+        if hyps[0][1] is not None:
+            result["score"] = hyps[0][1]
+        if job.n_best > 1:
+            result["hypotheses"] = [{"text": detokenize(tok, h), "score": score}
+                                    for h, score in hyps]
+        if job.attention:
+            result["attention"] = self._attention(sentence.src, ids)
+        job.results[sentence.index] = result
+        if job.ticket.stream:
+            self.outbox.put(job.ticket, "translation", result)
+        if all(r is not None for r in job.results):
+            self.outbox.put(job.ticket, "done", {
+                "translations": [] if job.ticket.stream else job.results,
+                "seconds": round(time.monotonic() - job.started, 4)})
+
+    def _attention(self, src: list[int], ids: list[int]) -> dict[str, Any]:
+        """Cross-attention of the model reading its own output, as `translate.attention`."""
+        tok, device = self.tr.tokenizer, self.tr.device
+        ids = ids[: self.tr.max_len - 1]  # <bos> takes one position
+        maps = self.tr.model.attention_maps(torch.tensor([src], device=device),
+                                            torch.tensor([[BOS_ID, *ids]], device=device))
+        cross = torch.stack([m[0] for m in maps["cross"]]).float().cpu()   # (L, H, T, S)
+        found = CrossAttention([tok.id_to_token(i) for i in src],
+                               [tok.id_to_token(i) for i in [*ids, EOS_ID]],
+                               detokenize(tok, ids), (cross * 1e4).round() / 1e4)
+        return found.to_dict()
+
+    def _fail_all(self, error: dict[str, Any]) -> None:
+        for job in self.running:
+            if any(r is None for r in job.results):
+                self.outbox.put(job.ticket, "error", error)
+        self.running = []
