@@ -394,6 +394,14 @@ def test_a_client_that_disconnects_stops_its_generation(models):
         time.sleep(0.2)
         assert worker.steps == steps  # nothing is decoding for nobody
         assert steps < 1_000_000
+        # Without streaming too: the client gives up waiting and closes the connection.
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/generate", json={"prompt": "anna", "max_new_tokens": 1_000_000},
+                      timeout=httpx.Timeout(10, read=0.3))
+        deadline = time.monotonic() + 5
+        while worker.active and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.active == 0 and worker.steps - steps < 1_000_000
 
 
 def test_cli_serve_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):

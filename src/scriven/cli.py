@@ -55,6 +55,19 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
     _print_result(result)
 
 
+def _cmd_train_translate(a: argparse.Namespace) -> None:
+    from .translate import train_translate
+    result = train_translate(a.pairs, a.out, preset=a.preset, vocab_size=a.vocab_size,
+                             max_words=a.max_words, strict=a.strict, epochs=a.epochs,
+                             minutes=a.minutes, max_steps=a.max_steps, max_tokens=a.max_tokens,
+                             lr=a.lr, warmup_steps=a.warmup_steps,
+                             label_smoothing=a.label_smoothing, dropout=a.dropout,
+                             eval_every=a.eval_every, patience=a.patience,
+                             bleu_sentences=a.bleu_sentences, amp=a.amp, device=a.device,
+                             seed=a.seed, resume=a.resume, progress=a.progress)
+    _print_result(result)
+
+
 def _print_result(result) -> None:  # TrainResult
     summary = {"out": str(result.out), "steps": result.steps, "epochs": round(result.epochs_done, 3),
                "minutes": round(result.elapsed / 60, 2),
@@ -89,6 +102,57 @@ def _cmd_generate(a: argparse.Namespace) -> None:
     for s in range(a.num_samples):
         print(f"--- sample {s + 1}")
         print(shown + texts.get(s, ""))
+
+
+def _cmd_translate(a: argparse.Namespace) -> None:
+    from .translate import LoadedTranslator, translate
+    from_input = a.text is None or a.text == "-"
+    if not from_input and a.file is not None:
+        raise ScrivenError("give either a TEXT argument or --file, not both")
+    tr = LoadedTranslator.load(a.checkpoint, a.device)
+    options = dict(beam=a.beam, n_best=a.n_best, length_penalty=a.length_penalty,
+                   max_len=a.max_len, batch_size=a.batch_size)
+    if not from_input:
+        _print_translations(translate(tr, [a.text], names=["TEXT"], **options), 1, a.n_best)
+        return
+    where = a.file or "stdin"
+    # One sentence per line, translated a chunk at a time so output flows for long inputs.
+    chunk: list[str] = []
+    first = 1
+    for number, line in enumerate(_input_lines(a.file), start=1):
+        chunk.append(line)
+        if len(chunk) == 16 * a.batch_size:
+            names = [f"{where} line {first + i}" for i in range(len(chunk))]
+            _print_translations(translate(tr, chunk, names=names, **options), first, a.n_best)
+            chunk, first = [], number + 1
+    if chunk:
+        names = [f"{where} line {first + i}" for i in range(len(chunk))]
+        _print_translations(translate(tr, chunk, names=names, **options), first, a.n_best)
+
+
+def _input_lines(file: str | None):  # -> Iterator[str]
+    """Lines of a UTF-8 file (or stdin when None), without their line ends."""
+    try:
+        stream = open(file, "rb") if file is not None else sys.stdin.buffer
+    except OSError as e:
+        raise ScrivenError(f"{file}: cannot read ({e.strerror})") from None
+    with stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise ScrivenError(f"{file or 'stdin'} line {number}: not valid UTF-8") from None
+
+
+def _print_translations(results: list, first: int, n_best: int) -> None:
+    """One translation per line; with --n-best, `sentence<TAB>score<TAB>translation` lines."""
+    for i, result in enumerate(results):
+        if n_best == 1:
+            print(result)
+        else:
+            for text, score in result:
+                print(f"{first + i}\t{score:.4f}\t{text}")
+    sys.stdout.flush()
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
@@ -244,6 +308,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_length(lm)
     lm.set_defaults(func=_cmd_train_lm)
 
+    tt = train.add_parser("translate", help="English→French (or any pair file) translator")
+    tt.add_argument("pairs", help="a TSV/CSV sentence-pair file or a dataset name (eng-fra)")
+    tt.add_argument("--preset", default="default", help="model size: default, seed (the book's), tiny")
+    tt.add_argument("--vocab-size", type=_positive_int, default=8000, help="joint BPE vocabulary")
+    tt.add_argument("--max-words", type=_positive_int, help="drop pairs with a longer side")
+    tt.add_argument("--strict", action="store_true", help="a malformed line is an error")
+    tt.add_argument("--max-tokens", type=_positive_int, default=4096,
+                    help="padded tokens per batch (per process)")
+    tt.add_argument("--warmup-steps", type=_positive_int, default=400)
+    tt.add_argument("--label-smoothing", type=_number, default=0.1)
+    tt.add_argument("--dropout", type=_number, help="override the preset's dropout")
+    tt.add_argument("--bleu-sentences", type=_positive_int, default=500,
+                    help="validation pairs translated for BLEU at each validation")
+    _add_training_length(tt)
+    tt.set_defaults(func=_cmd_train_translate, eval_every=500)
+
     g = sub.add_parser("generate", help="continue a prompt with a trained text generator")
     g.add_argument("checkpoint", help="a checkpoint directory or run folder")
     g.add_argument("prompt")
@@ -257,6 +337,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--device", default="auto")
     g.set_defaults(func=_cmd_generate)
+
+    t = sub.add_parser("translate", help="translate with a trained translator")
+    t.add_argument("checkpoint", help="a checkpoint directory or run folder")
+    t.add_argument("text", nargs="?", help="the sentence; absent or - : one sentence per line "
+                   "from --file or stdin")
+    t.add_argument("--file", help="translate this file, one sentence per line")
+    t.add_argument("--beam", type=_positive_int, default=1, help="1 = greedy")
+    t.add_argument("--n-best", type=_positive_int, default=1,
+                   help="print this many hypotheses per sentence (at most --beam)")
+    t.add_argument("--length-penalty", type=_number, default=1.0, help="GNMT alpha for beam search")
+    t.add_argument("--max-len", type=_positive_int, help="longest translation in tokens")
+    t.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per batch")
+    t.add_argument("--device", default="auto")
+    t.set_defaults(func=_cmd_translate)
 
     e = sub.add_parser("evaluate", help="perplexity/bits per char (LM) or BLEU/chrF (translator)")
     e.add_argument("checkpoint")

@@ -344,6 +344,7 @@ class GenerationWorker(_Worker):
         """Sample one token for every row, send it, drop finished rows, feed the rest."""
         assert self.state is not None and self.last is not None
         rows, logits = self.rows, self.last
+        device, v = logits.device, logits.size(-1)
         self.peak_rows = max(self.peak_rows, len(rows))
         jobs = list({id(row.job): row.job for row in rows}.values())
         penalised = [i for i, row in enumerate(rows) if row.job.repetition_penalty != 1.0]
@@ -354,14 +355,13 @@ class GenerationWorker(_Worker):
                 history = torch.tensor([job.prompt_ids + rows[i].generated], device=logits.device)
                 logits[i:i + 1] = repetition_penalty_filter(logits[i:i + 1], history,
                                                             job.repetition_penalty)
-        device, v = logits.device, logits.size(-1)
         temperature = torch.tensor([row.job.temperature for row in rows], device=device)
         top_k = torch.tensor([row.job.top_k or v for row in rows], device=device)
         top_p = torch.tensor([row.job.top_p or 1.0 for row in rows], device=device)
         # Each request draws from its own generator, its samples in order: reproducible.
         counts = Counter(id(row.job) for row in rows)
-        draws = {id(job): iter(torch.rand(counts[id(job)], generator=job.generator).tolist())
-                 for job in jobs}
+        draws = {id(job): iter(torch.rand(counts[id(job)], generator=job.generator,
+                                          device=device).tolist()) for job in jobs}
         uniform = torch.tensor([next(draws[id(row.job)]) for row in rows], device=device)
         wanted = max(row.job.alternatives for row in rows)
         ids, probs, (alt_p, alt_i) = sample_rows(logits, temperature, top_k, top_p, uniform,
