@@ -160,9 +160,12 @@ def main() -> None:
     ap.add_argument("--book-minutes", type=float, default=30.0, help="the book method's budget")
     ap.add_argument("--quick", action="store_true", help="2-minute smoke run")
     ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        args.minutes, args.book_minutes = 1.0, 1.0
+        args.minutes, args.book_minutes = 0.5, 0.5
     torch.manual_seed(0)
     random.seed(0)
     text = read_text(fetch("anna"))
@@ -214,9 +217,9 @@ def main() -> None:
                                 "valid_ppl_at_3min": ppl_at(ours_curve, 3.0),
                                 "valid_ppl_at_15min": ppl_at(ours_curve, 15.0),
                                 "bits_per_char": round(ours_result.metrics["bits_per_char"], 3),
-                                "curve_min_ppl": ours_curve},
+                                "curve": ours_curve},
             "book_method": {"minutes": round(book_result.elapsed / 60, 2),
-                            "final_valid_ppl": book_final, "curve_min_ppl": book_curve},
+                            "final_valid_ppl": book_final, "curve": book_curve},
             "scriven_minutes_to_book_final_ppl": ours_reach_book,
         },
         "training_tokens_per_s": {"scriven_default": round(ours_result.tokens_per_second),

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
-from .sampling import filter_logits, repetition_penalty_filter, sample_next, validate
+from .sampling import filter_logits, repetition_penalty_filter, sample_with_probability, validate
 from .tokenizers import Tokenizer, detokenize
 from .train import resolve_device
 
@@ -92,10 +92,11 @@ def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temper
     for _ in range(max_new_tokens):
         if repetition_penalty != 1.0:
             last = repetition_penalty_filter(last, history, repetition_penalty)
-        ids = sample_next(last, temperature, top_k, top_p, generator)     # (B,)
-        dist = _distribution(last, temperature, top_k, top_p)             # (B, V)
-        probs = dist.gather(-1, ids[:, None]).squeeze(-1)
-        yield ids, probs, (torch.topk(dist, alternatives, dim=-1) if alternatives else None)
+        ids, probs = sample_with_probability(last, temperature, top_k, top_p, generator)  # (B,)
+        top = None
+        if alternatives:
+            top = torch.topk(_distribution(last, temperature, top_k, top_p), alternatives, dim=-1)
+        yield ids, probs, top
         if repetition_penalty != 1.0 or limit is not None:
             history = torch.cat([history, ids[:, None]], dim=1)
         if limit is not None and state.length >= limit:

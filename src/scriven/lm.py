@@ -95,7 +95,7 @@ class LMTask:
         x, y = batch
         logits, hidden = model(x, self.hidden)                               # (B, T, V)
         if self.carries_state:  # truncated BPTT: the state flows on, its gradient does not
-            self.hidden = (hidden[0].detach(), hidden[1].detach())
+            self.hidden = (hidden[0].detach().float(), hidden[1].detach().float())
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), label_smoothing=label_smoothing)
         return loss, y.numel()
 

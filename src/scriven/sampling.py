@@ -86,14 +86,25 @@ def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """Pick one token id per row of logits (B, V) -> (B,). Temperature 0 is greedy (argmax)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    return sample_with_probability(logits, temperature, top_k, top_p, generator)[0]
+
+
+def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                            top_p: float | None = None, generator: torch.Generator | None = None
+                            ) -> tuple[Tensor, Tensor]:
+    """Like `sample_next`, and also the probability (B,) each pick had in the distribution it
+    was drawn from (for greedy: the plain softmax)."""
     logits = logits.float()
+    if temperature == 0:
+        ids = logits.argmax(dim=-1)                                          # (B,)
+        best = logits.gather(-1, ids[:, None]).squeeze(-1)
+        return ids, torch.exp(best - torch.logsumexp(logits, dim=-1))
     if top_k is not None and top_k < logits.size(-1):
         # Same distribution as top_k_filter, but softmax and top-p run over k values, not V.
-        values, indices = torch.topk(logits, top_k, dim=-1)  # (B, k)
-        values = filter_logits(values, temperature, None, top_p)
-        choice = torch.multinomial(torch.softmax(values, dim=-1), 1, generator=generator)
-        return indices.gather(-1, choice).squeeze(-1)
-    logits = filter_logits(logits, temperature, None, top_p)
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+        values, indices = torch.topk(logits, top_k, dim=-1)                  # (B, k)
+        probs = torch.softmax(filter_logits(values, temperature, None, top_p), dim=-1)
+        choice = torch.multinomial(probs, 1, generator=generator)           # (B, 1)
+        return indices.gather(-1, choice).squeeze(-1), probs.gather(-1, choice).squeeze(-1)
+    probs = torch.softmax(filter_logits(logits, temperature, None, top_p), dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return choice.squeeze(-1), probs.gather(-1, choice).squeeze(-1)

@@ -39,7 +39,7 @@ class LSTMConfig:
 # measuring validation perplexity per CPU minute on Anna Karenina (see bench/lm.py and README).
 LSTM_PRESETS: dict[str, dict] = {
     "seed": dict(embed_dim=128, hidden_dim=128, num_layers=3, dropout=0.2, tie_embeddings=False),
-    "default": dict(embed_dim=256, hidden_dim=512, num_layers=2, dropout=0.3, tie_embeddings=True),
+    "default": dict(embed_dim=384, hidden_dim=384, num_layers=2, dropout=0.4, tie_embeddings=True),
     "tiny": dict(embed_dim=32, hidden_dim=32, num_layers=1, dropout=0.0, tie_embeddings=False),
 }
 
