@@ -64,7 +64,8 @@ def _cmd_train_translate(a: argparse.Namespace) -> None:
                              label_smoothing=a.label_smoothing, dropout=a.dropout,
                              eval_every=a.eval_every, patience=a.patience,
                              bleu_sentences=a.bleu_sentences, amp=a.amp, device=a.device,
-                             seed=a.seed, resume=a.resume, progress=a.progress)
+                             seed=a.seed, resume=a.resume, log_every=a.log_every,
+                             progress=a.progress)
     _print_result(result)
 
 

@@ -1,0 +1,216 @@
+"""Benchmark for the English→French Transformer translator on eng-fra. Prints one JSON summary.
+
+All figures come from one run on one machine, so ratios between them are meaningful:
+  quality: BLEU and chrF (sacrebleu, cased, 13a) on the held-out test split of scriven's own
+      split of eng-fra (by source sentence, 90/5/5), greedy and beam 4, after `--minutes` of
+      training the default preset;
+  training speed: target tokens/s, and model FLOP/s (matmul FLOPs counted exactly from the
+      training sentences' lengths, 3 × forward) over a bf16 matmul peak measured in this run;
+  translation speed: sentences/s on test sentences for batched greedy search (KV cache), beam 4,
+      and the book's decoding (one sentence at a time, the whole prefix recomputed each step)
+      on the same model.
+
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/translate.py            # 60 minutes of training
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/translate.py --quick    # a 2-minute smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from scriven import checkpoint as ckpt_io
+from scriven.search import recompute_greedy
+from scriven.tokenizers import BOS_ID, EOS_ID
+from scriven.train import autocast_dtype
+from scriven.translate import (
+    LoadedTranslator,
+    default_max_len,
+    encode_pairs,
+    evaluate_translation,
+    load_pairs,
+    train_translate,
+    translate,
+)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` n×n×n matmuls in `dtype` on this machine."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def forward_flops(cfg, s: int, t: int) -> int:
+    """Matmul FLOPs of one teacher-forced forward pass: source of s tokens, decoder input of t
+    (<bos> + target). 2 FLOPs per multiply-add; attention scores and weighted sums counted in
+    full (causal masking not subtracted); embeddings lookups, norms, softmax not counted."""
+    d, f, v = cfg.d_model, cfg.d_ff, cfg.tgt_vocab_size
+    enc = cfg.encoder_layers * (8 * s * d * d + 4 * s * d * f + 4 * s * s * d)
+    dec = cfg.decoder_layers * (8 * t * d * d + 4 * t * t * d        # self-attention
+                                + 4 * t * d * d + 4 * s * d * d      # cross: q, o on t; k, v on s
+                                + 4 * t * s * d                      # cross scores and sums
+                                + 4 * t * d * f)                     # feed-forward
+    return enc + dec + 2 * t * d * v                                 # output projection
+
+
+def flops_per_target_token(tr: LoadedTranslator, examples) -> float:
+    """Training FLOPs (3 × forward) per target token the trainer counts (target + <eos>)."""
+    cfg = tr.model.config
+    total = sum(3 * forward_flops(cfg, len(src), len(tgt) - 1) for src, tgt in examples)
+    tokens = sum(len(tgt) - 1 for _, tgt in examples)
+    return total / tokens
+
+
+def rate(fn, count: int) -> tuple[float, object]:
+    t = time.perf_counter()
+    out = fn()
+    return count / (time.perf_counter() - t), out
+
+
+def book_decoding(tr: LoadedTranslator, sources: list[str]) -> tuple[float, list[str]]:
+    """The book's loop: one sentence at a time, every step re-running the decoder on the whole
+    prefix. Same limit per sentence as scriven's default."""
+    from scriven.translate import detokenize
+    ids, _ = tr.encode_sources(sources)
+    t = time.perf_counter()
+    outs = [recompute_greedy(tr.model, torch.tensor(x, device=tr.device), BOS_ID, EOS_ID,
+                             default_max_len(tr.model, len(x))) for x in ids]
+    seconds = time.perf_counter() - t
+    return len(sources) / seconds, [detokenize(tr.tokenizer, o) for o in outs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=60.0, help="training budget (step time)")
+    ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup-steps", type=int, default=400)
+    # Dropout off by default here: on a CPU its random numbers cost about a quarter of each
+    # step, a 60-minute run sees only a few epochs, and best/ is chosen by validation BLEU, so
+    # overfitting late cannot make the result worse. --dropout 0.1 restores the preset's.
+    ap.add_argument("--dropout", type=float, default=0.0, help="override the preset's 0.1")
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--speed-sentences", type=int, default=500)
+    ap.add_argument("--book-sentences", type=int, default=200)
+    ap.add_argument("--out", default=None, help="where to keep the run (default: a temp dir)")
+    args = ap.parse_args()
+    test_limit = None
+    if args.quick:
+        args.minutes, args.eval_every, args.warmup_steps = 0.75, 10_000, 100
+        args.speed_sentences, args.book_sentences, test_limit = 200, 30, 300
+    torch.manual_seed(0)
+    random.seed(0)
+    warnings.simplefilter("default")
+    out = Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-translate-")) / "run"
+    device = torch.device("cpu")
+    amp = autocast_dtype("auto", device)
+
+    peak_bf16 = matmul_peak(torch.bfloat16)
+    peak_fp32 = matmul_peak(torch.float32, n=2048)
+    print(f"matmul peak: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} GFLOP/s",
+          file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    result = train_translate("eng-fra", out, preset="default", vocab_size=8000,
+                             minutes=args.minutes, max_tokens=args.max_tokens, lr=args.lr,
+                             warmup_steps=args.warmup_steps, label_smoothing=0.1,
+                             dropout=args.dropout, eval_every=args.eval_every, patience=0,
+                             bleu_sentences=500 if not args.quick else 100, amp="auto",
+                             device="cpu", seed=0, progress=False)
+    wall_train = time.perf_counter() - t0
+    print(f"[train] {result.steps} steps, {result.epochs_done:.2f} epochs, "
+          f"{result.elapsed / 60:.1f} min of steps, {result.tokens_per_second:,.0f} tok/s, "
+          f"{result.metrics}", file=sys.stderr, flush=True)
+
+    tr = LoadedTranslator.load(out, "cpu")  # best/: the highest validation BLEU
+    data = load_pairs("eng-fra")
+    examples, _ = encode_pairs(tr.tokenizer, data.train, tr.max_len)
+    per_token = flops_per_target_token(tr, examples)
+    flops = per_token * result.tokens_per_second
+    src_tokens = sum(len(s) for s, _ in examples)
+    tgt_tokens = sum(len(t) - 1 for _, t in examples)
+
+    greedy_eval = evaluate_translation(tr, "eng-fra", beam=1, limit=test_limit)
+    beam_eval = evaluate_translation(tr, "eng-fra", beam=4, limit=test_limit)
+    print(f"[test] greedy {greedy_eval['bleu']} BLEU, beam 4 {beam_eval['bleu']} BLEU",
+          file=sys.stderr, flush=True)
+
+    rng = random.Random(1)
+    sentences = [p.source for p in rng.sample(data.test, min(args.speed_sentences, len(data.test)))]
+    translate(tr, sentences[:16])  # warm-up
+    greedy_rate, greedy_out = rate(lambda: translate(tr, sentences, batch_size=64), len(sentences))
+    beam_rate, _ = rate(lambda: translate(tr, sentences, beam=4, batch_size=64), len(sentences))
+    book = sentences[: args.book_sentences]
+    book_rate, book_out = book_decoding(tr, book)
+    agree = sum(a == b for a, b in zip(book_out, greedy_out)) / max(len(book), 1)
+
+    history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [(round(r["elapsed"] / 60, 2), round(r["val_bleu"], 2)) for r in history
+             if "val_bleu" in r]
+    saved = ckpt_io.load(out / "best")
+    cfg = tr.model.config
+    summary = {
+        "bench": "translate",
+        "quick": args.quick,
+        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "autocast": str(amp).replace("torch.", "") if amp else "off"},
+        "data": {**saved.config["data"]["pairs"], "vocab": tr.tokenizer.vocab_size,
+                 "train_source_tokens": src_tokens, "train_target_tokens": tgt_tokens,
+                 "split": "by source sentence, 90/5/5, seed 0",
+                 "attribution": saved.config["data"].get("attribution")},
+        "settings": {"preset": "default", "parameters": tr.model.num_parameters(),
+                     "d_model": cfg.d_model, "layers": [cfg.encoder_layers, cfg.decoder_layers],
+                     "dropout": cfg.dropout, "max_tokens": args.max_tokens, "lr": args.lr,
+                     "warmup_steps": args.warmup_steps, "schedule": "cosine to 5%",
+                     "label_smoothing": 0.1, "betas": [0.9, 0.98],
+                     "minutes_budget": args.minutes},
+        "training": {"steps": result.steps, "epochs": round(result.epochs_done, 3),
+                     "step_minutes": round(result.elapsed / 60, 2),
+                     "wall_minutes": round(wall_train / 60, 2),
+                     "target_tokens_per_s": round(result.tokens_per_second),
+                     "flops_per_target_token": round(per_token),
+                     "model_gflops_per_s": round(flops / 1e9, 1),
+                     "bf16_matmul_peak_gflops_per_s": round(peak_bf16 / 1e9, 1),
+                     "fp32_matmul_peak_gflops_per_s": round(peak_fp32 / 1e9, 1),
+                     "mfu_bf16": round(flops / peak_bf16, 4),
+                     "final_validation": {k: round(v, 3) for k, v in result.metrics.items()},
+                     "best_validation_bleu": round(result.best or 0.0, 2),
+                     "validation_bleu_curve_minutes": curve},
+        "test": {"greedy": greedy_eval, "beam4": beam_eval},
+        "translation_sentences_per_s": {
+            "sentences": len(sentences),
+            "greedy_batched": round(greedy_rate, 1),
+            "beam4_batched": round(beam_rate, 1),
+            "book_recompute_one_at_a_time": round(book_rate, 1),
+            "book_sentences": len(book),
+            "book_equals_greedy_fraction": round(agree, 3),
+        },
+        "targets": {
+            "bleu_ge_40": greedy_eval["bleu"] >= 40 or beam_eval["bleu"] >= 40,
+            "mfu_ge_25pct": flops / peak_bf16 >= 0.25,
+            "greedy_ge_200_sentences_per_s": greedy_rate >= 200,
+            "beam4_ge_40_sentences_per_s": beam_rate >= 40,
+        },
+    }
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

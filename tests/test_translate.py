@@ -1,0 +1,348 @@
+"""The translator end to end on tiny generated pairs: training and checkpoints, exact resume,
+translating strings, lists, files and stdin, beam search and n-best lists, bad input, BLEU/chrF
+evaluation and the dataset attribution."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import sys
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import scriven.translate as translate_module
+from scriven import checkpoint as ckpt_io
+from scriven.cli import main
+from scriven.errors import ScrivenError
+from scriven.search import greedy_search
+from scriven.tokenizers import BOS_ID, EOS_ID
+from scriven.translate import (
+    CrossAttention,
+    LoadedTranslator,
+    attention,
+    evaluate_translation,
+    train_translate,
+    translate,
+)
+
+TINY = dict(preset="tiny", vocab_size=300, max_tokens=512, lr=3e-3, warmup_steps=10,
+            bleu_sentences=8, progress=False)
+
+SUBJECTS = [("I", "Je", "see", "vois"), ("You", "Tu", "see", "vois"), ("He", "Il", "sees", "voit"),
+            ("She", "Elle", "sees", "voit"), ("We", "Nous", "see", "voyons"),
+            ("They", "Ils", "see", "voient"), ("My friends", "Mes amis", "see", "voient")]
+OBJECTS = [("the cat", "le chat"), ("the dog", "le chien"), ("the house", "la maison"),
+           ("the car", "la voiture"), ("a tree", "un arbre"), ("the sea", "la mer"),
+           ("the garden", "le jardin"), ("a bird", "un oiseau"), ("the moon", "la lune"),
+           ("the teacher", "le professeur"), ("my brother", "mon frère"), ("the school", "l'école")]
+WHEN = [("", ""), (" today", " aujourd'hui"), (" now", " maintenant"), (" again", " encore"),
+        (" every day", " tous les jours"), (" at night", " la nuit")]
+
+
+def make_pairs(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
+    """Distinct English→French pairs from a small grammar (accents and capitals included)."""
+    rng = random.Random(seed)
+    out: set[tuple[str, str]] = set()
+    while len(out) < n:
+        (se, sf, ve, vf), (oe, of), (we, wf) = rng.choice(SUBJECTS), rng.choice(OBJECTS), rng.choice(WHEN)
+        out.add((f"{se} {ve} {oe}{we}.", f"{sf} {vf} {of}{wf}."))
+    return sorted(out)
+
+
+def write_pairs(path, pairs) -> str:
+    path.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
+    return str(path)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread, and the 2-core machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.tsv", make_pairs())
+
+
+@pytest.fixture(scope="module")
+def run(pair_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("translator") / "run"
+    train_translate(pair_file, out, max_steps=80, eval_every=40, **TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tr(run):
+    return LoadedTranslator.load(run, "cpu")
+
+
+def weights(run):
+    return load_file(str(run / "latest" / "model.safetensors"))
+
+
+def test_training_writes_a_checkpoint_and_lowers_validation_loss(run):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "state.safetensors",
+                 "trainer.json"):
+        assert (run / "latest" / name).is_file()
+    assert (run / "best" / "model.safetensors").is_file()
+    log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "val_bleu" in r]
+    assert [r["step"] for r in evals] == [40, 80]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert all(0 <= r["val_bleu"] <= 100 and 0 <= r["val_chrf"] <= 100 for r in evals)
+    saved = ckpt_io.load(run / "best")
+    assert saved.kind == "transformer"
+    data = saved.config["data"]
+    assert data["split"]["by"] == "source sentence"
+    assert data["pairs"]["train"] + data["pairs"]["valid"] + data["pairs"]["test"] == 300
+    assert "attribution" not in data  # a user's own file carries no dataset attribution
+    assert saved.config["model"]["share_embeddings"] is True
+
+
+def test_tokenizer_keeps_case_and_accents(tr):
+    text = "Mon frère voit l'école aujourd'hui."
+    assert tr.tokenizer.decode(tr.tokenizer.encode(text)) == text
+
+
+def test_translate_a_string_and_a_list(tr, run):
+    one = translate(tr, "He sees the cat.")
+    assert isinstance(one, str)
+    sentences = ["He sees the cat.", "We see the moon today.", "My friends see my brother."]
+    many = translate(run, sentences, device="cpu", max_len=20)
+    assert isinstance(many, list) and len(many) == 3
+    # Sorting into length batches is invisible: the same answers one by one, in input order.
+    assert many == [translate(tr, s, max_len=20) for s in sentences]
+    assert translate(tr, []) == []
+
+
+def test_translations_are_greedy_search_detokenized(tr):
+    ids = tr.tokenizer.encode("She sees the sea now.")
+    expected = greedy_search(tr.model, torch.tensor([ids]), BOS_ID, EOS_ID, max_len=15)[0]
+    assert translate(tr, "She sees the sea now.", max_len=15) == tr.tokenizer.decode(expected).strip()
+    # Input is normalised like the training data: odd spaces and apostrophes do not matter.
+    assert translate(tr, "  She\u00a0sees the sea  now. ", max_len=15) == translate(
+        tr, "She sees the sea now.", max_len=15)
+
+
+def test_beam_and_n_best(tr):
+    text = "They see a bird at night."
+    best = translate(tr, text, beam=4, n_best=3)
+    assert len(best) == 3
+    assert all(isinstance(t, str) and isinstance(s, float) for t, s in best)
+    scores = [s for _, s in best]
+    assert scores == sorted(scores, reverse=True)
+    assert translate(tr, text, beam=4) == best[0][0]
+    assert translate(tr, text, beam=1) == translate(tr, text)
+    lists = translate(tr, [text, "I see the dog."], beam=2, n_best=2)
+    assert len(lists) == 2 and all(len(h) == 2 for h in lists)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(beam=0), "beam"),
+    (dict(beam=2, n_best=3), "n_best"),
+    (dict(n_best=0), "n_best"),
+    (dict(max_len=0), "max_len"),
+    (dict(max_len=10_000), "max_len"),
+    (dict(length_penalty=-1.0), "length_penalty"),
+    (dict(batch_size=0), "batch_size"),
+])
+def test_bad_search_parameters_are_named(tr, kwargs, message):
+    with pytest.raises(ScrivenError, match=message):
+        translate(tr, "I see the cat.", **kwargs)
+
+
+def test_empty_source_is_named(tr):
+    with pytest.raises(ScrivenError, match="text is empty"):
+        translate(tr, "   ")
+    with pytest.raises(ScrivenError, match=r"text\[1\] is empty"):
+        translate(tr, ["I see the cat.", "", "He sees the dog."])
+    with pytest.raises(ScrivenError, match=r"text\[0\] must be a string"):
+        translate(tr, [None])
+
+
+def test_unknown_characters_and_emoji_do_not_crash(tr):
+    out = translate(tr, ["I see 🐈‍⬛ the cat 🙂.", "Ωμέγα 漢字 ǅ \u0301", "<unk> sees <eos>."])
+    assert len(out) == 3
+    for text in out:
+        assert isinstance(text, str)
+        assert "\ufffd" not in text and "<unk>" not in text and "<eos>" not in text
+
+
+def test_a_source_longer_than_max_len_is_cut_with_a_warning(tr):
+    long = " ".join(["the cat"] * 200) + "."
+    with pytest.warns(UserWarning, match="max_len"):
+        out = translate(tr, ["I see the cat.", long])
+    assert len(out) == 2 and isinstance(out[1], str)
+
+
+def test_a_language_model_checkpoint_is_refused(tiny_text, tmp_path):
+    from scriven.lm import train_lm
+    train_lm(str(tiny_text), tmp_path / "lm", preset="tiny", batch_size=4, seq_len=8,
+             max_steps=2, eval_every=2, progress=False)
+    with pytest.raises(ScrivenError, match="lstm.*transformer"):
+        translate(tmp_path / "lm", "I see the cat.")
+    with pytest.raises(ScrivenError, match="no such file"):
+        translate(tmp_path / "missing", "I see the cat.")
+
+
+def test_attention_maps(tr):
+    found = attention(tr, "He sees the cat.")
+    assert isinstance(found, CrossAttention)
+    cfg = tr.model.config
+    assert found.cross.shape == (cfg.decoder_layers, cfg.n_heads, len(found.target_tokens),
+                                 len(found.source_tokens))
+    assert found.target_tokens[-1] == "<eos>"
+    assert found.translation == translate(tr, "He sees the cat.")
+    assert torch.allclose(found.cross.sum(-1), torch.ones(found.cross.shape[:-1]), atol=1e-5)
+    forced = attention(tr, "He sees the cat.", target="Il voit le chat.")
+    assert forced.translation == "Il voit le chat."
+    assert json.loads(json.dumps(forced.to_dict()))["target_tokens"] == forced.target_tokens
+
+
+def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch):
+    args = dict(TINY, max_steps=17, eval_every=5, bleu_sentences=3, dropout=0.3)
+    train_translate(pair_file, tmp_path / "full", **args)
+
+    real_loss = translate_module.TranslationTask.loss
+    calls = {"n": 0}
+
+    def crash_after_step_10(self, model, batch, smoothing):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt  # like Ctrl-C mid-run; the step-10 checkpoint is on disk
+        return real_loss(self, model, batch, smoothing)
+
+    monkeypatch.setattr(translate_module.TranslationTask, "loss", crash_after_step_10)
+    with pytest.raises(KeyboardInterrupt):
+        train_translate(pair_file, tmp_path / "cut", **args)
+    monkeypatch.setattr(translate_module.TranslationTask, "loss", real_loss)
+    trainer = json.loads((tmp_path / "cut" / "latest" / "trainer.json").read_text())
+    assert trainer["progress"]["step"] == 10
+    train_translate(pair_file, tmp_path / "cut", resume=True, **args)
+
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_malformed_lines_warn_with_line_numbers_and_strict_refuses(tmp_path):
+    lines = [f"{a}\t{b}" for a, b in make_pairs(120)]
+    lines[4] = "no tab on this line"
+    lines[9] = "\tempty source"
+    path = tmp_path / "bad.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"2 malformed: line 5 .*line 10"):
+        train_translate(str(path), tmp_path / "run", max_steps=2, eval_every=2, **TINY)
+    with pytest.raises(ScrivenError, match=r"bad.tsv:5"):
+        train_translate(str(path), tmp_path / "strict", max_steps=2, strict=True, **TINY)
+    with pytest.warns(UserWarning, match="over the length limit"):
+        train_translate(str(path), tmp_path / "short", max_steps=2, eval_every=2, max_words=5,
+                        **TINY)
+
+
+def test_bad_training_parameters_are_named(pair_file, tmp_path):
+    with pytest.raises(ScrivenError, match="preset"):
+        train_translate(pair_file, tmp_path / "r", max_steps=2, **dict(TINY, preset="huge"))
+    with pytest.raises(ScrivenError, match="missing.tsv"):
+        train_translate(str(tmp_path / "missing.tsv"), tmp_path / "r", max_steps=2, **TINY)
+    with pytest.raises(ScrivenError, match="no such file"):
+        train_translate(pair_file, tmp_path / "none", max_steps=2, resume=True, **TINY)
+
+
+def test_evaluate_on_a_pair_file_scores_all_pairs(tr, tmp_path):
+    pairs = make_pairs(40, seed=7)
+    path = write_pairs(tmp_path / "other.tsv", pairs)
+    result = evaluate_translation(tr, path, limit=None)
+    assert result["sentences"] == 40 and "all 40 pairs" in result["pairs"]
+    assert 0 <= result["bleu"] <= 100 and 0 <= result["chrf"] <= 100
+    assert "tok:13a" in result["bleu_signature"] and "case:mixed" in result["bleu_signature"]
+    assert result["chrf_signature"].startswith("nrefs:1")
+    assert evaluate_translation(tr, path, limit=10)["sentences"] == 10
+
+
+def test_evaluate_on_the_training_file_uses_its_test_split(tr, run, pair_file):
+    result = evaluate_translation(tr, pair_file)
+    test_pairs = ckpt_io.load(run / "best").config["data"]["pairs"]["test"]
+    assert "held-out test split" in result["pairs"] and result["sentences"] == test_pairs
+
+
+def _cli(capsys, monkeypatch, *args, stdin: str | None = None):
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8"))))
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_translates_text_file_and_stdin(tr, run, tmp_path, capsys, monkeypatch):
+    sentences = ["He sees the cat.", "We see the moon today.", "I see a tree."]
+    expected = translate(tr, sentences)
+    code, out, _ = _cli(capsys, monkeypatch, "translate", run, sentences[0], "--device", "cpu")
+    assert code == 0 and out == expected[0] + "\n"
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(sentences) + "\n", encoding="utf-8")
+    code, out, _ = _cli(capsys, monkeypatch, "translate", run, "--file", path)
+    assert code == 0 and out.splitlines() == expected
+    code, out, _ = _cli(capsys, monkeypatch, "translate", run, "-", stdin="\n".join(sentences))
+    assert code == 0 and out.splitlines() == expected
+    code, out, _ = _cli(capsys, monkeypatch, "translate", run, "--beam", "3", "--n-best", "2",
+                        stdin="\n".join(sentences[:2]) + "\n")
+    rows = [line.split("\t") for line in out.splitlines()]
+    assert code == 0 and [r[0] for r in rows] == ["1", "1", "2", "2"]
+    assert rows[0][2] == translate(tr, sentences[0], beam=3)
+
+
+def test_cli_errors_are_one_line(run, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "in.txt"
+    path.write_text("I see the cat.\n\nHe sees the dog.\n", encoding="utf-8")
+    code, out, err = _cli(capsys, monkeypatch, "translate", run, "--file", path)
+    assert code == 2 and "line 2" in err and "empty" in err and len(err.splitlines()) == 1
+    code, _, err = _cli(capsys, monkeypatch, "translate", run, "I see.", "--beam", "0")
+    assert code == 2 and "beam" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, monkeypatch, "translate", run, "I see.", "--file", path)
+    assert code == 2 and "not both" in err
+
+
+def test_cli_train_and_evaluate(pair_file, tmp_path, capsys, monkeypatch):
+    code, out, _ = _cli(capsys, monkeypatch, "train", "translate", pair_file, "--out",
+                        tmp_path / "run", "--preset", "tiny", "--vocab-size", "300",
+                        "--max-tokens", "512", "--max-steps", "3", "--bleu-sentences", "3",
+                        "--no-progress")
+    assert code == 0 and json.loads(out)["steps"] == 3
+    code, out, _ = _cli(capsys, monkeypatch, "evaluate", tmp_path / "run", pair_file)
+    result = json.loads(out)
+    assert code == 0 and {"bleu", "chrf", "bleu_signature", "chrf_signature"} <= set(result)
+    assert "version:" in result["bleu_signature"]
+
+
+def test_eng_fra_by_name_carries_the_attribution(tmp_path, monkeypatch):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    write_pairs(mirror / "eng-fra.tsv", make_pairs(150, seed=3))
+    monkeypatch.setenv("SCRIVEN_DATA_MIRROR", str(mirror))
+    train_translate("eng-fra", tmp_path / "run", max_steps=2, eval_every=2, **TINY)
+    data = ckpt_io.load(tmp_path / "run" / "best").config["data"]
+    assert data["dataset"] == "eng-fra"
+    assert data["attribution"] == "www.manythings.org/anki and tatoeba.org"
+    assert data["licence"] == "CC-BY 2.0 FR"
+    result = evaluate_translation(tmp_path / "run", "eng-fra", device="cpu")
+    assert "held-out test split of eng-fra" in result["pairs"]
+    assert result["sentences"] == data["pairs"]["test"]
