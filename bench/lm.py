@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from scriven.data import fetch, read_text
-from scriven.generate import sample_ids
+from scriven.generation import sample_ids
 from scriven.lm import LMTask, chars_per_token, lm_metrics, stream_nll
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.tokenizers import WordTokenizer, split_words

@@ -49,7 +49,7 @@ def _quick_models(folder: Path, steps: int) -> tuple[Path, Path]:
     import torch
 
     from scriven.lm import train_lm
-    from scriven.translate import train_translate
+    from scriven.translation import train_translate
     torch.set_num_threads(1)  # tiny models: one thread is fastest, and the machine is shared
     rng = random.Random(0)
     subjects = ["anna", "the prince", "levin", "she", "he", "the nurse", "kitty"]

@@ -31,7 +31,7 @@ from scriven import checkpoint as ckpt_io
 from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.train import autocast_dtype
-from scriven.translate import (
+from scriven.translation import (
     LoadedTranslator,
     default_max_len,
     encode_pairs,
@@ -86,7 +86,7 @@ def rate(fn, count: int) -> tuple[float, object]:
 def book_decoding(tr: LoadedTranslator, sources: list[str]) -> tuple[float, list[str]]:
     """The book's loop: one sentence at a time, every step re-running the decoder on the whole
     prefix. Same limit per sentence as scriven's default."""
-    from scriven.translate import detokenize
+    from scriven.translation import detokenize
     ids, _ = tr.encode_sources(sources)
     t = time.perf_counter()
     outs = [recompute_greedy(tr.model, torch.tensor(x, device=tr.device), BOS_ID, EOS_ID,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from scriven.errors import ScrivenError
-from scriven.generate import generate, sample_ids
+from scriven.generation import generate, sample_ids
 from scriven.lm import evaluate_lm, stream_nll, train_lm
 from scriven.models.gpt import GPT, GPTConfig
 

@@ -10,10 +10,10 @@ import torch
 
 from scriven import plots
 from scriven.errors import ScrivenError
-from scriven.generate import LoadedLM
+from scriven.generation import LoadedLM
 from scriven.models.transformer import sinusoidal_positions
 from scriven.sampling import filter_logits
-from scriven.translate import LoadedTranslator, attention
+from scriven.translation import LoadedTranslator, attention
 
 
 @pytest.fixture(scope="module")

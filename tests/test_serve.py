@@ -45,7 +45,7 @@ def trained_models(tmp_path_factory, translator_steps: int = 40) -> tuple[Path, 
     from conftest import make_text
 
     from scriven.lm import train_lm
-    from scriven.translate import train_translate
+    from scriven.translation import train_translate
 
     base = tmp_path_factory.getbasetemp() / "tiny-models"
     lm, tr = base / "lm", base / "translator"
@@ -131,7 +131,7 @@ def test_health_models_docs_and_playground(client):
 
 
 def test_greedy_generation_equals_the_library(client, models):
-    from scriven.generate import generate
+    from scriven.generation import generate
     body = client.post("/v1/generate", json={"prompt": "anna said", "max_new_tokens": 12,
                                              "temperature": 0, "alternatives": 3}).json()
     expected = generate(models[0], "anna said", max_new_tokens=12, temperature=0)[0]
@@ -300,7 +300,7 @@ def test_a_request_over_its_time_limit_gets_504(models):
 
 
 def test_translation_equals_the_library_and_attention_is_its_own(client, models):
-    from scriven.translate import attention, translate
+    from scriven.translation import attention, translate
     sentences = ["the big dog sleeps.", "the old cat eats a book."]
     body = client.post("/v1/translate", json={"text": sentences, "attention": True}).json()
     got = body["translations"]

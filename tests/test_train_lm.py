@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import scriven.lm as lm_module
 from scriven.errors import ScrivenError
-from scriven.generate import generate
+from scriven.generation import generate
 from scriven.lm import evaluate_lm, train_lm
 
 TINY = dict(preset="tiny", batch_size=4, seq_len=8, eval_every=5, progress=False)

@@ -56,7 +56,7 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
 
 
 def _cmd_train_translate(a: argparse.Namespace) -> None:
-    from .translate import train_translate
+    from .translation import train_translate
     result = train_translate(a.pairs, a.out, preset=a.preset, vocab_size=a.vocab_size,
                              max_words=a.max_words, strict=a.strict, epochs=a.epochs,
                              minutes=a.minutes, max_steps=a.max_steps, max_tokens=a.max_tokens,
@@ -79,7 +79,7 @@ def _print_result(result) -> None:  # TrainResult
 
 
 def _cmd_generate(a: argparse.Namespace) -> None:
-    from .generate import LoadedLM, generate_stream, prompt_text
+    from .generation import LoadedLM, generate_stream, prompt_text
     lm = LoadedLM.load(a.checkpoint, a.device)
     stream = generate_stream(lm, a.prompt, max_new_tokens=a.max_new_tokens,
                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
@@ -106,7 +106,7 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 
 def _cmd_translate(a: argparse.Namespace) -> None:
-    from .translate import LoadedTranslator, translate
+    from .translation import LoadedTranslator, translate
     from_input = a.text is None or a.text == "-"
     if not from_input and a.file is not None:
         raise ScrivenError("give either a TEXT argument or --file, not both")
@@ -157,7 +157,7 @@ def _print_translations(results: list, first: int, n_best: int) -> None:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     print(json.dumps(evaluate(a.checkpoint, a.text, device=a.device), indent=2))
 
 
@@ -285,7 +285,8 @@ def _add_serve_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scriven", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="scriven", description="Train, evaluate, inspect and serve small generative text models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets by name").add_subparsers(dest="data_command", required=True)

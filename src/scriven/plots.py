@@ -84,7 +84,7 @@ _ATTENTION_TITLES = {
 
 
 def _loaded_translator(checkpoint: Any, device: str):  # -> LoadedTranslator
-    from .translate import LoadedTranslator
+    from .translation import LoadedTranslator
     if isinstance(checkpoint, LoadedTranslator):
         return checkpoint
     return LoadedTranslator.load(checkpoint, device)
@@ -98,8 +98,8 @@ def translation_attention(checkpoint: Any, source: str, target: str | None = Non
     cross (predicted token × source); rows sum to 1."""
     from .search import greedy_search
     from .tokenizers import BOS_ID, EOS_ID
-    from .translate import default_max_len
-    from .translate import detokenize as detok
+    from .translation import default_max_len
+    from .translation import detokenize as detok
 
     tr = _loaded_translator(checkpoint, device)
     (src,), cut = tr.encode_sources([source], ["source"])
@@ -232,7 +232,7 @@ def plot_positional_encoding(out: str | Path, max_len: int = 64, d_model: int = 
 
 
 def _loaded_lm(checkpoint: Any, device: str):  # -> LoadedLM
-    from .generate import LoadedLM
+    from .generation import LoadedLM
     if isinstance(checkpoint, LoadedLM):
         return checkpoint
     return LoadedLM.load(checkpoint, device)
@@ -241,7 +241,7 @@ def _loaded_lm(checkpoint: Any, device: str):  # -> LoadedLM
 @torch.inference_mode()
 def next_token_logits(checkpoint: Any, prompt: str, device: str = "auto") -> tuple[Tensor, Any]:
     """The LM's logits (V,) for the token after `prompt`, and its tokenizer."""
-    from .generate import encode_prompt
+    from .generation import encode_prompt
     lm = _loaded_lm(checkpoint, device)
     ids = torch.tensor([encode_prompt(lm.tokenizer, prompt)], device=lm.device)  # (1, T)
     logits, _ = lm.model(ids)                                               # (1, T, V)

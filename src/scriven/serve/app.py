@@ -39,10 +39,10 @@ from .. import __version__
 from .. import checkpoint as ckpt_io
 from ..config import check, check_float, check_positive_int
 from ..errors import ScrivenError
-from ..generate import LM_KINDS, LoadedLM, encode_prompt, prompt_text
+from ..generation import LM_KINDS, LoadedLM, encode_prompt, prompt_text
 from ..sampling import validate
-from ..translate import KIND as TRANSLATOR_KIND
-from ..translate import LoadedTranslator
+from ..translation import KIND as TRANSLATOR_KIND
+from ..translation import LoadedTranslator
 from .batching import (
     GenerationJob,
     GenerationWorker,

@@ -35,13 +35,13 @@ import torch
 from torch import Tensor
 
 from ..attention import padding_mask
-from ..generate import LoadedLM, _new_text, _stop_at
+from ..generation import LoadedLM, _new_text, _stop_at
 from ..models.lstm import LSTMLanguageModel
 from ..pairs import pad_sequences
 from ..sampling import repetition_penalty_filter
 from ..search import beam_search
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
-from ..translate import CrossAttention, LoadedTranslator, default_max_len, detokenize
+from ..translation import CrossAttention, LoadedTranslator, default_max_len, detokenize
 
 log = logging.getLogger("scriven.serve")
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import scriven.translate as translate_module
+import scriven.translation as translate_module
 from scriven import checkpoint as ckpt_io
 from scriven.cli import main
 from scriven.errors import ScrivenError
 from scriven.search import greedy_search
 from scriven.tokenizers import BOS_ID, EOS_ID
-from scriven.translate import (
+from scriven.translation import (
     CrossAttention,
     LoadedTranslator,
     attention,

@@ -12,7 +12,7 @@ def evaluate(checkpoint: str | Path, text: str, device: str = "auto") -> dict:
     sacrebleu signature) for a translator on a pair file."""
     kind = ckpt_io.load(checkpoint).kind
     if kind == "transformer":
-        from .translate import evaluate_translation
+        from .translation import evaluate_translation
         return evaluate_translation(checkpoint, text, device=device)
     from .lm import evaluate_lm
     return evaluate_lm(checkpoint, text, device=device)

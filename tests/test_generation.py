@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scriven.errors import ScrivenError
-from scriven.generate import LoadedLM, generate, generate_stream, sample_ids
+from scriven.generation import LoadedLM, generate, generate_stream, sample_ids
 from scriven.lm import train_lm
 
 
