@@ -136,9 +136,6 @@ def load_models(checkpoints: Sequence[str | Path] | Mapping[str, str | Path], de
                     tr, limits.max_batch, limits.max_queue, unique))
             else:
                 raise ScrivenError(f"checkpoint {path} holds a {kind} model, which cannot be served")
-    except TypeError as e:  # a language model the batching worker cannot stack
-        _close(served)
-        raise ScrivenError(f"cannot serve this checkpoint: {e}") from None
     except BaseException:
         _close(served)
         raise

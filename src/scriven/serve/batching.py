@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..attention import padding_mask
+from ..errors import ScrivenError
 from ..generation import LoadedLM, _new_text, _stop_at
 from ..models.lstm import LSTMLanguageModel
 from ..pairs import pad_sequences
@@ -259,7 +260,9 @@ class GenerationWorker(_Worker):
     def __init__(self, lm: LoadedLM, max_batch: int = 64, max_queue: int = 1024,
                  name: str = "lm") -> None:
         if not isinstance(lm.model, LSTMLanguageModel):
-            raise TypeError("continuous batching needs an LSTM model (its state stacks by row)")
+            # Rows of an LSTM state stack along the batch; a GPT's caches differ in length.
+            raise ScrivenError(f"{lm.path}: only LSTM text generators can be served so far "
+                               "(continuous batching stacks their state row by row)")
         self.lm = lm
         self.max_batch = max_batch
         self.rows: list[_Row] = []
