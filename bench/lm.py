@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from scriven.data import fetch, read_text
 from scriven.generation import sample_ids
 from scriven.lm import LMTask, chars_per_token, lm_metrics, stream_nll
+from scriven.models.gpt import GPT, GPTConfig
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.tokenizers import WordTokenizer, split_words
 from scriven.train import CheckpointSpec, TrainConfig, fit
@@ -154,27 +155,7 @@ def book_rate(model, prompt, n, window=100):
     return n / (time.perf_counter() - t)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=15.0, help="scriven default's budget")
-    ap.add_argument("--book-minutes", type=float, default=30.0, help="the book method's budget")
-    ap.add_argument("--quick", action="store_true", help="2-minute smoke run")
-    ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.quick:
-        args.minutes, args.book_minutes = 0.5, 0.5
-    torch.manual_seed(0)
-    random.seed(0)
-    text = read_text(fetch("anna"))
-    tok, train_ids, valid_ids, valid_words = seed_split(text)
-    cpt = chars_per_token(tok, valid_words)
-    workdir = Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-"))
-    print(f"vocab {tok.vocab_size}, tokens train/valid {train_ids.numel()}/{valid_ids.numel()}",
-          file=sys.stderr)
-
+def lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
     # (b) scriven's default: contiguous streams, truncated BPTT, AdamW + warmup/cosine, bf16.
     torch.manual_seed(0)
     ours = LSTMLanguageModel(LSTMConfig.preset("default", tok.vocab_size))
@@ -198,7 +179,6 @@ def main() -> None:
 
     # Generation speed, on scriven's trained model (the book's loop on the same model).
     ours.eval()
-    prompt = torch.tensor([tok.encode(PROMPT)], dtype=torch.long)
     gen = {
         "scriven_100": scriven_rate(ours, prompt, 100),
         "scriven_2000": scriven_rate(ours, prompt, 2000),
@@ -206,11 +186,7 @@ def main() -> None:
         "book_2000": book_rate(ours, prompt, 2000),
         "scriven_batched_64x200": scriven_rate(ours, prompt, 200, batch=64),
     }
-    summary = {
-        "bench": "lm",
-        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
-        "data": {"vocab": tok.vocab_size, "train_tokens": train_ids.numel(),
-                 "valid_tokens": valid_ids.numel(), "split": "token position 90/5/5"},
+    return {
         "quality": {
             "scriven_default": {"minutes": round(ours_result.elapsed / 60, 2),
                                 "best_valid_ppl": ours_best,
@@ -233,6 +209,59 @@ def main() -> None:
             "batched_64_ge_50000": gen["scriven_batched_64x200"] >= 50000,
         },
     }
+
+
+def gpt_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
+    """The decoder-only Transformer on the same split: perplexity per minute and generation."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig.preset("default", tok.vocab_size))
+    config = TrainConfig(minutes=args.gpt_minutes, batch_size=16, seq_len=128, lr=1e-3,
+                         warmup_steps=200, eval_every=200, seed=0)
+    task = LMTask(train_ids, valid_ids, cpt, 16, 128, torch.device("cpu"), carries_state=False)
+    result, points, _ = train("gpt", gpt, task, config, tok, workdir)
+    gpt.eval()
+    return {"minutes": round(result.elapsed / 60, 2), "best_valid_ppl": min(p for _, p in points),
+            "valid_ppl_at_3min": ppl_at(points, 3.0), "valid_ppl_at_15min": ppl_at(points, 15.0),
+            "training_tokens_per_s": round(result.tokens_per_second), "curve": points,
+            "generation_tokens_per_s": {
+                "single_100": round(scriven_rate(gpt, prompt, 100)),
+                "single_2000": round(scriven_rate(gpt, prompt, 2000)),
+                "batched_64x200": round(scriven_rate(gpt, prompt, 200, batch=64))}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=15.0, help="scriven default's budget")
+    ap.add_argument("--book-minutes", type=float, default=30.0, help="the book method's budget")
+    ap.add_argument("--quick", action="store_true", help="2-minute smoke run")
+    ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--gpt-minutes", type=float, default=15.0, help="the GPT generator's budget")
+    ap.add_argument("--parts", default="lstm,gpt", help="lstm (scriven vs the book), gpt, or both")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.minutes, args.book_minutes, args.gpt_minutes = 0.5, 0.5, 0.5
+    parts = set(args.parts.split(","))
+    torch.manual_seed(0)
+    random.seed(0)
+    text = read_text(fetch("anna"))
+    tok, train_ids, valid_ids, valid_words = seed_split(text)
+    cpt = chars_per_token(tok, valid_words)
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-"))
+    print(f"vocab {tok.vocab_size}, tokens train/valid {train_ids.numel()}/{valid_ids.numel()}",
+          file=sys.stderr)
+
+    summary = {"bench": "lm",
+               "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+               "data": {"vocab": tok.vocab_size, "train_tokens": train_ids.numel(),
+                        "valid_tokens": valid_ids.numel(), "split": "token position 90/5/5"}}
+    prompt = torch.tensor([tok.encode(PROMPT)], dtype=torch.long)
+    if "lstm" in parts:
+        summary.update(lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt))
+    if "gpt" in parts:
+        summary["gpt"] = gpt_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt)
     print(json.dumps(summary, indent=2))
 
 
