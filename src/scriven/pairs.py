@@ -8,7 +8,6 @@ import hashlib
 import io
 import random
 import re
-import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,24 +16,20 @@ import torch
 from torch import Tensor
 
 from .config import check, check_float, check_positive_int
+from .data import normalize_text as normalize_document
 from .errors import ScrivenError
 
 FORMATS = ("tsv", "csv")
 
-# Zero-width characters carry no text; U+FEFF mid-file is a stray BOM.
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
-# Apostrophes as typeset (’ and the modifier letter ʼ) become the ASCII one the tokenizer knows.
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u02bc": "'"})
 # Python's \s covers the Unicode spaces: U+00A0, U+202F (French « : » spacing), U+2009, ...
 _SPACES = re.compile(r"\s+")
 
 
 def normalize_text(text: str) -> str:
-    """NFC-compose, drop zero-width characters, ASCII apostrophes, every run of (Unicode)
-    whitespace as one ordinary space, trimmed. The same sentence typed two ways becomes one
-    string, so it tokenizes and splits the same."""
-    text = unicodedata.normalize("NFC", text).translate(_INVISIBLE).translate(_APOSTROPHES)
-    return _SPACES.sub(" ", text).strip()
+    """A sentence as `data.normalize_text` reads text (NFC, plain spaces, ASCII apostrophes
+    and quotes, no zero-width characters), with every run of whitespace one space, trimmed.
+    The same sentence typed two ways becomes one string, so it tokenizes and splits the same."""
+    return _SPACES.sub(" ", normalize_document(text)).strip()
 
 
 @dataclass(frozen=True)
