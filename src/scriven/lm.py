@@ -218,7 +218,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
              batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
              dropout: float | None = None, eval_every: int = 200, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
-             log_every: int = 20, progress: bool = True) -> TrainResult:
+             log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
@@ -248,7 +248,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
                                batch_size=batch_size, seq_len=seq_len,
                                lr=lr if lr is not None else 3e-3, eval_every=eval_every,
                                patience=patience, amp=amp, device=device, seed=seed,
-                               log_every=log_every)
+                               log_every=log_every, compile=compile)
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
     torch.manual_seed(seed)

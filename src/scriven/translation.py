@@ -224,6 +224,13 @@ def _attention_kernel(device: torch.device) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host-to-GPU copies from pinned memory run asynchronously, overlapping compute."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
 class TranslationTask:
     """Teacher-forced, label-smoothed cross-entropy on batches of about `max_tokens` padded
     tokens, reshuffled each epoch from seed + epoch (so any batch can be found again on resume);
@@ -276,8 +283,7 @@ class TranslationTask:
             yield batches[i * w + r]
 
     def loss(self, model: nn.Module, batch: Batch, label_smoothing: float) -> tuple[Tensor, int]:
-        src = batch.src.to(self.device)                                     # (B, S)
-        tgt = batch.tgt.to(self.device)                                     # (B, T + 1)
+        src, tgt = _to_device(batch.src, self.device), _to_device(batch.tgt, self.device)  # (B, S), (B, T + 1)
         with _attention_kernel(self.device):
             logits = model(src, tgt[:, :-1])                                # (B, T, V)
         labels = tgt[:, 1:].flatten()                                       # (B*T,)
@@ -334,7 +340,7 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                     dropout: float | None = None, eval_every: int = 500,
                     patience: int = 0, bleu_sentences: int = 500, amp: str = "auto",
                     device: str = "auto", seed: int = 0, resume: bool = False,
-                    log_every: int = 20, progress: bool = True) -> TrainResult:
+                    log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
     """Train a translator on a sentence-pair file (TSV or CSV: source, target, extra columns
     ignored) or a dataset name ("eng-fra").
 
@@ -357,7 +363,7 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                          warmup_steps=warmup_steps, betas=(0.9, 0.98),
                          label_smoothing=label_smoothing, eval_every=eval_every,
                          patience=patience, amp=amp, device=device, seed=seed,
-                         log_every=log_every)
+                         log_every=log_every, compile=compile)
     data = load_pairs(pairs, max_words=max_words, strict=strict)
     if resume:  # the run's own tokenizer and model, so the data encodes as before
         saved = ckpt_io.load(Path(out) / "latest")
