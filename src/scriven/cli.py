@@ -71,6 +71,9 @@ def _cmd_train_translate(a: argparse.Namespace) -> None:
 
 
 def _print_result(result) -> None:  # TrainResult
+    from .train import Distributed
+    if not Distributed.from_env().main:
+        return  # under torchrun, one summary (rank 0's) is enough
     summary = {"out": str(result.out), "steps": result.steps, "epochs": round(result.epochs_done, 3),
                "minutes": round(result.elapsed / 60, 2),
                "tokens_per_second": round(result.tokens_per_second),
