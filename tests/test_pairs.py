@@ -19,7 +19,7 @@ from scriven.pairs import (
     token_batches,
 )
 
-ATTRIBUTION = "CC-BY 2.0 (France) Attribution: tatoeba.org #2877272 (CM) & #1158250 (Wittydev)"
+ATTRIBUTION = "CC-BY 2.0 (France) Attribution: example.org #101 (alice) & #202 (bob)"
 
 
 def write(tmp_path: Path, name: str, data: str | bytes) -> Path:

@@ -4,7 +4,6 @@ evaluation and the dataset attribution."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
@@ -14,6 +13,7 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_serve import one_thread
 
 import scriven.translation as translate_module
 from scriven import checkpoint as ckpt_io
@@ -57,17 +57,6 @@ def make_pairs(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
 def write_pairs(path, pairs) -> str:
     path.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
     return str(path)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread, and the 2-core machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)
