@@ -54,3 +54,15 @@ def test_config_rejects_bad_values(field, value):
 def test_unknown_preset_is_named():
     with pytest.raises(ScrivenError, match="preset"):
         LSTMConfig.preset("huge", 10)
+
+
+def test_single_token_step_equals_the_full_lstm():
+    m = model()
+    ids = torch.randint(0, 40, (3, 9))
+    full, _ = m(ids)
+    logits, state = m(ids[:, :1])
+    steps = [logits]
+    for t in range(1, 9):
+        out, state = m(ids[:, t:t + 1], state)  # the plain-matmul step path
+        steps.append(out)
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)

@@ -65,8 +65,27 @@ class LSTMLanguageModel(nn.Module):
 
     def forward(self, ids: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         x = self.drop(self.embed(ids))            # (B, T, E)
+        if ids.size(1) == 1 and state is not None and not self.training and not self.lstm.proj_size:
+            y, state = self._step(x[:, 0], state)
+            return self.head(y[:, None]), state   # (B, 1, V)
         y, state = self.lstm(x, state)            # (B, T, H'), ((L, B, H'), (L, B, H))
         return self.head(self.drop(y)), state     # (B, T, V)
+
+    def _step(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """One token through the stack with plain matmuls: the same arithmetic as nn.LSTM, without
+        its per-call set-up, which costs more than the step itself when generating (B, 1)."""
+        h, c = state                                                   # (L, B, H) each
+        hs, cs = [], []
+        for k in range(self.config.num_layers):
+            w_ih, w_hh = getattr(self.lstm, f"weight_ih_l{k}"), getattr(self.lstm, f"weight_hh_l{k}")
+            bias = getattr(self.lstm, f"bias_ih_l{k}") + getattr(self.lstm, f"bias_hh_l{k}")
+            gates = torch.addmm(bias, x, w_ih.t()) + h[k] @ w_hh.t()   # (B, 4H)
+            i, f, g, o = gates.chunk(4, dim=1)
+            c_k = torch.sigmoid(f) * c[k] + torch.sigmoid(i) * torch.tanh(g)
+            x = torch.sigmoid(o) * torch.tanh(c_k)                     # (B, H)
+            hs.append(x)
+            cs.append(c_k)
+        return x, (torch.stack(hs), torch.stack(cs))
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> LSTMState:
         c = self.config
