@@ -202,23 +202,35 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     r, v = logits.shape
     greedy = temperature == 0                                               # (R,)
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    # Ties keep vocabulary order, so greedy rows pick what argmax picks.
-    ordered, order = torch.sort(logits / scale[:, None], dim=-1, descending=True, stable=True)
-    rank = torch.arange(v, device=logits.device)                            # (V,)
-    k = torch.where(greedy, torch.full_like(top_k, v), top_k)
+    scaled = logits / scale[:, None]                                        # (R, V)
+    # Only the K best tokens of any row can be drawn (greedy rows need 1): a top-K selection is
+    # much cheaper than sorting the whole vocabulary for every row at every step.
+    needed = torch.where(greedy, torch.ones_like(top_k), top_k)
+    width = min(v, max(int(needed.max()), alternatives, 1))
+    if width < v:
+        ordered, order = torch.topk(scaled, width, dim=-1)                  # (R, K), sorted
+    else:
+        ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    rank = torch.arange(width, device=logits.device)                        # (K,)
+    k = torch.where(greedy, torch.full_like(top_k, width), top_k)
     ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
-    probs = torch.softmax(ordered, dim=-1)                                  # (R, V)
+    # Greedy rows report the plain softmax over the whole vocabulary, as `generate` does.
+    norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), torch.logsumexp(ordered, dim=-1))
+    probs = torch.exp(ordered - norm[:, None])                              # (R, K)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     nucleus = (top_p < 1) & ~greedy
     drop = nucleus[:, None] & (mass_before >= top_p[:, None])               # top-p
-    probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1) # (R, V) sorted
+    kept = ordered.masked_fill(drop, float("-inf"))
+    norm = torch.where(greedy, norm, torch.logsumexp(kept, dim=-1))
+    probs = torch.exp(kept - norm[:, None])                                 # (R, K) sorted
     cdf = torch.cumsum(probs, dim=-1)
     target = (uniform * cdf[:, -1])[:, None]
-    position = torch.searchsorted(cdf, target, right=True).clamp_(max=v - 1)  # (R, 1)
+    position = torch.searchsorted(cdf, target, right=True).clamp_(max=width - 1)  # (R, 1)
     position = torch.where(greedy[:, None], torch.zeros_like(position), position)
     ids = order.gather(-1, position).squeeze(-1)
+    ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
     chosen = probs.gather(-1, position).squeeze(-1)
-    a = min(alternatives, v)
+    a = min(alternatives, width)
     return ids, chosen, (probs[:, :a], order[:, :a])
 
 
