@@ -23,3 +23,19 @@ def tiny_text(tmp_path):
     path = tmp_path / "tiny.txt"
     path.write_text(make_text(), encoding="utf-8")
     return path
+
+
+def crash_after(monkeypatch, task_cls, steps: int):
+    """Make `task_cls.loss` raise KeyboardInterrupt (like Ctrl-C mid-run) once `steps` steps have
+    run; returns a function that restores the real loss."""
+    real = task_cls.loss
+    calls = {"n": 0}
+
+    def loss(self, model, batch, smoothing):
+        calls["n"] += 1
+        if calls["n"] > steps:
+            raise KeyboardInterrupt
+        return real(self, model, batch, smoothing)
+
+    monkeypatch.setattr(task_cls, "loss", loss)
+    return lambda: monkeypatch.setattr(task_cls, "loss", real)

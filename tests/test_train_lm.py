@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import crash_after
 from safetensors.torch import load_file
 
 import scriven.lm as lm_module
@@ -46,19 +47,10 @@ def test_resume_equals_uninterrupted_training(tiny_text, tmp_path, monkeypatch):
     args = dict(TINY, preset="seed", max_steps=17, dropout=0.3)
     train_lm(str(tiny_text), tmp_path / "full", **args)
 
-    real_loss = lm_module.LMTask.loss
-    calls = {"n": 0}
-
-    def crash_after_step_10(self, model, batch, smoothing):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt  # like Ctrl-C mid-run; the step-10 checkpoint is on disk
-        return real_loss(self, model, batch, smoothing)
-
-    monkeypatch.setattr(lm_module.LMTask, "loss", crash_after_step_10)
+    restore = crash_after(monkeypatch, lm_module.LMTask, steps=10)  # the step-10 checkpoint is on disk
     with pytest.raises(KeyboardInterrupt):
         train_lm(str(tiny_text), tmp_path / "cut", **args)
-    monkeypatch.setattr(lm_module.LMTask, "loss", real_loss)
+    restore()
     trainer = json.loads((tmp_path / "cut" / "latest" / "trainer.json").read_text())
     assert trainer["progress"]["step"] == 10
     train_lm(str(tiny_text), tmp_path / "cut", resume=True, **args)

@@ -12,6 +12,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import crash_after
 from safetensors.torch import load_file
 from test_serve import one_thread
 
@@ -209,19 +210,10 @@ def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch):
     args = dict(TINY, max_steps=17, eval_every=5, bleu_sentences=3, dropout=0.3)
     train_translate(pair_file, tmp_path / "full", **args)
 
-    real_loss = translate_module.TranslationTask.loss
-    calls = {"n": 0}
-
-    def crash_after_step_10(self, model, batch, smoothing):
-        calls["n"] += 1
-        if calls["n"] == 11:
-            raise KeyboardInterrupt  # like Ctrl-C mid-run; the step-10 checkpoint is on disk
-        return real_loss(self, model, batch, smoothing)
-
-    monkeypatch.setattr(translate_module.TranslationTask, "loss", crash_after_step_10)
+    restore = crash_after(monkeypatch, translate_module.TranslationTask, steps=10)  # the step-10 checkpoint is on disk
     with pytest.raises(KeyboardInterrupt):
         train_translate(pair_file, tmp_path / "cut", **args)
-    monkeypatch.setattr(translate_module.TranslationTask, "loss", real_loss)
+    restore()
     trainer = json.loads((tmp_path / "cut" / "latest" / "trainer.json").read_text())
     assert trainer["progress"]["step"] == 10
     train_translate(pair_file, tmp_path / "cut", resume=True, **args)

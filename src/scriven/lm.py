@@ -29,15 +29,6 @@ MODELS = {"lstm": (LSTMConfig, LSTMLanguageModel, LSTM_PRESETS),
           "gpt": (GPTConfig, GPT, GPT_PRESETS)}
 
 
-def split_by_position(ids: Tensor, valid_fraction: float, test_fraction: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Contiguous train / valid / test parts, in that order: the end of the text is held out."""
-    n = ids.numel()
-    n_test = int(n * test_fraction)
-    n_valid = int(n * valid_fraction)
-    n_train = n - n_valid - n_test
-    return ids[:n_train], ids[n_train:n_train + n_valid], ids[n_train + n_valid:]
-
-
 def chars_per_token(tokenizer: Tokenizer, tokens: list[str]) -> float:
     """Characters of normalised text per token, for converting nats/token to bits/character.
     Word tokens stand for the word plus one separating space; characters stand for themselves."""
@@ -45,7 +36,7 @@ def chars_per_token(tokenizer: Tokenizer, tokens: list[str]) -> float:
         return 1.0
     if tokenizer.kind == "char":
         return 1.0
-    return sum(len(t.replace("\u2581", " ").lstrip("Ġ")) + (1 if tokenizer.kind == "word" else 0)
+    return sum(len(t.replace("\u2581", " ")) + (1 if tokenizer.kind == "word" else 0)
                for t in tokens) / len(tokens)
 
 
