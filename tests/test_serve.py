@@ -384,13 +384,14 @@ def test_a_client_that_disconnects_stops_its_generation(models):
         with http.stream("POST", "/v1/generate", json={"prompt": "anna", "stream": True,
                                                         "max_new_tokens": 1_000_000}) as r:
             lines = r.iter_lines()
-            while "token" not in next(lines):
+            while next(lines) != "event: token":  # the start event says "prompt_tokens"
                 pass
         deadline = time.monotonic() + 5
         while worker.active and time.monotonic() < deadline:
             time.sleep(0.02)
         assert worker.active == 0
         steps = worker.steps
+        assert steps > 0
         time.sleep(0.2)
         assert worker.steps == steps  # nothing is decoding for nobody
         assert steps < 1_000_000
