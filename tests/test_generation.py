@@ -103,6 +103,26 @@ def test_cli_streams_and_reports_bad_checkpoints(run, tmp_path):
     assert "model.safetensors" in bad.stderr
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_lower_precision_generates_from_the_same_checkpoint(run, precision):
+    lm = LoadedLM.load(run, precision=precision)
+    assert lm.precision == precision
+    texts = generate(lm, "anna said", max_new_tokens=15, seed=1, num_samples=2)
+    assert all(t.startswith("Anna said") and len(t) > len("Anna said") for t in texts)
+    cli = subprocess.run([sys.executable, "-m", "scriven", "generate", str(run), "anna said",
+                          "--max-new-tokens", "5", "--precision", precision],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.startswith("Anna said")
+
+
+def test_bad_precision_is_named(run):
+    with pytest.raises(ScrivenError, match="precision"):
+        generate(run, "anna", precision="fp8")
+    cli = subprocess.run([sys.executable, "-m", "scriven", "generate", str(run), "anna",
+                          "--precision", "fp8"], capture_output=True, text=True)
+    assert cli.returncode != 0 and "precision" in cli.stderr and "Traceback" not in cli.stderr
+
+
 def test_a_pickle_in_place_of_weights_is_refused_not_loaded(run, tmp_path):
     import pickle
     evil = tmp_path / "evil"

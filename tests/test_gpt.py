@@ -72,6 +72,9 @@ def test_train_gpt_end_to_end(tiny_text, tmp_path):
                       max_steps=30, lr=3e-3, eval_every=10, progress=False)
     assert result.metrics["perplexity"] < 40
     assert generate(run, "anna said", max_new_tokens=5, seed=0)[0].startswith("Anna said")
+    assert generate(run, "anna said", max_new_tokens=5, precision="bf16")[0].startswith("Anna")
+    with pytest.raises(ScrivenError, match="int8"):
+        generate(run, "anna said", precision="int8")
     assert evaluate_lm(run, str(tiny_text))["perplexity"] > 1
     with pytest.raises(ScrivenError, match="seq_len"):
         train_lm(str(tiny_text), tmp_path / "x", model="gpt", preset="tiny", seq_len=100,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from scriven.errors import ScrivenError
-from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
+from scriven.models.lstm import LSTMConfig, LSTMLanguageModel, LSTMStepper
 
 
 def model(**overrides):
@@ -56,13 +56,35 @@ def test_unknown_preset_is_named():
         LSTMConfig.preset("huge", 10)
 
 
-def test_single_token_step_equals_the_full_lstm():
-    m = model()
+@pytest.mark.parametrize("tie", [False, True])  # tied and embed != hidden: a projected LSTM
+def test_stepper_reads_and_steps_like_the_full_lstm(tie):
+    m = model(tie_embeddings=tie)
+    stepper = LSTMStepper(m)
     ids = torch.randint(0, 40, (3, 9))
-    full, _ = m(ids)
-    logits, state = m(ids[:, :1])
-    steps = [logits]
-    for t in range(1, 9):
-        out, state = m(ids[:, t:t + 1], state)  # the plain-matmul step path
-        steps.append(out)
-    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    full, _ = m(ids)                                          # (B, T, V)
+    with torch.no_grad():
+        logits, state = stepper.read(ids[:, :4])
+        steps = [logits]
+        for t in range(4, 9):
+            logits, state = stepper.step(ids[:, t], state)
+            steps.append(logits)
+    assert torch.allclose(torch.stack(steps, 1), full[:, 3:], atol=1e-5)
+    assert state[0].shape == (2, 3, 16 if tie else 24)
+
+
+@pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("int8", 0.05)])
+def test_lower_precision_steps_stay_close_to_fp32(precision, tolerance):
+    m = model(vocab_size=300, embed_dim=64, hidden_dim=64)
+    ids = torch.randint(0, 300, (2, 6))
+    with torch.no_grad():
+        exact, state = LSTMStepper(m).read(ids)
+        reference = LSTMStepper(m).step(ids[:, 0], state)[0]
+        approx = LSTMStepper(m, precision).step(ids[:, 0], state)[0]
+    scale = reference.abs().max()
+    assert (approx - reference).abs().max() <= tolerance * scale
+    assert not torch.equal(approx, reference)  # it really ran in lower precision
+
+
+def test_unknown_precision_is_named():
+    with pytest.raises(ScrivenError, match="precision"):
+        LSTMStepper(model(), "fp8")

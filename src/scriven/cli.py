@@ -84,7 +84,7 @@ def _print_result(result) -> None:  # TrainResult
 
 def _cmd_generate(a: argparse.Namespace) -> None:
     from .generation import LoadedLM, generate_stream, prompt_text
-    lm = LoadedLM.load(a.checkpoint, a.device)
+    lm = LoadedLM.load(a.checkpoint, a.device, a.precision)
     stream = generate_stream(lm, a.prompt, max_new_tokens=a.max_new_tokens,
                              temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                              repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed,
@@ -216,7 +216,7 @@ def _cmd_serve(a: argparse.Namespace) -> None:
                          max_batch=a.max_batch, request_timeout=a.timeout,
                          max_body_bytes=a.max_body_bytes)
     serve(a.checkpoints, host=a.host, port=a.port, device=a.device, limits=limits,
-          threads=a.threads, log_level=a.log_level)
+          threads=a.threads, log_level=a.log_level, precision=a.precision)
 
 
 def _add_plot_parsers(sub) -> None:
@@ -277,6 +277,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--port", type=_positive_int, default=8000)
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=_positive_int, help="torch threads per operation")
+    s.add_argument("--precision", default="fp32",
+                   help="fp32, bf16 or int8: how text generators hold their weights")
     s.add_argument("--max-new-tokens", type=_positive_int, default=512, help="cap per request")
     s.add_argument("--max-beam", type=_positive_int, default=8, help="cap per request")
     s.add_argument("--max-batch", type=_positive_int, default=64,
@@ -342,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_positive_int)
     g.add_argument("--num-samples", type=_positive_int, default=1)
     g.add_argument("--device", default="auto")
+    g.add_argument("--precision", default="fp32",
+                   help="fp32, bf16 or int8: how the weights are held (bf16, int8 generate faster)")
     g.set_defaults(func=_cmd_generate)
 
     t = sub.add_parser("translate", help="translate with a trained translator")

@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
+from .models.lstm import LSTMLanguageModel, LSTMStepper
+from .precision import check_precision
 from .sampling import filter_logits, repetition_penalty_filter, sample_with_probability, validate
 from .tokenizers import Tokenizer, detokenize
 from .train import resolve_device
@@ -34,18 +36,41 @@ class TokenEvent:
 
 @dataclass
 class LoadedLM:
-    """A language model ready to generate: load once, generate many times (the server does)."""
+    """A language model ready to generate: load once, generate many times (the server does).
+    `precision` (fp32, bf16, int8; see `scriven.precision`) is how the weights are held for
+    generation; an LSTM's are laid out once in `stepper`."""
 
     model: nn.Module
     tokenizer: Tokenizer
     device: torch.device
     path: Path | None = None
+    precision: str = "fp32"
+    stepper: LSTMStepper | None = None
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto") -> LoadedLM:
+    def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> LoadedLM:
+        check_precision(precision)
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=LM_KINDS)
-        return cls(model, tok, dev, ckpt.path)
+        stepper = None
+        if isinstance(model, LSTMLanguageModel):
+            stepper = LSTMStepper(model, precision)
+        elif precision == "int8":
+            raise ScrivenError("precision int8 is for LSTM generators; use bf16 or fp32 with a GPT")
+        elif precision == "bf16":
+            model = model.to(torch.bfloat16)
+        return cls(model, tok, dev, ckpt.path, precision, stepper)
+
+    @property
+    def generator(self) -> nn.Module | LSTMStepper:
+        """What `sample_ids` steps: the LSTM's stepper, or the GPT itself."""
+        return self.stepper if self.stepper is not None else self.model
+
+
+def _loaded(checkpoint: str | Path | LoadedLM, device: str, precision: str) -> LoadedLM:
+    if isinstance(checkpoint, LoadedLM):
+        return checkpoint  # already laid out in its own precision
+    return LoadedLM.load(checkpoint, device, precision)
 
 
 def _check_lengths(max_new_tokens: int, num_samples: int) -> None:
@@ -75,36 +100,63 @@ def prompt_text(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> str
 
 
 @torch.inference_mode()
-def sample_ids(model: nn.Module, prompt_ids: Tensor, max_new_tokens: int, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None,
+def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_tokens: int,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
                alternatives: int = 0) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
     """Yield (next ids (B,), their probabilities (B,), top alternatives or None) one step at a
     time; alternatives are (probabilities (B, A), ids (B, A)) of the `alternatives` most likely
     tokens. The prompt (B, T) is read once; after that each step feeds only the newest token and
-    the carried state."""
+    the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given)."""
+    if isinstance(model, LSTMLanguageModel):
+        model = LSTMStepper(model)
+    if isinstance(model, LSTMStepper):
+        yield from _sample_steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                                 repetition_penalty, generator, alternatives)
+        return
     # A Transformer's context is bounded: when its cache is full, re-read the newest half of the
     # text into a fresh cache. That costs one prompt-sized step every max_len/2 tokens.
-    limit = None if getattr(model, "carries_state", True) else model.config.max_len
-    history = prompt_ids if limit is None else prompt_ids[:, -limit:]
+    limit = model.config.max_len
+    history = prompt_ids[:, -limit:]
     logits, state = model(history)                                        # (B, T, V)
     last = logits[:, -1].float()                                          # (B, V)
     for _ in range(max_new_tokens):
         if repetition_penalty != 1.0:
             last = repetition_penalty_filter(last, history, repetition_penalty)
         ids, probs = sample_with_probability(last, temperature, top_k, top_p, generator)  # (B,)
-        top = None
-        if alternatives:
-            top = torch.topk(_distribution(last, temperature, top_k, top_p), alternatives, dim=-1)
-        yield ids, probs, top
-        if repetition_penalty != 1.0 or limit is not None:
-            history = torch.cat([history, ids[:, None]], dim=1)
-        if limit is not None and state.length >= limit:
+        yield ids, probs, _alternatives(last, temperature, top_k, top_p, alternatives)
+        history = torch.cat([history, ids[:, None]], dim=1)
+        if state.length >= limit:
             history = history[:, -(limit // 2):]
             logits, state = model(history)
         else:
             logits, state = model(ids[:, None], state)                    # (B, 1, V)
         last = logits[:, -1].float()
+
+
+def _sample_steps(stepper: LSTMStepper, prompt_ids: Tensor, max_new_tokens: int,
+                  temperature: float, top_k: int | None, top_p: float | None,
+                  repetition_penalty: float, generator: torch.Generator | None,
+                  alternatives: int) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+    """sample_ids for a recurrent model: its state summarises the whole past, so nothing but the
+    newest token is fed (and the history is kept only for the repetition penalty)."""
+    history = prompt_ids
+    last, state = stepper.read(prompt_ids)                                # (B, V)
+    for _ in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            last = repetition_penalty_filter(last, history, repetition_penalty)
+        ids, probs = sample_with_probability(last, temperature, top_k, top_p, generator)  # (B,)
+        yield ids, probs, _alternatives(last, temperature, top_k, top_p, alternatives)
+        if repetition_penalty != 1.0:
+            history = torch.cat([history, ids[:, None]], dim=1)
+        last, state = stepper.step(ids, state)
+
+
+def _alternatives(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                  count: int) -> tuple[Tensor, Tensor] | None:
+    if not count:
+        return None
+    return torch.topk(_distribution(logits, temperature, top_k, top_p), count, dim=-1)
 
 
 def _distribution(logits: Tensor, temperature: float, top_k: int | None,
@@ -119,10 +171,10 @@ def generate_stream(checkpoint: str | Path | LoadedLM, prompt: str, max_new_toke
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, stop: list[str] | None = None,
                     seed: int | None = None, num_samples: int = 1, device: str = "auto",
-                    alternatives: int = 0) -> Iterator[TokenEvent]:
+                    alternatives: int = 0, precision: str = "fp32") -> Iterator[TokenEvent]:
     """Generate and yield each token as it comes (see `generate` for the parameters);
     `alternatives` > 0 adds that many most likely tokens and their probabilities to each event."""
-    lm = checkpoint if isinstance(checkpoint, LoadedLM) else LoadedLM.load(checkpoint, device)
+    lm = _loaded(checkpoint, device, precision)
     _check_lengths(max_new_tokens, num_samples)
     validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
     check_positive_int(alternatives, "alternatives", allow_zero=True)
@@ -143,8 +195,8 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     texts = [tok.decode(prompt_ids) for _ in range(num_samples)]
     generated: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
-    for ids, probs, top in sample_ids(lm.model, batch, max_new_tokens, temperature, top_k, top_p,
-                                      repetition_penalty, generator, alternatives):
+    for ids, probs, top in sample_ids(lm.generator, batch, max_new_tokens, temperature, top_k,
+                                      top_p, repetition_penalty, generator, alternatives):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
                 continue
@@ -186,14 +238,16 @@ def _stop_at(text: str, piece: str, stops: list[str]) -> int | None:
 def generate(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int = 200,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop: list[str] | None = None,
-             seed: int | None = None, num_samples: int = 1, device: str = "auto") -> list[str]:
+             seed: int | None = None, num_samples: int = 1, device: str = "auto",
+             precision: str = "fp32") -> list[str]:
     """Continue `prompt` with a trained text generator; returns `num_samples` texts, each the
     prompt followed by what was generated.
 
     temperature: 0 is greedy; top_k / top_p: keep only the k most likely tokens / the smallest
     set with probability mass p; repetition_penalty > 1 discourages tokens already present;
-    stop: strings that end a sample (not included); seed: makes sampling reproducible."""
-    lm = checkpoint if isinstance(checkpoint, LoadedLM) else LoadedLM.load(checkpoint, device)
+    stop: strings that end a sample (not included); seed: makes sampling reproducible;
+    precision: fp32 (the model's own numbers), bf16 or int8 (faster; see `scriven.precision`)."""
+    lm = _loaded(checkpoint, device, precision)
     _check_lengths(max_new_tokens, num_samples)
     validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
     prompt_ids = encode_prompt(lm.tokenizer, prompt)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import check, check_float, check_positive_int
+from ..precision import FrozenLinear
 
 LSTMState = tuple[Tensor, Tensor]  # (h, c), each (L, B, H)
 
@@ -65,30 +67,59 @@ class LSTMLanguageModel(nn.Module):
 
     def forward(self, ids: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         x = self.drop(self.embed(ids))            # (B, T, E)
-        if ids.size(1) == 1 and state is not None and not self.training and not self.lstm.proj_size:
-            y, state = self._step(x[:, 0], state)
-            return self.head(y[:, None]), state   # (B, 1, V)
         y, state = self.lstm(x, state)            # (B, T, H'), ((L, B, H'), (L, B, H))
         return self.head(self.drop(y)), state     # (B, T, V)
-
-    def _step(self, x: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
-        """One token through the stack with plain matmuls: the same arithmetic as nn.LSTM, without
-        its per-call set-up, which costs more than the step itself when generating (B, 1)."""
-        h, c = state                                                   # (L, B, H) each
-        hs, cs = [], []
-        for k in range(self.config.num_layers):
-            w_ih, w_hh = getattr(self.lstm, f"weight_ih_l{k}"), getattr(self.lstm, f"weight_hh_l{k}")
-            bias = getattr(self.lstm, f"bias_ih_l{k}") + getattr(self.lstm, f"bias_hh_l{k}")
-            gates = torch.addmm(bias, x, w_ih.t()) + h[k] @ w_hh.t()   # (B, 4H)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c_k = torch.sigmoid(f) * c[k] + torch.sigmoid(i) * torch.tanh(g)
-            x = torch.sigmoid(o) * torch.tanh(c_k)                     # (B, H)
-            hs.append(x)
-            cs.append(c_k)
-        return x, (torch.stack(hs), torch.stack(cs))
 
     def initial_state(self, batch_size: int, device: torch.device | str = "cpu") -> LSTMState:
         c = self.config
         out_dim = self.lstm.proj_size or c.hidden_dim
         h = torch.zeros(c.num_layers, batch_size, out_dim, device=device)
         return h, torch.zeros(c.num_layers, batch_size, c.hidden_dim, device=device)
+
+
+class LSTMStepper:
+    """A trained LSTM language model laid out for generation, one token per call.
+
+    nn.LSTM's per-call set-up costs more than a one-token step itself, so a step here is plain
+    matmuls: each layer's input and hidden matrices side by side (one matmul for all four
+    gates), its gates reordered (input, forget, output | cell) so one sigmoid and one tanh cover
+    them, and the weights held in `precision` (see `scriven.precision`). With fp32 the numbers
+    are the model's own, up to summation order."""
+
+    def __init__(self, model: LSTMLanguageModel, precision: str = "fp32") -> None:
+        self.model = model
+        self.config = model.config
+        lstm, hidden = model.lstm, model.config.hidden_dim
+        order = torch.cat([torch.arange(0, 2 * hidden), torch.arange(3 * hidden, 4 * hidden),
+                           torch.arange(2 * hidden, 3 * hidden)]).to(model.embed.weight.device)
+        self.layers: list[tuple[FrozenLinear, FrozenLinear | None]] = []
+        for k in range(self.config.num_layers):
+            weight = torch.cat([getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")], 1)
+            bias = getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}")
+            proj = getattr(lstm, f"weight_hr_l{k}", None)
+            self.layers.append((FrozenLinear(weight[order], bias[order], precision),
+                                None if proj is None else FrozenLinear(proj, None, precision)))
+        self.embed = model.embed.weight.detach()
+        self.head = FrozenLinear(model.head.weight, model.head.bias, precision)
+
+    def read(self, ids: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+        """Read a prompt (B, T) in one pass -> logits for the token after it (B, V), and the state."""
+        y, state = self.model.lstm(self.model.embed(ids), state)   # (B, T, H')
+        return self.head(y[:, -1]), state                           # (B, V)
+
+    def step(self, ids: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
+        """Feed one token per row, ids (B,) -> logits for the next one (B, V), and the state."""
+        h, c = state                                                # (L, B, H'), (L, B, H)
+        n = self.config.hidden_dim
+        x = F.embedding(ids, self.embed)                            # (B, E)
+        hs, cs = [], []
+        for k, (gates_of, proj) in enumerate(self.layers):
+            gates = gates_of(torch.cat([x, h[k]], 1))               # (B, 4H): i, f, o | g
+            s = gates[:, : 3 * n].sigmoid()
+            c_k = torch.addcmul(s[:, n : 2 * n] * c[k], s[:, :n], gates[:, 3 * n :].tanh())
+            x = s[:, 2 * n :] * c_k.tanh()                          # (B, H)
+            if proj is not None:
+                x = proj(x)                                         # (B, H')
+            hs.append(x)
+            cs.append(c_k)
+        return self.head(x), (torch.stack(hs), torch.stack(cs))

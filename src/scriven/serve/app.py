@@ -95,6 +95,7 @@ class ServedModel:
                 "vocab_size": self.loaded.tokenizer.vocab_size,
                 "tokenizer": self.loaded.tokenizer.kind,
                 "parameters": sum(p.numel() for p in model.parameters()),
+                "precision": getattr(self.loaded, "precision", "fp32"),
                 "config": getattr(model.config, "__dict__", {})}
 
 
@@ -104,7 +105,7 @@ def _name_for(path: Path) -> str:
 
 
 def load_models(checkpoints: Sequence[str | Path] | Mapping[str, str | Path], device: str,
-                limits: ServeLimits) -> dict[str, ServedModel]:
+                limits: ServeLimits, precision: str = "fp32") -> dict[str, ServedModel]:
     """Load each checkpoint and start its worker. Names: the mapping's keys, or "NAME=PATH"
     items, or the run folder's name (made unique with -2, -3, ...)."""
     items: list[tuple[str | None, Path]] = []
@@ -127,7 +128,7 @@ def load_models(checkpoints: Sequence[str | Path] | Mapping[str, str | Path], de
             while unique in served:
                 unique, n = f"{base}-{n}", n + 1
             if kind in LM_KINDS:
-                lm = LoadedLM.load(path, device)
+                lm = LoadedLM.load(path, device, precision)
                 served[unique] = ServedModel(unique, "generate", kind, lm, GenerationWorker(
                     lm, limits.max_batch, limits.max_queue, unique))
             elif kind == TRANSLATOR_KIND:
@@ -324,16 +325,17 @@ async def _result(ticket: Ticket, request: Request, head: dict[str, Any],
 
 def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
                device: str = "auto", limits: ServeLimits | None = None,
-               threads: int | None = None) -> FastAPI:
+               threads: int | None = None, precision: str = "fp32") -> FastAPI:
     """A FastAPI app serving the given checkpoints (language models and translators; see the
     module docstring for the routes). `threads` sets torch's intra-op threads (the server's
-    workers already run in parallel, one per model). Loading happens now; the workers stop when
+    workers already run in parallel, one per model); `precision` is how text generators hold
+    their weights (see `scriven.precision`). Loading happens now; the workers stop when
     the app shuts down."""
     limits = limits or ServeLimits()
     if threads is not None:
         check_positive_int(threads, "threads")
         torch.set_num_threads(threads)
-    served = load_models(checkpoints, device, limits)
+    served = load_models(checkpoints, device, limits, precision)
     GenerateRequest, TranslateRequest = _request_models(limits)
     grace = 5.0
 
@@ -476,12 +478,12 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
 
 def serve(checkpoints: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", limits: ServeLimits | None = None, threads: int | None = None,
-          log_level: str = "warning") -> None:
+          log_level: str = "warning", precision: str = "fp32") -> None:
     """Run the server until interrupted (Ctrl-C)."""
     import uvicorn
     check_positive_int(port, "port", allow_zero=True)
     check(port < 65536, "port", f"must be below 65536, got {port}")
-    app = create_app(checkpoints, device, limits, threads)
+    app = create_app(checkpoints, device, limits, threads, precision)
     shown = f"[{host}]" if ":" in host else host
     print(f"scriven serving {', '.join(app.state.models)} on http://{shown}:{port}/ "
           f"(docs at /docs)", flush=True)

@@ -37,7 +37,6 @@ from torch import Tensor
 from ..attention import padding_mask
 from ..errors import ScrivenError
 from ..generation import LoadedLM, _new_text, _stop_at
-from ..models.lstm import LSTMLanguageModel
 from ..pairs import pad_sequences
 from ..sampling import repetition_penalty_filter
 from ..search import beam_search
@@ -271,11 +270,12 @@ class GenerationWorker(_Worker):
 
     def __init__(self, lm: LoadedLM, max_batch: int = 64, max_queue: int = 1024,
                  name: str = "lm") -> None:
-        if not isinstance(lm.model, LSTMLanguageModel):
+        if lm.stepper is None:
             # Rows of an LSTM state stack along the batch; a GPT's caches differ in length.
             raise ScrivenError(f"{lm.path}: only LSTM text generators can be served so far "
                                "(continuous batching stacks their state row by row)")
         self.lm = lm
+        self.stepper = lm.stepper
         self.max_batch = max_batch
         self.rows: list[_Row] = []
         self.state: tuple[Tensor, Tensor] | None = None  # (h, c), each (L, R, H)
@@ -317,9 +317,9 @@ class GenerationWorker(_Worker):
             by_length[len(job.prompt_ids)].append(job)
         for group in by_length.values():
             prompts = torch.tensor([job.prompt_ids for job in group], device=self.lm.device)
-            logits, (h, c) = self.lm.model(prompts)                         # (G, T, V)
+            last, (h, c) = self.stepper.read(prompts)                       # (G, V)
             repeat = torch.tensor([job.num_samples for job in group], device=self.lm.device)
-            last = logits[:, -1].float().repeat_interleave(repeat, dim=0)  # (R', V)
+            last = last.repeat_interleave(repeat, dim=0)                    # (R', V)
             h, c = h.repeat_interleave(repeat, dim=1), c.repeat_interleave(repeat, dim=1)
             for job in group:
                 prompt = self.lm.tokenizer.decode(job.prompt_ids)
@@ -390,9 +390,8 @@ class GenerationWorker(_Worker):
         self.outbox.flush()  # tokens out before the next model call
         self._select(keep)
         if self.rows:
-            feed = ids.index_select(0, torch.tensor(keep, device=device))[:, None]  # (R, 1)
-            out, self.state = self.lm.model(feed, self.state)               # (R, 1, V)
-            self.last = out[:, -1].float()
+            feed = ids.index_select(0, torch.tensor(keep, device=device))   # (R,)
+            self.last, self.state = self.stepper.step(feed, self.state)     # (R, V)
 
     def _emit(self, ids: list[int], probs: list[float], alt_p: list[list[float]],
               alt_i: list[list[int]]) -> None:

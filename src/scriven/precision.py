@@ -1,0 +1,70 @@
+"""Inference precision: the same trained weights, stored and multiplied in fewer bits.
+
+Generating one token reads every weight of the model once, so a single stream is bound by how
+fast weights come from memory, and a batch by the matrix units:
+  fp32  the model's own numbers;
+  bf16  bfloat16 weights and matmuls: half the bytes, and the CPU's bf16 matrix units (AMX)
+        where it has them, which is what a batch of streams wants;
+  int8  weight-only quantization: one signed byte per weight with one scale per output row
+        (symmetric, absmax / 127), multiplied with bf16 activations: a quarter of the bytes,
+        for single streams.
+Activations stay float32 between matmuls, so only the weights lose precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import check
+
+PRECISIONS = ("fp32", "bf16", "int8")
+
+
+def check_precision(precision: str) -> None:
+    check(precision in PRECISIONS, "precision",
+          f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row symmetric int8: weight (N, K) ≈ q (N, K) int8 × scale (N, 1)."""
+    scale = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127     # (N, 1)
+    q = torch.round(weight / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale.squeeze(1)
+
+
+class FrozenLinear:
+    """x (B, K) -> x Wᵀ + b (B, N), float32 in and out, with W (N, K) held in `precision`.
+    For inference only: the weights are copied once and never change."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, precision: str) -> None:
+        check_precision(precision)
+        self.precision = precision
+        w = weight.detach()
+        self.bias = None if bias is None else bias.detach().float()
+        self.scale: Tensor | None = None
+        if precision == "fp32":
+            self.weight = w.float()
+        elif precision == "bf16":
+            self.weight = w.to(torch.bfloat16)
+        else:
+            self.weight, scale = quantize_int8(w.float())
+            self.scale = scale.to(torch.bfloat16)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.precision == "fp32":
+            return F.linear(x, self.weight, self.bias)
+        x = x.to(torch.bfloat16)
+        if self.scale is None:
+            y = F.linear(x, self.weight)
+        else:
+            y = torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scale)
+        y = y.float()
+        return y if self.bias is None else y + self.bias
+
+    def dequantized(self) -> Tensor:
+        """The float32 weights this layer actually multiplies with."""
+        if self.scale is None:
+            return self.weight.float()
+        return self.weight.float() * self.scale.float()[:, None]
