@@ -25,11 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from scriven import checkpoint as ckpt_io
 from scriven.data import fetch, read_text
 from scriven.generation import sample_ids
 from scriven.lm import LMTask, chars_per_token, lm_metrics, stream_nll
 from scriven.models.gpt import GPT, GPTConfig
-from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
+from scriven.models.lstm import LSTMConfig, LSTMLanguageModel, LSTMStepper
+from scriven.precision import PRECISIONS
 from scriven.tokenizers import WordTokenizer, split_words
 from scriven.train import CheckpointSpec, TrainConfig, fit
 
@@ -125,6 +127,8 @@ def minutes_to_reach(points, target):
 
 @torch.inference_mode()
 def scriven_rate(model, prompt, n, batch=1, repeats=2):
+    """Tokens/s of sample_ids at temperature 0.6, top-k 10 (the book's settings); `model` is a
+    GPT or an LSTMStepper in some precision. Best of `repeats`."""
     best = 0.0
     for r in range(repeats):
         g = torch.Generator().manual_seed(42 + r)
@@ -135,6 +139,41 @@ def scriven_rate(model, prompt, n, batch=1, repeats=2):
             count += batch
         best = max(best, count / (time.perf_counter() - t))
     return best
+
+
+@torch.inference_mode()
+def stepper_perplexity(stepper: LSTMStepper, ids: torch.Tensor, streams: int = 32) -> float:
+    """Validation perplexity computed through the generation path one token at a time (ids cut
+    into `streams` contiguous streams): what a precision costs in quality."""
+    n = (ids.numel() - 1) // streams
+    x = ids[: n * streams].view(streams, n)                        # (S, n)
+    y = ids[1 : n * streams + 1].view(streams, n)
+    logits, state = stepper.read(x[:, :1])
+    total = F.cross_entropy(logits, y[:, 0], reduction="sum").item()
+    for t in range(1, n):
+        logits, state = stepper.step(x[:, t], state)
+        total += F.cross_entropy(logits, y[:, t], reduction="sum").item()
+    return math.exp(total / (n * streams))
+
+
+def generation(models: dict, prompt, valid_ids, book_tokens=(100, 2000)) -> dict:
+    """Generation speed of each trained LSTM in each precision, beside the book's re-feed loop
+    (fp32, the same model), and the validation perplexity each precision gives."""
+    out = {}
+    for name, model in models.items():
+        model.eval()
+        row = {"book_refeed_fp32": {str(n): round(book_rate(model, prompt, n)) for n in book_tokens}}
+        for precision in PRECISIONS:
+            stepper = LSTMStepper(model, precision)
+            row[precision] = {
+                "single_100": round(scriven_rate(stepper, prompt, 100)),
+                "single_2000": round(scriven_rate(stepper, prompt, 2000)),
+                "batched_64x200": round(scriven_rate(stepper, prompt, 200, batch=64)),
+                "valid_ppl": round(stepper_perplexity(stepper, valid_ids), 2),
+            }
+            print(f"[generation] {name} {precision}: {row[precision]}", file=sys.stderr, flush=True)
+        out[name] = row
+    return out
 
 
 @torch.inference_mode()
@@ -153,6 +192,17 @@ def book_rate(model, prompt, n, window=100):
         choice = torch.multinomial(torch.softmax(top.values, -1), 1)
         idx.append(top.indices[choice].item())
     return n / (time.perf_counter() - t)
+
+
+def generation_targets(gen: dict) -> dict:
+    """Which model/precision pairs meet the issue's generation targets."""
+    def meeting(test):
+        return [f"{m} {p}" for m, r in gen.items() for p in PRECISIONS if test(r[p])]
+    return {
+        "single_stream_ge_5000": meeting(lambda r: min(r["single_100"], r["single_2000"]) >= 5000),
+        "long_rate_ge_0.9x_short": meeting(lambda r: r["single_2000"] >= 0.9 * r["single_100"]),
+        "batched_64_ge_50000": meeting(lambda r: r["batched_64x200"] >= 50000),
+    }
 
 
 def lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
@@ -177,15 +227,8 @@ def lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
     ours_reach_book = minutes_to_reach(ours_curve, book_final)
     ours_best = min(p for _, p in ours_curve)
 
-    # Generation speed, on scriven's trained model (the book's loop on the same model).
-    ours.eval()
-    gen = {
-        "scriven_100": scriven_rate(ours, prompt, 100),
-        "scriven_2000": scriven_rate(ours, prompt, 2000),
-        "book_100": book_rate(ours, prompt, 100),
-        "book_2000": book_rate(ours, prompt, 2000),
-        "scriven_batched_64x200": scriven_rate(ours, prompt, 200, batch=64),
-    }
+    # Generation speed: scriven's default and the book's model, each in every precision.
+    gen = generation({"scriven_default": ours, "book_model": book}, prompt, valid_ids)
     return {
         "quality": {
             "scriven_default": {"minutes": round(ours_result.elapsed / 60, 2),
@@ -200,13 +243,11 @@ def lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
         },
         "training_tokens_per_s": {"scriven_default": round(ours_result.tokens_per_second),
                                   "book_method": round(book_result.tokens_per_second)},
-        "generation_tokens_per_s": {k: round(v) for k, v in gen.items()},
+        "generation_tokens_per_s": gen,
         "targets": {
             "ppl_le_100_within_15min": ours_best <= 100 and (ppl_at(ours_curve, 15.0) or math.inf) <= 100,
             "book_30min_ppl_in_under_3min": ours_reach_book is not None and ours_reach_book < 3.0,
-            "single_stream_ge_5000": gen["scriven_100"] >= 5000 and gen["scriven_2000"] >= 5000,
-            "long_rate_ge_0.9x_short": gen["scriven_2000"] >= 0.9 * gen["scriven_100"],
-            "batched_64_ge_50000": gen["scriven_batched_64x200"] >= 50000,
+            **generation_targets(gen),
         },
     }
 
@@ -237,7 +278,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--gpt-minutes", type=float, default=15.0, help="the GPT generator's budget")
-    ap.add_argument("--parts", default="lstm,gpt", help="lstm (scriven vs the book), gpt, or both")
+    ap.add_argument("--parts", default="lstm,gpt",
+                    help="lstm (scriven vs the book, then generation), gpt, or generation alone "
+                         "(needs --trained)")
+    ap.add_argument("--trained", default=None,
+                    help="for --parts generation: an earlier run's --out (its scriven/ and book/)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -260,6 +305,15 @@ def main() -> None:
     prompt = torch.tensor([tok.encode(PROMPT)], dtype=torch.long)
     if "lstm" in parts:
         summary.update(lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt))
+    if "generation" in parts:
+        if not args.trained:
+            ap.error("--parts generation needs --trained DIR")
+        models = {name: ckpt_io.load_model(Path(args.trained) / folder / "best",
+                                     torch.device("cpu"), kinds=("lstm",))[0]
+                  for name, folder in (("scriven_default", "scriven"), ("book_model", "book"))}
+        gen = generation(models, prompt, valid_ids)
+        summary["generation_tokens_per_s"] = gen
+        summary["targets"] = generation_targets(gen)
     if "gpt" in parts:
         summary["gpt"] = gpt_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt)
     print(json.dumps(summary, indent=2))

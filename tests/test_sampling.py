@@ -9,6 +9,7 @@ from scriven.sampling import (
     repetition_penalty_filter,
     sample_next,
     top_k_filter,
+    top_k_values,
     top_p_filter,
     validate,
 )
@@ -98,3 +99,22 @@ def test_bad_parameters_are_named(kwargs, word):
     args.update(kwargs)
     with pytest.raises(ScrivenError, match=word):
         validate(**args)
+
+
+@pytest.mark.parametrize("rows, vocab, k", [(16, 5000, 10), (9, 4096, 3), (64, 1200, 1),
+                                            (8, 12157, 40), (2, 5000, 10), (16, 300, 10)])
+def test_blockwise_top_k_equals_torch_topk(rows, vocab, k):
+    torch.manual_seed(rows + vocab + k)
+    logits = torch.randn(rows, vocab) * 3
+    logits[0, -1] = 100.0  # the best token in the tail that fills no block
+    values, ids = top_k_values(logits, k)
+    expected_values, expected_ids = torch.topk(logits, k, dim=-1)
+    assert torch.equal(values, expected_values) and torch.equal(ids, expected_ids)
+
+
+def test_blockwise_top_k_with_ties_returns_a_valid_top_k():
+    logits = torch.zeros(16, 4096)
+    logits[:, 100:105] = 1.0
+    values, ids = top_k_values(logits, 8)
+    assert torch.equal(values, torch.topk(logits, 8).values)
+    assert torch.equal(logits.gather(1, ids), values)

@@ -14,7 +14,6 @@ Activations stay float32 between matmuls, so only the weights lose precision.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .config import check
@@ -36,35 +35,33 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 class FrozenLinear:
     """x (B, K) -> x Wᵀ + b (B, N), float32 in and out, with W (N, K) held in `precision`.
-    For inference only: the weights are copied once and never change."""
+    For inference only: the weights are copied once, laid out as (K, N) rows for the matmul
+    kernels (measured faster here than multiplying by a transposed view), and never change."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, precision: str) -> None:
         check_precision(precision)
         self.precision = precision
-        w = weight.detach()
-        self.bias = None if bias is None else bias.detach().float()
+        w = weight.detach().float()
+        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        self.bias = None if bias is None else bias.detach().to(dtype)
         self.scale: Tensor | None = None
-        if precision == "fp32":
-            self.weight = w.float()
-        elif precision == "bf16":
-            self.weight = w.to(torch.bfloat16)
-        else:
-            self.weight, scale = quantize_int8(w.float())
+        if precision == "int8":
+            self.packed, scale = quantize_int8(w)                      # (N, K) int8, (N,)
             self.scale = scale.to(torch.bfloat16)
+            w = self.packed.float() * scale[:, None]
+        # int8 multiplies a few rows with the packed bytes; a batch is faster through the
+        # bf16 matrix units, with the same (dequantized) weights.
+        self.weight_t = w.t().to(dtype).contiguous()                   # (K, N)
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.precision == "fp32":
-            return F.linear(x, self.weight, self.bias)
+            return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
         x = x.to(torch.bfloat16)
-        if self.scale is None:
-            y = F.linear(x, self.weight)
+        if self.scale is not None and x.size(0) < 8:
+            y = torch._weight_int8pack_mm(x.contiguous(), self.packed, self.scale)
+            y = y if self.bias is None else y + self.bias
+        elif self.bias is None:
+            y = x @ self.weight_t
         else:
-            y = torch._weight_int8pack_mm(x.contiguous(), self.weight, self.scale)
-        y = y.float()
-        return y if self.bias is None else y + self.bias
-
-    def dequantized(self) -> Tensor:
-        """The float32 weights this layer actually multiplies with."""
-        if self.scale is None:
-            return self.weight.float()
-        return self.weight.float() * self.scale.float()[:, None]
+            y = torch.addmm(self.bias, x, self.weight_t)
+        return y.float()

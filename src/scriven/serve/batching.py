@@ -38,7 +38,7 @@ from ..attention import padding_mask
 from ..errors import ScrivenError
 from ..generation import LoadedLM, _new_text, _stop_at
 from ..pairs import pad_sequences
-from ..sampling import repetition_penalty_filter
+from ..sampling import repetition_penalty_filter, top_k_values
 from ..search import beam_search
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
 from ..translation import CrossAttention, LoadedTranslator, default_max_len, detokenize
@@ -207,7 +207,7 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     needed = torch.where(greedy, torch.ones_like(top_k), top_k)
     width = min(v, max(int(needed.max()), alternatives, 1))
     if width < v:
-        ordered, order = torch.topk(scaled, width, dim=-1)                  # (R, K), sorted
+        ordered, order = top_k_values(scaled, width)                        # (R, K), sorted
     else:
         ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
     rank = torch.arange(width, device=logits.device)                        # (K,)
