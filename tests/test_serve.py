@@ -415,3 +415,18 @@ def test_cli_serve_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
 def test_limits_are_validated():
     with pytest.raises(ScrivenError, match="max_batch"):
         ServeLimits(max_batch=0)
+
+
+def test_generators_can_be_served_in_lower_precision(models):
+    from scriven.generation import LoadedLM, generate
+    app = create_app({"lm": models[0]}, precision="int8")
+    with TestClient(app) as c:
+        assert c.get("/v1/models").json()["models"][0]["precision"] == "int8"
+        body = c.post("/v1/generate", json={"prompt": "anna said", "max_new_tokens": 8,
+                                            "temperature": 0}).json()
+    expected = generate(LoadedLM.load(models[0], precision="int8"), "anna said",
+                        max_new_tokens=8, temperature=0)[0]
+    assert "anna said".title().split()[0] in expected
+    assert expected.endswith(body["samples"][0]["generated"])
+    with pytest.raises(ScrivenError, match="precision"):
+        create_app({"lm": models[0]}, precision="fp16")

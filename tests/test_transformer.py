@@ -53,6 +53,13 @@ def test_forward_shapes_and_training_step(changes: dict) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_logits_at_chosen_positions_equal_the_full_logits_there() -> None:
+    model = tiny()
+    at = (TGT.flatten() != 0).nonzero().squeeze(1)  # the real positions, as training picks them
+    full = model(SRC, TGT).flatten(0, 1)             # (B*T, V)
+    torch.testing.assert_close(model(SRC, TGT, at), full[at], atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("changes", LAYOUTS)
 def test_future_target_tokens_do_not_change_earlier_logits(changes: dict) -> None:
     model = tiny(**changes)

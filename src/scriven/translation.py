@@ -284,14 +284,14 @@ class TranslationTask:
 
     def loss(self, model: nn.Module, batch: Batch, label_smoothing: float) -> tuple[Tensor, int]:
         src, tgt = _to_device(batch.src, self.device), _to_device(batch.tgt, self.device)  # (B, S), (B, T + 1)
-        with _attention_kernel(self.device):
-            logits = model(src, tgt[:, :-1])                                # (B, T, V)
         labels = tgt[:, 1:].flatten()                                       # (B*T,)
-        # Only real positions go through the (fp32) softmax, so padding costs nothing there;
-        # index_select, whose backward is much faster on CPUs than a boolean mask's.
+        # Only real positions reach the vocabulary projection and the (fp32) softmax, so
+        # padding costs nothing there.
         real = (labels != PAD_ID).nonzero().squeeze(1)                      # (N,)
-        loss = F.cross_entropy(logits.flatten(0, 1).index_select(0, real).float(),
-                               labels.index_select(0, real), label_smoothing=label_smoothing)
+        with _attention_kernel(self.device):
+            logits = model(src, tgt[:, :-1], real)                          # (N, V)
+        loss = F.cross_entropy(logits.float(), labels.index_select(0, real),
+                               label_smoothing=label_smoothing)
         return loss, real.numel()
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:

@@ -295,13 +295,16 @@ class Transformer(nn.Module):
         src_mask: Tensor | None = None,
         cache: DecoderCache | None = None,
         need_weights: bool = False,
+        at: Tensor | None = None,
     ) -> tuple[Tensor, AttentionMaps | None]:
         """tgt (B, T) target ids (starting with <bos>), memory (B, S, D), src_mask (B, 1, 1, S)
         or None (all memory positions real) → logits (B, T, V), and when `need_weights` the maps
         {"decoder_self": [(B, H, T, past+T)] * layers, "cross": [(B, H, T, S)] * layers}.
 
         With `cache`, `tgt` continues the tokens already in it (positions shift by
-        `cache.position`) and only the new tokens are computed.
+        `cache.position`) and only the new tokens are computed. With `at` (N,), indices into the
+        flattened (B*T) positions, logits come only for those, (N, V): training skips padding
+        before the vocabulary projection, its most expensive layer, instead of after it.
         """
         past = cache.position if cache is not None else 0
         t = tgt.size(1)
@@ -322,7 +325,10 @@ class Transformer(nn.Module):
                 cross_maps.append(w_cross)
         if cache is not None:
             cache.position = past + t
-        logits = self.output(self.decoder_norm(x))  # (B, T, V)
+        x = self.decoder_norm(x)                    # (B, T, D)
+        if at is not None:
+            x = x.flatten(0, 1).index_select(0, at)  # (N, D)
+        logits = self.output(x)                     # (B, T, V) or (N, V)
         maps = {"decoder_self": self_maps, "cross": cross_maps} if need_weights else None
         return logits, maps
 
@@ -333,11 +339,12 @@ class Transformer(nn.Module):
         logits, _ = self.decode(tokens[:, None], memory, src_mask, cache)  # (B, 1, V)
         return logits[:, -1]
 
-    def forward(self, src: Tensor, tgt: Tensor) -> Tensor:
-        """Teacher forcing: src (B, S), tgt (B, T) decoder input → logits (B, T, V)."""
+    def forward(self, src: Tensor, tgt: Tensor, at: Tensor | None = None) -> Tensor:
+        """Teacher forcing: src (B, S), tgt (B, T) decoder input → logits (B, T, V), or (N, V)
+        at the flattened positions `at` (N,) only (see `decode`)."""
         src_mask = padding_mask(src, self.config.pad_id)  # (B, 1, 1, S)
         memory = self.encode(src, src_mask)
-        return self.decode(tgt, memory, src_mask)[0]
+        return self.decode(tgt, memory, src_mask, at=at)[0]
 
     @torch.no_grad()
     def attention_maps(self, src: Tensor, tgt: Tensor) -> AttentionMaps:
