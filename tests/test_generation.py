@@ -118,6 +118,8 @@ def test_lower_precision_generates_from_the_same_checkpoint(run, precision):
 def test_bad_precision_is_named(run):
     with pytest.raises(ScrivenError, match="precision"):
         generate(run, "anna", precision="fp8")
+    with pytest.raises(ScrivenError, match="precision='int8'"):  # not silently ignored
+        generate(LoadedLM.load(run), "anna", precision="int8")
     cli = subprocess.run([sys.executable, "-m", "scriven", "generate", str(run), "anna",
                           "--precision", "fp8"], capture_output=True, text=True)
     assert cli.returncode != 0 and "precision" in cli.stderr and "Traceback" not in cli.stderr

@@ -67,10 +67,15 @@ class LoadedLM:
         return self.stepper if self.stepper is not None else self.model
 
 
-def _loaded(checkpoint: str | Path | LoadedLM, device: str, precision: str) -> LoadedLM:
-    if isinstance(checkpoint, LoadedLM):
-        return checkpoint  # already laid out in its own precision
-    return LoadedLM.load(checkpoint, device, precision)
+def _loaded(checkpoint: str | Path | LoadedLM, device: str, precision: str | None) -> LoadedLM:
+    """The model to generate with; `precision` None means fp32, or a loaded model's own."""
+    if not isinstance(checkpoint, LoadedLM):
+        return LoadedLM.load(checkpoint, device, precision or "fp32")
+    if precision is not None and precision != checkpoint.precision:
+        raise ScrivenError(f"precision {precision!r} asked of a model loaded in "
+                           f"{checkpoint.precision!r}; load it with LoadedLM.load(..., "
+                           f"precision={precision!r})")
+    return checkpoint
 
 
 def _check_lengths(max_new_tokens: int, num_samples: int) -> None:
@@ -171,7 +176,7 @@ def generate_stream(checkpoint: str | Path | LoadedLM, prompt: str, max_new_toke
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     repetition_penalty: float = 1.0, stop: list[str] | None = None,
                     seed: int | None = None, num_samples: int = 1, device: str = "auto",
-                    alternatives: int = 0, precision: str = "fp32") -> Iterator[TokenEvent]:
+                    alternatives: int = 0, precision: str | None = None) -> Iterator[TokenEvent]:
     """Generate and yield each token as it comes (see `generate` for the parameters);
     `alternatives` > 0 adds that many most likely tokens and their probabilities to each event."""
     lm = _loaded(checkpoint, device, precision)
@@ -239,14 +244,15 @@ def generate(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, stop: list[str] | None = None,
              seed: int | None = None, num_samples: int = 1, device: str = "auto",
-             precision: str = "fp32") -> list[str]:
+             precision: str | None = None) -> list[str]:
     """Continue `prompt` with a trained text generator; returns `num_samples` texts, each the
     prompt followed by what was generated.
 
     temperature: 0 is greedy; top_k / top_p: keep only the k most likely tokens / the smallest
     set with probability mass p; repetition_penalty > 1 discourages tokens already present;
     stop: strings that end a sample (not included); seed: makes sampling reproducible;
-    precision: fp32 (the model's own numbers), bf16 or int8 (faster; see `scriven.precision`)."""
+    precision: fp32 (the default: the model's own numbers), bf16 or int8 (faster; see
+    `scriven.precision`); a `LoadedLM` keeps the precision it was loaded in."""
     lm = _loaded(checkpoint, device, precision)
     _check_lengths(max_new_tokens, num_samples)
     validate(temperature, top_k, top_p, repetition_penalty, lm.tokenizer.vocab_size)
