@@ -73,7 +73,10 @@ def test_stepper_reads_and_steps_like_the_full_lstm(tie):
 
 
 @pytest.mark.parametrize("precision, tolerance", [("bf16", 0.05), ("int8", 0.05)])
-def test_lower_precision_steps_stay_close_to_fp32(precision, tolerance):
+@pytest.mark.parametrize("layers_too", [False, True])  # small layers stay fp32 unless forced
+def test_lower_precision_steps_stay_close_to_fp32(precision, tolerance, layers_too, monkeypatch):
+    if layers_too:
+        monkeypatch.setattr(LSTMStepper, "LOW_PRECISION_MIN", 0)
     m = model(vocab_size=300, embed_dim=64, hidden_dim=64)
     ids = torch.randint(0, 300, (2, 6))
     with torch.no_grad():
