@@ -89,6 +89,10 @@ def test_evaluate_reports_perplexity_and_bits_per_char(tiny_text, tmp_path):
     metrics = evaluate_lm(tmp_path / "run", str(tiny_text))
     assert metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-5)
     assert 0 < metrics["bits_per_char"] < 10
+    from scriven.evaluation import evaluate
+    assert evaluate(tmp_path / "run", str(tiny_text)) == metrics
+    with pytest.raises(ScrivenError, match="beam applies to translators"):
+        evaluate(tmp_path / "run", str(tiny_text), beam=4)
 
 
 def _cli(*args, **kw):

@@ -264,6 +264,18 @@ def test_evaluate_on_the_training_file_uses_its_test_split(tr, run, pair_file):
     assert "held-out test split" in result["pairs"] and result["sentences"] == test_pairs
 
 
+def test_evaluate_chooses_decoding_on_the_valid_split(tr, run, pair_file, tmp_path):
+    counts = ckpt_io.load(run / "best").config["data"]["pairs"]
+    valid = evaluate_translation(tr, pair_file, beam=2, length_penalty=1.5, split="valid")
+    assert "held-out valid split" in valid["pairs"] and valid["sentences"] == counts["valid"]
+    assert (valid["beam"], valid["length_penalty"]) == (2, 1.5)
+    with pytest.raises(ScrivenError, match="split"):
+        evaluate_translation(tr, pair_file, split="train")
+    other = write_pairs(tmp_path / "other.tsv", make_pairs(20, seed=5))
+    with pytest.raises(ScrivenError, match="split"):  # a foreign file is scored whole
+        evaluate_translation(tr, other, split="valid")
+
+
 def _cli(capsys, monkeypatch, *args, stdin: str | None = None):
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # main() replaces it
     if stdin is not None:
@@ -312,6 +324,10 @@ def test_cli_train_and_evaluate(pair_file, tmp_path, capsys, monkeypatch):
     result = json.loads(out)
     assert code == 0 and {"bleu", "chrf", "bleu_signature", "chrf_signature"} <= set(result)
     assert "version:" in result["bleu_signature"]
+    code, out, _ = _cli(capsys, monkeypatch, "evaluate", tmp_path / "run", pair_file,
+                        "--beam", "2", "--length-penalty", "0.6", "--split", "valid")
+    result = json.loads(out)
+    assert code == 0 and "valid split" in result["pairs"] and result["beam"] == 2
 
 
 def test_eng_fra_by_name_carries_the_attribution(tmp_path, monkeypatch):

@@ -162,7 +162,8 @@ def _print_translations(results: list, first: int, n_best: int) -> None:
 
 def _cmd_evaluate(a: argparse.Namespace) -> None:
     from .evaluation import evaluate
-    print(json.dumps(evaluate(a.checkpoint, a.text, device=a.device), indent=2))
+    print(json.dumps(evaluate(a.checkpoint, a.text, device=a.device, beam=a.beam,
+                              length_penalty=a.length_penalty, split=a.split), indent=2))
 
 
 def _cmd_data_list(a: argparse.Namespace) -> None:
@@ -366,6 +367,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("text", help="a text file, pair file or dataset name")
     e.add_argument("--device", default="auto")
+    e.add_argument("--beam", type=_positive_int, default=1, help="translators: beam size")
+    e.add_argument("--length-penalty", type=_number, default=1.0,
+                   help="translators: GNMT length-penalty exponent for beam search")
+    e.add_argument("--split", default="test",
+                   help="translators on their own training data: test (default) or valid")
     e.set_defaults(func=_cmd_evaluate)
 
     _add_plot_parsers(sub)

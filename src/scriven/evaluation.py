@@ -5,14 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
+from .errors import ScrivenError
 
 
-def evaluate(checkpoint: str | Path, text: str, device: str = "auto") -> dict:
+def evaluate(checkpoint: str | Path, text: str, device: str = "auto", beam: int = 1,
+             length_penalty: float = 1.0, split: str = "test") -> dict:
     """Perplexity and bits per character for a text generator on a text; BLEU and chrF (with the
-    sacrebleu signature) for a translator on a pair file."""
+    sacrebleu signature) for a translator on a pair file, decoded with `beam` and
+    `length_penalty`, on the held-out `split` (test or valid) when the pair file is the
+    translator's own training data."""
     kind = ckpt_io.load(checkpoint).kind
     if kind == "transformer":
         from .translation import evaluate_translation
-        return evaluate_translation(checkpoint, text, device=device)
+        return evaluate_translation(checkpoint, text, device=device, beam=beam,
+                                    length_penalty=length_penalty, split=split)
+    for name, value, default in (("beam", beam, 1), ("length_penalty", length_penalty, 1.0),
+                                 ("split", split, "test")):
+        if value != default:
+            raise ScrivenError(f"{name} applies to translators; {checkpoint} is a text generator")
     from .lm import evaluate_lm
     return evaluate_lm(checkpoint, text, device=device)

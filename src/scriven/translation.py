@@ -565,18 +565,21 @@ def attention(checkpoint: str | Path | LoadedTranslator, source: str, target: st
 
 def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
                          device: str = "auto", beam: int = 1, limit: int | None = None,
-                         batch_size: int = 64) -> dict[str, Any]:
+                         batch_size: int = 64, length_penalty: float = 1.0,
+                         split: str = "test") -> dict[str, Any]:
     """BLEU (sacrebleu, cased, 13a tokenisation) and chrF of the checkpoint's translations of a
     pair file or dataset name, with the sacrebleu signatures.
 
     All pairs of the file are scored, except when `text` is the data the checkpoint was trained
-    on (the same dataset name or file): then only its held-out test split is, and `pairs` says
-    so. `bleu`/`chrf` take each pair's target as the one reference; `bleu_multi_ref` scores each
+    on (the same dataset name or file): then only its held-out `split` is ("test", or "valid"
+    to choose decoding settings without touching the test split), and `pairs` says so.
+    `bleu`/`chrf` take each pair's target as the one reference; `bleu_multi_ref` scores each
     distinct source once against all its translations in the scored data. `limit`: score a
-    fixed random sample of that many pairs."""
+    fixed random sample of that many pairs. `beam`, `length_penalty`: as in `translate`."""
     if limit is not None:
         check_positive_int(limit, "limit")
-    _check_search(beam, 1, 1.0, None, batch_size)
+    check(split in ("test", "valid"), "split", f"must be test or valid, got {split!r}")
+    _check_search(beam, 1, length_penalty, None, batch_size)
     tr = _resolve(checkpoint, device)
     name = str(text)
     trained_on = tr.data.get("dataset")
@@ -586,12 +589,14 @@ def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
                  and Path(name).resolve() == Path(trained_path))
     if same_data:
         data = load_pairs(name, max_words=tr.data.get("max_words"))
-        pairs = data.test
-        scope = (f"held-out test split of {name} (the checkpoint's training data): "
+        pairs = data.test if split == "test" else data.valid
+        scope = (f"held-out {split} split of {name} (the checkpoint's training data): "
                  f"{len(pairs)} pairs")
         if not pairs:
-            raise ScrivenError(f"{name}: the test split is empty; evaluate on another pair file")
+            raise ScrivenError(f"{name}: the {split} split is empty; evaluate on another pair file")
     else:
+        check(split == "test", "split", "applies only to the data the checkpoint was trained "
+              f"on; {name} is scored whole")
         pairs, report = read_pairs(resolve_text_source(name))
         if report.malformed:
             warnings.warn(report.summary(), stacklevel=2)
@@ -606,7 +611,8 @@ def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
     ids, cut = tr.encode_sources(sources, [f"source {s!r}" for s in sources])
     _warn_cut(tr, cut, [f"source {s!r}" for s in sources])
     start = time.perf_counter()
-    found = search_ids(tr.model, ids, beam=beam, batch_size=batch_size)
+    found = search_ids(tr.model, ids, beam=beam, length_penalty=length_penalty,
+                       batch_size=batch_size)
     seconds = time.perf_counter() - start
     output = {s: detokenize(tr.tokenizer, h[0][0]) for s, h in zip(sources, found)}
     single = _corpus_scores([output[p.source] for p in pairs], [[p.target for p in pairs]])
@@ -620,5 +626,6 @@ def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
         "bleu_multi_ref": round(multi["bleu"], 2), "chrf_multi_ref": round(multi["chrf"], 2),
         "multi_ref_signature": multi["bleu_signature"],
         "pairs": scope, "sentences": len(pairs), "distinct_sources": len(sources),
-        "beam": beam, "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 1),
+        "beam": beam, "length_penalty": length_penalty,
+        "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 1),
     }
