@@ -87,11 +87,12 @@ def _free_port() -> int:
 
 
 def start_server(lm: Path, translator: Path, threads: int, max_batch: int,
-                 timeout: float) -> tuple[subprocess.Popen, int]:
+                 timeout: float, precision: str = "fp32") -> tuple[subprocess.Popen, int]:
     port = _free_port()
     command = [sys.executable, "-m", "scriven", "serve", f"lm={lm}", f"translator={translator}",
                "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
-               "--max-batch", str(max_batch), "--timeout", "60", "--log-level", "warning"]
+               "--max-batch", str(max_batch), "--timeout", "60", "--log-level", "warning",
+               "--precision", precision]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     url = f"http://127.0.0.1:{port}"
@@ -240,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--beam", type=int, default=1, help="beam size for translations")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server")
     p.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
+    p.add_argument("--precision", default="fp32", help="the server's --precision")
     p.add_argument("--max-seconds", type=float, default=600.0, help="bound on the whole run")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
@@ -253,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict:
             lm, translator = _quick_models(Path(tmp), a.quick_steps)
         else:
             lm, translator = Path(a.lm), Path(a.translator)
-        server, port = start_server(lm, translator, a.threads, a.max_batch, timeout=120)
+        server, port = start_server(lm, translator, a.threads, a.max_batch, timeout=120,
+                                     precision=a.precision)
         try:
             budget = max(10.0, (a.max_seconds - (time.monotonic() - started)) / 2)
             generate = [{"prompt": PROMPTS[i % len(PROMPTS)], "max_new_tokens": a.tokens,
@@ -271,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "serve",
         "quick": a.quick,
         "machine": {"cpus": os.cpu_count(), "server_torch_threads": a.threads,
-                    "max_batch": a.max_batch, "python": sys.version.split()[0]},
+                    "max_batch": a.max_batch, "precision": a.precision,
+                    "python": sys.version.split()[0]},
         "generate": {"requests": a.requests, "new_tokens": a.tokens, **g},
         "translate": {"requests": a.requests, "beam": a.beam, **result_translate},
         "server": server_stats,
