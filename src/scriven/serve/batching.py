@@ -213,8 +213,12 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     rank = torch.arange(width, device=logits.device)                        # (K,)
     k = torch.where(greedy, torch.full_like(top_k, width), top_k)
     ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
-    # Greedy rows report the plain softmax over the whole vocabulary, as `generate` does.
-    norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), torch.logsumexp(ordered, dim=-1))
+    # Greedy rows report the plain softmax over the whole vocabulary, as `generate` does; a pass
+    # over the whole vocabulary that sampled rows do not need, so it runs only when one is greedy.
+    any_greedy = bool(greedy.any())
+    norm = torch.logsumexp(ordered, dim=-1)                                 # (R,)
+    if any_greedy:
+        norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), norm)
     probs = torch.exp(ordered - norm[:, None])                              # (R, K)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     nucleus = (top_p < 1) & ~greedy
@@ -227,7 +231,8 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     position = torch.searchsorted(cdf, target, right=True).clamp_(max=width - 1)  # (R, 1)
     position = torch.where(greedy[:, None], torch.zeros_like(position), position)
     ids = order.gather(-1, position).squeeze(-1)
-    ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
+    if any_greedy:
+        ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
     chosen = probs.gather(-1, position).squeeze(-1)
     a = min(alternatives, width)
     return ids, chosen, (probs[:, :a], order[:, :a])
