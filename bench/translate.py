@@ -130,7 +130,8 @@ def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
     warnings.simplefilter("default")
-    out = Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-translate-")) / "run"
+    out = Path(args.trained) if args.trained else \
+        Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-translate-")) / "run"
     device = torch.device("cpu")
     amp = autocast_dtype("auto", device)
 
@@ -141,10 +142,8 @@ def main() -> None:
               "GFLOP/s", file=sys.stderr, flush=True)
 
     if args.trained:
-        out = Path(args.trained)
         earlier = json.loads(Path(args.training_summary).read_text())
         training, settings = earlier["training"], earlier["settings"]
-        tokens_per_second = training["target_tokens_per_s"]
     else:
         t0 = time.perf_counter()
         result = train_translate("eng-fra", out, preset="default", vocab_size=8000,
@@ -162,8 +161,6 @@ def main() -> None:
     tr = LoadedTranslator.load(out, "cpu")  # best/: the highest validation BLEU
     data = load_pairs("eng-fra")
     examples, _ = encode_pairs(tr.tokenizer, data.train, tr.max_len)
-    per_token = flops_per_target_token(tr, examples)
-    flops = per_token * tokens_per_second
     src_tokens = sum(len(s) for s, _ in examples)
     tgt_tokens = sum(len(t) - 1 for _, t in examples)
 
@@ -210,6 +207,8 @@ def main() -> None:
                     "final_validation": {k: round(v, 3) for k, v in result.metrics.items()},
                     "best_validation_bleu": round(result.best or 0.0, 2),
                     "validation_bleu_curve_minutes": curve}
+        per_token = flops_per_target_token(tr, examples)
+        flops = per_token * tokens_per_second
         training.update({
             "flops_per_target_token": round(per_token),
             "model_gflops_per_s": round(flops / 1e9, 1),

@@ -62,7 +62,7 @@ class LoadedLM:
         return cls(model, tok, dev, ckpt.path, precision, stepper)
 
     @property
-    def generator(self) -> nn.Module | LSTMStepper:
+    def decoder(self) -> nn.Module | LSTMStepper:
         """What `sample_ids` steps: the LSTM's stepper, or the GPT itself."""
         return self.stepper if self.stepper is not None else self.model
 
@@ -200,7 +200,7 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     texts = [tok.decode(prompt_ids) for _ in range(num_samples)]
     generated: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
-    for ids, probs, top in sample_ids(lm.generator, batch, max_new_tokens, temperature, top_k,
+    for ids, probs, top in sample_ids(lm.decoder, batch, max_new_tokens, temperature, top_k,
                                       top_p, repetition_penalty, generator, alternatives):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
