@@ -142,7 +142,7 @@ def scriven_rate(model, prompt, n, batch=1, repeats=2):
 
 
 @torch.inference_mode()
-def stepper_perplexity(stepper: LSTMStepper, ids: torch.Tensor, streams: int = 32) -> float:
+def stepper_perplexity(stepper: LSTMStepper, ids: torch.Tensor, streams: int = 8) -> float:
     """Validation perplexity computed through the generation path one token at a time (ids cut
     into `streams` contiguous streams): what a precision costs in quality."""
     n = (ids.numel() - 1) // streams

@@ -307,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("text", help="a text file or a dataset name (e.g. anna)")
     lm.add_argument("--model", default="lstm", choices=["lstm", "gpt"],
                     help="lstm (recurrent) or gpt (decoder-only Transformer)")
-    lm.add_argument("--preset", default="default", help="model size: default, seed (the book's), tiny")
+    lm.add_argument("--preset", default="default",
+                    help="model size: default, seed (the book's), tiny; lstm also large")
     lm.add_argument("--tokenizer", default="word", choices=["word", "char", "bpe"])
     lm.add_argument("--min-count", type=_positive_int, default=1, help="word: rarer words become <unk>")
     lm.add_argument("--vocab-size", type=_positive_int, default=8000, help="bpe: vocabulary size")

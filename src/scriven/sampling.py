@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor
 
+from . import native
 from .errors import ScrivenError
 
 
@@ -53,7 +54,12 @@ def top_k_values(logits: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tens
     `torch.topk` returns (up to the order of ties), faster for a batch of rows over a large
     vocabulary. The row is cut into blocks; the k best values lie in the k blocks with the best
     maxima (any other block's maximum has k larger values above it), so a full-row top-k is
-    replaced by a cheap max per block and a top-k over k blocks."""
+    replaced by a cheap max per block and a top-k over k blocks. Where the native kernels run
+    (`scriven.native`), a small k takes one pass over each row instead."""
+    lib = native.library()
+    if (lib is not None and logits.dim() == 2 and k <= native.MAX_TOP_K
+            and logits.dtype == torch.float32 and logits.device.type == "cpu"):
+        return native.top_k(lib, logits, k)
     if logits.dim() != 2 or logits.size(0) < 8 or logits.size(1) // block < 4 * k:
         return torch.topk(logits, k, dim=-1)  # few rows or blocks: plain top-k is quicker
     b, v = logits.shape

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import native
 from ..config import check, check_float, check_positive_int
 from ..precision import FrozenLinear
 
@@ -38,10 +39,14 @@ class LSTMConfig:
 
 
 # "seed" is the book's model (Learn Generative AI with PyTorch, ch. 8.5). "default" was chosen by
-# measuring validation perplexity per CPU minute on Anna Karenina (see bench/lm.py and README).
+# measuring validation perplexity per CPU minute on Anna Karenina and generation speed (see
+# bench/lm_presets.py and README): "large" reaches a few percent lower perplexity in the same
+# minutes, but its 7 MB of int8 weights per token no longer fit in two cores' caches, and it
+# generates at about half the speed.
 LSTM_PRESETS: dict[str, dict] = {
     "seed": dict(embed_dim=128, hidden_dim=128, num_layers=3, dropout=0.2, tie_embeddings=False),
-    "default": dict(embed_dim=384, hidden_dim=384, num_layers=2, dropout=0.4, tie_embeddings=True),
+    "default": dict(embed_dim=256, hidden_dim=256, num_layers=2, dropout=0.3, tie_embeddings=True),
+    "large": dict(embed_dim=384, hidden_dim=384, num_layers=2, dropout=0.4, tie_embeddings=True),
     "tiny": dict(embed_dim=32, hidden_dim=32, num_layers=1, dropout=0.0, tie_embeddings=False),
 }
 
@@ -86,7 +91,11 @@ class LSTMStepper:
     gates reordered input, forget, output | cell so one sigmoid and one tanh cover them). Lower
     precision applies to the output layer and to layers of at least `LOW_PRECISION_MIN` weights:
     a small layer is read quickly in fp32, and casting its input would cost more than it saves.
-    With fp32 the numbers are the model's own, up to summation order."""
+    With fp32 the numbers are the model's own, up to summation order.
+
+    In int8, a step of a few rows (a single stream) runs through the native kernels where this
+    CPU has them (`scriven.native`): each layer and the head is one call that also rounds its
+    input to 8 bits, so all dot products are byte products."""
 
     LOW_PRECISION_MIN = 1 << 20
 
@@ -107,6 +116,7 @@ class LSTMStepper:
                                               "fp32" if small else precision))
         self.embed = model.embed.weight.detach()
         self.head = FrozenLinear(model.head.weight, model.head.bias, precision)
+        self.native = _native_int8(model) if precision == "int8" else None
 
     def read(self, ids: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """Read a prompt (B, T) in one pass -> logits for the token after it (B, V), and the state."""
@@ -117,12 +127,27 @@ class LSTMStepper:
         """Feed one token per row, ids (B,) -> logits for the next one (B, V), and the state."""
         h, c = state                                                # (L, B, H'), (L, B, H)
         x = F.embedding(ids, self.embed)                            # (B, E)
+        if self.native is not None and ids.size(0) <= native.MAX_ROWS:
+            logits, h, c = self.native(x, h, c)
+            return logits, (h, c)
         hs, cs = [], []
         for k, layer in enumerate(self.layers):
             x, c_k = layer(x, h[k], c[k])                           # (B, H'), (B, H)
             hs.append(x)
             cs.append(c_k)
         return self.head(x), (torch.stack(hs), torch.stack(cs))
+
+
+def _native_int8(model: LSTMLanguageModel) -> native.LSTMStepInt8 | None:
+    """The int8 step through `scriven.native`, where it can run here."""
+    lstm = model.lstm
+    lib = native.library() if lstm.proj_size == 0 and model.head.weight.device.type == "cpu" else None
+    if lib is None:
+        return None
+    layers = [(getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}"),
+               getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}"))
+              for k in range(lstm.num_layers)]
+    return native.LSTMStepInt8(lib, layers, model.head.weight, model.head.bias)
 
 
 class _CellLayer:

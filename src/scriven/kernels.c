@@ -1,0 +1,230 @@
+/* Native CPU kernels for generating one token at a time (x86-64 with AVX-512 VNNI).
+ *
+ * A single stream reads every weight once per token, so its speed is the speed at which weight
+ * bytes come in and are multiplied. PyTorch's int8 weight-only kernel converts each weight to
+ * float before multiplying, which makes it compute-bound; here activations are rounded to 8 bits
+ * too (one scale per row, recomputed at every call), so the dot products run on the VNNI
+ * instruction that multiplies 64 byte pairs at once, and the kernel is bound by memory instead.
+ *
+ * Layouts (see scriven/native.py, which packs them):
+ *   W       int8 weights of Np output rows (Np a multiple of 64, zero rows past N) and K columns
+ *           in up to two segments of K1 and K2 columns (each a multiple of 4, zero-padded),
+ *           blocked for VNNI: [row block of 16][column group of 4][16 rows][4 columns], so one
+ *           64-byte load holds four columns of sixteen rows, and one instruction adds their
+ *           products with four broadcast input bytes into sixteen row sums: no horizontal sums;
+ *   rowsum  (2, Np) int32, the sum of each row's weights within each segment;
+ *   wscale  (Np,) float: weight ≈ W · wscale;  bias (Np,) float;
+ *   q       (B, K1 + K2) uint8: activation ≈ (q - 128) · qscale, one scale per row and segment.
+ * Output rows are split statically between threads, so each core keeps reading the same rows,
+ * which then often stay in its own cache from one token to the next.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Round n floats to bytes around 128; pad to `padded` with 128 (zero). Returns the scale. */
+static float quantize(const float *x, int n, int padded, uint8_t *q) {
+    __m512 m = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + i)));
+    float top = _mm512_reduce_max_ps(m);
+    for (; i < n; i++) top = fmaxf(top, fabsf(x[i]));
+    const float scale = top > 0.0f ? top / 127.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(1.0f / scale);
+    const __m512i zero = _mm512_set1_epi32(128);
+    for (i = 0; i + 16 <= n; i += 16) {  /* rounds to nearest even, as nearbyintf */
+        __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)), zero);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(v));
+    }
+    for (; i < n; i++) q[i] = (uint8_t)(128 + (int)nearbyintf(x[i] / scale));
+    for (; i < padded; i++) q[i] = 128;
+    return scale;
+}
+
+/* exp(x) for sixteen floats: 2^(x·log2 e) split into 2^integer (built in the exponent bits) and
+ * 2^fraction (a degree-6 polynomial on [-0.5, 0.5]), relative error about 2e-7. */
+static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 sigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+static inline __m512 tanh16(__m512 x) {  /* 2·sigmoid(2x) - 1 */
+    return _mm512_fmsub_ps(_mm512_set1_ps(2.0f), sigmoid16(_mm512_add_ps(x, x)), _mm512_set1_ps(1.0f));
+}
+
+/* Add the products of input bytes q[k0..k1) with four row blocks of 16 (starting at w, block
+ * stride 16·K bytes) into acc. */
+static inline void accumulate(const int8_t *w, size_t K, const uint8_t *q, int k0, int k1,
+                              __m512i acc[4]) {
+    const size_t stride = 16 * K;
+    for (int k = k0; k < k1; k += 4) {
+        __m512i x = _mm512_set1_epi32(*(const int32_t *)(q + k));
+        const int8_t *p = w + (size_t)k * 16;
+        acc[0] = _mm512_dpbusd_epi32(acc[0], x, _mm512_loadu_si512(p));
+        acc[1] = _mm512_dpbusd_epi32(acc[1], x, _mm512_loadu_si512(p + stride));
+        acc[2] = _mm512_dpbusd_epi32(acc[2], x, _mm512_loadu_si512(p + 2 * stride));
+        acc[3] = _mm512_dpbusd_epi32(acc[3], x, _mm512_loadu_si512(p + 3 * stride));
+    }
+}
+
+/* y[b, n] = wscale[n] · Σ_s qscale[b, s] · (W[n, seg s] · q[b, seg s] - 128 · rowsum[s, n]) + bias[n]
+ * for n < N, b < B; y has row stride ldy. 64 weight rows at a time are taken through every
+ * input row, so a batch of a few rows reads the weights once. */
+static void qmatmul(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
+                    const uint8_t *q, const float *qscale, int B, int K1, int K2, int N,
+                    float *y, int ldy, int threads) {
+    const size_t K = (size_t)K1 + K2;
+    const int groups = (N + 63) / 64, Np = groups * 64;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int g = 0; g < groups; g++) {
+        const int8_t *w = W + (size_t)g * 64 * K;
+        for (int b = 0; b < B; b++) {
+            const uint8_t *qb = q + (size_t)b * K;
+            __m512i s1[4], s2[4];
+            for (int j = 0; j < 4; j++) s1[j] = s2[j] = _mm512_setzero_si512();
+            accumulate(w, K, qb, 0, K1, s1);
+            accumulate(w, K, qb, K1, (int)K, s2);
+            const __m512 scale1 = _mm512_set1_ps(qscale[2 * b]), scale2 = _mm512_set1_ps(qscale[2 * b + 1]);
+            const __m512i zero = _mm512_set1_epi32(128);
+            for (int j = 0; j < 4; j++) {
+                const int n = g * 64 + j * 16;
+                if (n >= N) break;
+                __m512i d1 = _mm512_sub_epi32(s1[j], _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + n)));
+                __m512i d2 = _mm512_sub_epi32(s2[j], _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + Np + n)));
+                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), scale2,
+                                           _mm512_mul_ps(_mm512_cvtepi32_ps(d1), scale1));
+                v = _mm512_fmadd_ps(v, _mm512_loadu_ps(wscale + n), _mm512_loadu_ps(bias + n));
+                __mmask16 keep = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                _mm512_mask_storeu_ps(y + (size_t)b * ldy + n, keep, v);
+            }
+        }
+    }
+}
+
+/* y (B, N) = x (B, K) · Wᵀ + bias, with W packed as one segment of Kp columns. */
+int scriven_linear_i8(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
+                      const float *x, int B, int K, int Kp, int N, float *y, int threads) {
+    uint8_t *q = malloc((size_t)B * Kp);
+    float *qscale = malloc(sizeof(float) * 2 * B);
+    if (!q || !qscale) { free(q); free(qscale); return 1; }
+    for (int b = 0; b < B; b++) {
+        qscale[2 * b] = quantize(x + (size_t)b * K, K, Kp, q + (size_t)b * Kp);
+        qscale[2 * b + 1] = 0.0f;
+    }
+    qmatmul(W, rowsum, wscale, bias, q, qscale, B, Kp, 0, N, y, N, threads);
+    free(q);
+    free(qscale);
+    return 0;
+}
+
+/* One LSTM layer, one step: gates = W [x; h] + bias in PyTorch's order (input, forget, cell,
+ * output), then c' = f·c + i·g and h' = o·tanh(c'). W is packed as segments [x | h] of
+ * Ep and Hp columns. x (B, E), h and c (B, H) -> h_out, c_out (B, H). */
+int scriven_lstm_step_i8(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
+                         const float *x, const float *h, const float *c, int B, int E, int Ep, int H, int Hp,
+                         float *h_out, float *c_out, int threads) {
+    const int K = Ep + Hp;
+    uint8_t *q = malloc((size_t)B * K);
+    float *qscale = malloc(sizeof(float) * 2 * B);
+    float *gates = malloc(sizeof(float) * 4 * (size_t)H * B);
+    if (!q || !qscale || !gates) { free(q); free(qscale); free(gates); return 1; }
+    for (int b = 0; b < B; b++) {
+        qscale[2 * b] = quantize(x + (size_t)b * E, E, Ep, q + (size_t)b * K);
+        qscale[2 * b + 1] = quantize(h + (size_t)b * H, H, Hp, q + (size_t)b * K + Ep);
+    }
+    qmatmul(W, rowsum, wscale, bias, q, qscale, B, Ep, Hp, 4 * H, gates, 4 * H, threads);
+    for (int b = 0; b < B; b++) {
+        const float *g = gates + (size_t)b * 4 * H;
+        const size_t o = (size_t)b * H;
+        for (int j = 0; j < H; j += 16) {
+            __mmask16 m = H - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (H - j)) - 1);
+            __m512 in = sigmoid16(_mm512_maskz_loadu_ps(m, g + j));
+            __m512 forget = sigmoid16(_mm512_maskz_loadu_ps(m, g + H + j));
+            __m512 cand = tanh16(_mm512_maskz_loadu_ps(m, g + 2 * H + j));
+            __m512 out = sigmoid16(_mm512_maskz_loadu_ps(m, g + 3 * H + j));
+            __m512 cell = _mm512_fmadd_ps(forget, _mm512_maskz_loadu_ps(m, c + o + j), _mm512_mul_ps(in, cand));
+            _mm512_mask_storeu_ps(c_out + o + j, m, cell);
+            _mm512_mask_storeu_ps(h_out + o + j, m, _mm512_mul_ps(out, tanh16(cell)));
+        }
+    }
+    free(q);
+    free(qscale);
+    free(gates);
+    return 0;
+}
+
+/* A whole step of an LSTM language model in one call: L layers of hidden size H (layer k's
+ * weights at W[k] etc., its input size E[k]), then the output layer (V rows). x (B, E[0]) is the
+ * embedded token; h, c (L, B, H) -> h_out, c_out (L, B, H) and logits (B, V). */
+int scriven_lstm_lm_step_i8(int L, const int8_t *const *W, const int32_t *const *rowsum,
+                            const float *const *wscale, const float *const *bias, const int *E, int H,
+                            const int8_t *headW, const int32_t *head_rowsum, const float *head_scale,
+                            const float *head_bias, int V, const float *x, const float *h,
+                            const float *c, int B, float *h_out, float *c_out, float *logits,
+                            int threads) {
+    const int Hp = (H + 3) / 4 * 4;
+    for (int k = 0; k < L; k++) {
+        const size_t at = (size_t)k * B * H;
+        if (scriven_lstm_step_i8(W[k], rowsum[k], wscale[k], bias[k], x, h + at, c + at, B, E[k],
+                                 (E[k] + 3) / 4 * 4, H, Hp, h_out + at, c_out + at, threads))
+            return 1;
+        x = h_out + at;
+    }
+    return scriven_linear_i8(headW, head_rowsum, head_scale, head_bias, x, B, H, Hp, V, logits, threads);
+}
+
+/* The k largest values of each row of x (B, V) and their indices, sorted from the largest, as
+ * torch.topk gives them (up to the order of ties). One pass per row: sixteen values at a time
+ * are compared with the current k-th best, and only those above it are inserted. NaN is never
+ * taken. For small k (the caller keeps k ≤ 64). */
+void scriven_topk(const float *x, int B, int V, int k, float *values, int64_t *indices, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
+    for (int b = 0; b < B; b++) {
+        const float *row = x + (size_t)b * V;
+        float *val = values + (size_t)b * k;
+        int64_t *idx = indices + (size_t)b * k;
+        int filled = 0;
+        for (int i = 0; i < k; i++) { val[i] = -INFINITY; idx[i] = i; }
+        int i = 0;
+        for (;;) {
+            __mmask16 above;
+            if (i + 16 <= V) {
+                __m512 v = _mm512_loadu_ps(row + i);
+                above = filled < k ? (__mmask16)0xFFFF
+                                   : _mm512_cmp_ps_mask(v, _mm512_set1_ps(val[k - 1]), _CMP_GT_OQ);
+            } else if (i < V) {
+                above = (__mmask16)((1u << (V - i)) - 1);
+            } else {
+                break;
+            }
+            while (above) {
+                int j = i + __builtin_ctz(above);
+                above &= above - 1;
+                float v = row[j];
+                if (filled == k && !(v > val[k - 1])) continue;
+                if (filled < k && v != v) continue;
+                int p = filled < k ? filled++ : k - 1;
+                while (p > 0 && val[p - 1] < v) { val[p] = val[p - 1]; idx[p] = idx[p - 1]; p--; }
+                val[p] = v;
+                idx[p] = j;
+            }
+            i += 16;
+        }
+    }
+}

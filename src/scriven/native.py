@@ -1,0 +1,213 @@
+"""Native kernels (kernels.c) for one-token-at-a-time generation, compiled on first use.
+
+They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
+shared library is built once into the cache folder and reused. Where any of that is missing,
+or `SCRIVEN_NATIVE=0` is set, `library()` returns None and callers use PyTorch's kernels, which
+give the same results up to rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .data import CACHE_ENV
+
+NATIVE_ENV = "SCRIVEN_NATIVE"
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+MAX_ROWS = 8   # above this many rows, a batched matmul on the matrix units is faster
+MAX_TOP_K = 64
+
+
+def _native_dir() -> Path:
+    configured = os.environ.get(CACHE_ENV)
+    if configured:
+        return Path(configured) / "native"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("scriven")) / "native"
+
+
+def _cpu_supported() -> bool:
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    return all(f in flags for f in _CPU_FLAGS)
+
+
+def _build(compiler: str) -> Path:
+    """Compile kernels.c into the cache (atomically: a temp file renamed into place)."""
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *_FLAGS]).encode()).hexdigest()[:16]
+    target = _native_dir() / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be used here (see the module docstring)."""
+    if os.environ.get(NATIVE_ENV, "1") == "0" or not _cpu_supported():
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        warnings.warn(f"scriven: native kernels unavailable, using PyTorch's ({detail})", stacklevel=2)
+        return None
+    p, i = ctypes.c_void_p, ctypes.c_int
+    lib.scriven_linear_i8.argtypes = [p, p, p, p, p, i, i, i, i, p, i]
+    lib.scriven_lstm_step_i8.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, p, p, i]
+    lib.scriven_lstm_lm_step_i8.argtypes = [i, p, p, p, p, p, i, p, p, p, p, i, p, p, p, i, p, p,
+                                            p, i]
+    lib.scriven_topk.argtypes = [p, i, i, i, p, p, i]
+    lib.scriven_topk.restype = None
+    return lib
+
+
+def _ptr(t: Tensor) -> int:
+    return t.data_ptr()
+
+
+def _padded(n: int) -> int:
+    return -(-n // 4) * 4
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """A weight matrix (N, K) in the kernels' int8 layout (see kernels.c), its columns in one or
+    two segments (the input and the hidden state of an LSTM layer)."""
+
+    weight: Tensor     # (Np/16, Kp/4, 16, 4) int8
+    rowsum: Tensor     # (2, Np) int32
+    scale: Tensor      # (Np,) float32
+    bias: Tensor       # (Np,) float32
+    n: int
+    segments: tuple[int, ...]  # real columns per segment
+
+    @classmethod
+    def pack(cls, weight: Tensor, bias: Tensor | None, segments: tuple[int, ...]) -> PackedInt8:
+        """Quantize per output row (absmax / 127, as `precision.quantize_int8`) and lay out."""
+        from .precision import quantize_int8
+
+        q, scale = quantize_int8(weight.detach().float().cpu())             # (N, K), (N,)
+        n = q.size(0)
+        np_ = -(-n // 64) * 64
+        parts, sums, start = [], [], 0
+        for width in segments:
+            part = torch.zeros(np_, _padded(width), dtype=torch.int8)
+            part[:n, :width] = q[:, start : start + width]
+            parts.append(part)
+            sums.append(part.sum(1, dtype=torch.int32))
+            start += width
+        if len(sums) == 1:
+            sums.append(torch.zeros_like(sums[0]))
+        w = torch.cat(parts, 1)                                              # (Np, Kp)
+        blocked = w.view(np_ // 16, 16, w.size(1) // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+        def padded(v: Tensor | None) -> Tensor:
+            out = torch.zeros(np_)
+            if v is not None:
+                out[:n] = v.detach().float().cpu()
+            return out
+
+        return cls(blocked, torch.stack(sums).contiguous(), padded(scale), padded(bias), n, segments)
+
+
+def linear_int8(lib: ctypes.CDLL, packed: PackedInt8, x: Tensor) -> Tensor:
+    """x (B, K) float32 -> x Wᵀ + b (B, N), through the int8 kernel."""
+    x = x.contiguous()
+    b, k = x.shape
+    y = torch.empty(b, packed.n)
+    if lib.scriven_linear_i8(_ptr(packed.weight), _ptr(packed.rowsum), _ptr(packed.scale),
+                             _ptr(packed.bias), _ptr(x), b, k, _padded(k), packed.n,
+                             _ptr(y), torch.get_num_threads()):
+        raise MemoryError("native linear_int8: out of memory")
+    return y
+
+
+def lstm_step_int8(lib: ctypes.CDLL, packed: PackedInt8, x: Tensor, h: Tensor, c: Tensor,
+                   h_out: Tensor, c_out: Tensor) -> None:
+    """One LSTM layer step: x (B, E), h and c (B, H) -> h_out and c_out (B, H), written in place
+    (contiguous float32 tensors, or rows of them)."""
+    e, hidden = packed.segments
+    if lib.scriven_lstm_step_i8(_ptr(packed.weight), _ptr(packed.rowsum), _ptr(packed.scale),
+                                _ptr(packed.bias), _ptr(x), _ptr(h), _ptr(c), x.size(0), e,
+                                _padded(e), hidden, _padded(hidden), _ptr(h_out), _ptr(c_out),
+                                torch.get_num_threads()):
+        raise MemoryError("native lstm_step_int8: out of memory")
+
+
+class LSTMStepInt8:
+    """A whole step of an LSTM language model (layers without projections, then the output
+    layer) through the int8 kernels, in one call."""
+
+    def __init__(self, lib: ctypes.CDLL, layers: list[tuple[Tensor, Tensor, Tensor]],
+                 head_weight: Tensor, head_bias: Tensor | None) -> None:
+        """layers: (weight_ih (4H, E), weight_hh (4H, H), bias (4H,)) of each layer."""
+        self.lib = lib
+        self.hidden = layers[0][1].size(1)
+        self.layers = [PackedInt8.pack(torch.cat([w_ih, w_hh], 1), bias, (w_ih.size(1), w_hh.size(1)))
+                       for w_ih, w_hh, bias in layers]
+        self.head = PackedInt8.pack(head_weight, head_bias, (head_weight.size(1),))
+
+        def pointers(name: str) -> ctypes.Array:
+            return (ctypes.c_void_p * len(self.layers))(*(getattr(p, name).data_ptr() for p in self.layers))
+
+        self._args = [len(self.layers), pointers("weight"), pointers("rowsum"), pointers("scale"),
+                      pointers("bias"), (ctypes.c_int * len(layers))(*(p.segments[0] for p in self.layers)),
+                      self.hidden, *(_ptr(t) for t in (self.head.weight, self.head.rowsum, self.head.scale,
+                                                      self.head.bias)), self.head.n]
+
+    def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, E) embedded tokens, h and c (L, B, H) -> logits (B, V), new h and c."""
+        x, h, c = x.float().contiguous(), h.contiguous(), c.contiguous()
+        h_out, c_out = torch.empty_like(h), torch.empty_like(c)
+        logits = torch.empty(x.size(0), self.head.n)
+        if self.lib.scriven_lstm_lm_step_i8(*self._args, _ptr(x), _ptr(h), _ptr(c), x.size(0),
+                                            _ptr(h_out), _ptr(c_out), _ptr(logits),
+                                            torch.get_num_threads()):
+            raise MemoryError("native LSTM step: out of memory")
+        return logits, h_out, c_out
+
+
+def top_k(lib: ctypes.CDLL, logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """torch.topk(logits (B, V) float32 on the CPU, k) for k ≤ MAX_TOP_K, in one pass per row."""
+    logits = logits.contiguous()
+    b, v = logits.shape
+    values, indices = torch.empty(b, k), torch.empty(b, k, dtype=torch.long)
+    lib.scriven_topk(_ptr(logits), b, v, k, _ptr(values), _ptr(indices), torch.get_num_threads())
+    return values, indices
