@@ -8,7 +8,7 @@
  *
  * Layouts (see scriven/native.py, which packs them):
  *   W       int8 weights of Np output rows (Np a multiple of 64, zero rows past N) and K columns
- *           in up to two segments of K1 and K2 columns (each a multiple of 4, zero-padded),
+ *           in up to two segments of K1 and K2 columns (each a multiple of 64, zero-padded),
  *           blocked for VNNI: [row block of 16][column group of 4][16 rows][4 columns], so one
  *           64-byte load holds four columns of sixteen rows, and one instruction adds their
  *           products with four broadcast input bytes into sixteen row sums: no horizontal sums;
@@ -22,6 +22,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 /* Round n floats to bytes around 128; pad to `padded` with 128 (zero). Returns the scale. */
 static float quantize(const float *x, int n, int padded, uint8_t *q) {
@@ -86,7 +89,7 @@ static inline void accumulate(const int8_t *w, size_t K, const uint8_t *q, int k
 /* y[b, n] = wscale[n] · Σ_s qscale[b, s] · (W[n, seg s] · q[b, seg s] - 128 · rowsum[s, n]) + bias[n]
  * for n < N, b < B; y has row stride ldy. 64 weight rows at a time are taken through every
  * input row, so a batch of a few rows reads the weights once. */
-static void qmatmul(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
+static void qmatmul_vnni(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
                     const uint8_t *q, const float *qscale, int B, int K1, int K2, int N,
                     float *y, int ldy, int threads) {
     const size_t K = (size_t)K1 + K2;
@@ -117,12 +120,109 @@ static void qmatmul(const int8_t *W, const int32_t *rowsum, const float *wscale,
     }
 }
 
+/* The same product on the AMX tile units, for batches: a tile multiply takes 16 input rows ×
+ * 64 columns (bytes) against 64 columns × 16 output rows, and the weight layout above is
+ * already the one AMX wants for its second operand (four columns of sixteen rows per 64-byte
+ * row). q must hold a multiple of 16 rows (padding rows of 128); K1 and K2 are multiples of 64.
+ * Each thread takes whole groups of 64 output rows; tiles 0-3 accumulate one group's four
+ * blocks of 16 for one segment, tile 4 holds input bytes, tile 5 weights. */
+static int amx_enabled = 0;  /* set once by scriven_amx_init(): the CPU has AMX and Linux allows it */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+__attribute__((target("amx-tile,amx-int8")))
+static void qmatmul_amx(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
+                        const uint8_t *q, const float *qscale, int B, int K1, int K2, int N,
+                        float *y, int ldy, int threads) {
+    const size_t K = (size_t)K1 + K2;
+    const int groups = (N + 63) / 64, Np = groups * 64, Bp = (B + 15) / 16 * 16;
+    #pragma omp parallel num_threads(threads)
+    {
+        tile_config cfg = {0};
+        cfg.palette = 1;
+        for (int t = 0; t < 6; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+        int32_t (*dots)[16][64] = malloc(sizeof(int32_t) * 2 * 16 * 64);  /* [segment][row][col] */
+        #pragma omp for schedule(static)
+        for (int g = 0; g < groups; g++) {
+            const int8_t *w = W + (size_t)g * 64 * K;
+            for (int m = 0; m < Bp; m += 16) {
+                for (int s = 0; s < 2; s++) {
+                    const int k0 = s ? K1 : 0, k1 = s ? (int)K : K1;
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int k = k0; k < k1; k += 64) {
+                        _tile_loadd(4, q + (size_t)m * K + k, K);
+                        const int8_t *wk = w + (size_t)k * 16;
+                        _tile_loadd(5, wk, 64);
+                        _tile_dpbusd(0, 4, 5);
+                        _tile_loadd(5, wk + 16 * K, 64);
+                        _tile_dpbusd(1, 4, 5);
+                        _tile_loadd(5, wk + 32 * K, 64);
+                        _tile_dpbusd(2, 4, 5);
+                        _tile_loadd(5, wk + 48 * K, 64);
+                        _tile_dpbusd(3, 4, 5);
+                    }
+                    _tile_stored(0, &dots[s][0][0], 256);
+                    _tile_stored(1, &dots[s][0][16], 256);
+                    _tile_stored(2, &dots[s][0][32], 256);
+                    _tile_stored(3, &dots[s][0][48], 256);
+                }
+                for (int r = 0; r < 16 && m + r < B; r++) {
+                    const __m512 scale1 = _mm512_set1_ps(qscale[2 * (m + r)]);
+                    const __m512 scale2 = _mm512_set1_ps(qscale[2 * (m + r) + 1]);
+                    const __m512i zero = _mm512_set1_epi32(128);
+                    for (int j = 0; j < 4; j++) {
+                        const int n = g * 64 + j * 16;
+                        if (n >= N) break;
+                        __m512i d1 = _mm512_sub_epi32(_mm512_loadu_si512(&dots[0][r][j * 16]),
+                                                      _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + n)));
+                        __m512i d2 = _mm512_sub_epi32(_mm512_loadu_si512(&dots[1][r][j * 16]),
+                                                      _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + Np + n)));
+                        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), scale2,
+                                                   _mm512_mul_ps(_mm512_cvtepi32_ps(d1), scale1));
+                        v = _mm512_fmadd_ps(v, _mm512_loadu_ps(wscale + n), _mm512_loadu_ps(bias + n));
+                        __mmask16 keep = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                        _mm512_mask_storeu_ps(y + (size_t)(m + r) * ldy + n, keep, v);
+                    }
+                }
+            }
+        }
+        free(dots);
+        _tile_release();
+    }
+}
+
+/* Ask Linux for the AMX tile state (it is off for a process until asked); 1 if AMX can run. */
+int scriven_amx_init(void) {
+    const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+    amx_enabled = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx_enabled;
+}
+
+/* Batches of at least this many rows go to the tile units when they are enabled (measured: 8
+ * rows padded to 16 are faster there than on the VNNI kernel). */
+#define AMX_MIN_ROWS 8
+
+static void qmatmul(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
+                    const uint8_t *q, const float *qscale, int B, int K1, int K2, int N,
+                    float *y, int ldy, int threads) {
+    if (amx_enabled && B >= AMX_MIN_ROWS)
+        qmatmul_amx(W, rowsum, wscale, bias, q, qscale, B, K1, K2, N, y, ldy, threads);
+    else
+        qmatmul_vnni(W, rowsum, wscale, bias, q, qscale, B, K1, K2, N, y, ldy, threads);
+}
+
 /* y (B, N) = x (B, K) · Wᵀ + bias, with W packed as one segment of Kp columns. */
 int scriven_linear_i8(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
                       const float *x, int B, int K, int Kp, int N, float *y, int threads) {
-    uint8_t *q = malloc((size_t)B * Kp);
+    uint8_t *q = malloc((size_t)(B + 15) / 16 * 16 * Kp);
     float *qscale = malloc(sizeof(float) * 2 * B);
     if (!q || !qscale) { free(q); free(qscale); return 1; }
+    memset(q + (size_t)B * Kp, 128, (size_t)((B + 15) / 16 * 16 - B) * Kp);
     for (int b = 0; b < B; b++) {
         qscale[2 * b] = quantize(x + (size_t)b * K, K, Kp, q + (size_t)b * Kp);
         qscale[2 * b + 1] = 0.0f;
@@ -140,10 +240,11 @@ int scriven_lstm_step_i8(const int8_t *W, const int32_t *rowsum, const float *ws
                          const float *x, const float *h, const float *c, int B, int E, int Ep, int H, int Hp,
                          float *h_out, float *c_out, int threads) {
     const int K = Ep + Hp;
-    uint8_t *q = malloc((size_t)B * K);
+    uint8_t *q = malloc((size_t)(B + 15) / 16 * 16 * K);
     float *qscale = malloc(sizeof(float) * 2 * B);
     float *gates = malloc(sizeof(float) * 4 * (size_t)H * B);
     if (!q || !qscale || !gates) { free(q); free(qscale); free(gates); return 1; }
+    memset(q + (size_t)B * K, 128, (size_t)((B + 15) / 16 * 16 - B) * K);
     for (int b = 0; b < B; b++) {
         qscale[2 * b] = quantize(x + (size_t)b * E, E, Ep, q + (size_t)b * K);
         qscale[2 * b + 1] = quantize(h + (size_t)b * H, H, Hp, q + (size_t)b * K + Ep);
@@ -169,62 +270,89 @@ int scriven_lstm_step_i8(const int8_t *W, const int32_t *rowsum, const float *ws
     return 0;
 }
 
-/* A whole step of an LSTM language model in one call: L layers of hidden size H (layer k's
- * weights at W[k] etc., its input size E[k]), then the output layer (V rows). x (B, E[0]) is the
- * embedded token; h, c (L, B, H) -> h_out, c_out (L, B, H) and logits (B, V). */
+/* A whole step of an LSTM language model in one call: the embedding rows of token ids (B,)
+ * from table (rows of E[0] floats), L layers of hidden size H (layer k's weights at W[k] etc.,
+ * its input size E[k]), then the output layer (V rows). h, c (L, B, H) -> h_out, c_out
+ * (L, B, H) and logits (B, V). Returns 0, 1 when out of memory, 2 for an id outside the table. */
 int scriven_lstm_lm_step_i8(int L, const int8_t *const *W, const int32_t *const *rowsum,
                             const float *const *wscale, const float *const *bias, const int *E, int H,
                             const int8_t *headW, const int32_t *head_rowsum, const float *head_scale,
-                            const float *head_bias, int V, const float *x, const float *h,
-                            const float *c, int B, float *h_out, float *c_out, float *logits,
-                            int threads) {
-    const int Hp = (H + 3) / 4 * 4;
+                            const float *head_bias, int V, const float *table, int vocab, const int64_t *ids,
+                            const float *h, const float *c, int B, float *h_out, float *c_out,
+                            float *logits, int threads) {
+    const int Hp = (H + 63) / 64 * 64;
+    for (int b = 0; b < B; b++)
+        if (ids[b] < 0 || ids[b] >= vocab) return 2;
+    float *x = malloc(sizeof(float) * (size_t)B * E[0]);
+    if (!x) return 1;
+    for (int b = 0; b < B; b++) memcpy(x + (size_t)b * E[0], table + (size_t)ids[b] * E[0], sizeof(float) * E[0]);
+    const float *in = x;
     for (int k = 0; k < L; k++) {
         const size_t at = (size_t)k * B * H;
-        if (scriven_lstm_step_i8(W[k], rowsum[k], wscale[k], bias[k], x, h + at, c + at, B, E[k],
-                                 (E[k] + 3) / 4 * 4, H, Hp, h_out + at, c_out + at, threads))
+        if (scriven_lstm_step_i8(W[k], rowsum[k], wscale[k], bias[k], in, h + at, c + at, B, E[k],
+                                 (E[k] + 63) / 64 * 64, H, Hp, h_out + at, c_out + at, threads)) {
+            free(x);
             return 1;
-        x = h_out + at;
+        }
+        in = h_out + at;
     }
-    return scriven_linear_i8(headW, head_rowsum, head_scale, head_bias, x, B, H, Hp, V, logits, threads);
+    free(x);
+    return scriven_linear_i8(headW, head_rowsum, head_scale, head_bias, in, B, H, Hp, V, logits, threads);
 }
 
-/* The k largest values of each row of x (B, V) and their indices, sorted from the largest, as
- * torch.topk gives them (up to the order of ties). One pass per row: sixteen values at a time
- * are compared with the current k-th best, and only those above it are inserted. NaN is never
- * taken. For small k (the caller keeps k ≤ 64). */
+/* The k largest values of one row of V floats and their indices, sorted from the largest. One
+ * pass: sixteen values at a time are compared with the current k-th best, and only those above
+ * it are inserted. NaN is never taken. For small k (the caller keeps k ≤ 64). */
+static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
+    int filled = 0;
+    for (int i = 0; i < k; i++) { val[i] = -INFINITY; idx[i] = i; }
+    for (int i = 0; i < V; i += 16) {
+        __mmask16 above;
+        if (i + 16 <= V)
+            above = filled < k ? (__mmask16)0xFFFF
+                               : _mm512_cmp_ps_mask(_mm512_loadu_ps(row + i), _mm512_set1_ps(val[k - 1]), _CMP_GT_OQ);
+        else
+            above = (__mmask16)((1u << (V - i)) - 1);
+        while (above) {
+            int j = i + __builtin_ctz(above);
+            above &= above - 1;
+            float v = row[j];
+            if (v != v || (filled == k && !(v > val[k - 1]))) continue;
+            int p = filled < k ? filled++ : k - 1;
+            while (p > 0 && val[p - 1] < v) { val[p] = val[p - 1]; idx[p] = idx[p - 1]; p--; }
+            val[p] = v;
+            idx[p] = j;
+        }
+    }
+}
+
+/* torch.topk(x (B, V), k) (up to the order of ties). */
 void scriven_topk(const float *x, int B, int V, int k, float *values, int64_t *indices, int threads) {
     #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
+    for (int b = 0; b < B; b++)
+        topk_row(x + (size_t)b * V, V, k, values + (size_t)b * k, indices + (size_t)b * k);
+}
+
+/* Top-k sampling at a temperature, one token per row of x (B, V), as sampling.py does it: the
+ * k best logits, softmax of them / temperature, then the first index whose running total
+ * passes uniform[b] · total. Writes the token ids (B,) and their probabilities (B,). */
+void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature,
+                          const float *uniform, int64_t *ids, float *probs, int threads) {
+    #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
     for (int b = 0; b < B; b++) {
-        const float *row = x + (size_t)b * V;
-        float *val = values + (size_t)b * k;
-        int64_t *idx = indices + (size_t)b * k;
-        int filled = 0;
-        for (int i = 0; i < k; i++) { val[i] = -INFINITY; idx[i] = i; }
-        int i = 0;
-        for (;;) {
-            __mmask16 above;
-            if (i + 16 <= V) {
-                __m512 v = _mm512_loadu_ps(row + i);
-                above = filled < k ? (__mmask16)0xFFFF
-                                   : _mm512_cmp_ps_mask(v, _mm512_set1_ps(val[k - 1]), _CMP_GT_OQ);
-            } else if (i < V) {
-                above = (__mmask16)((1u << (V - i)) - 1);
-            } else {
-                break;
-            }
-            while (above) {
-                int j = i + __builtin_ctz(above);
-                above &= above - 1;
-                float v = row[j];
-                if (filled == k && !(v > val[k - 1])) continue;
-                if (filled < k && v != v) continue;
-                int p = filled < k ? filled++ : k - 1;
-                while (p > 0 && val[p - 1] < v) { val[p] = val[p - 1]; idx[p] = idx[p - 1]; p--; }
-                val[p] = v;
-                idx[p] = j;
-            }
-            i += 16;
+        float val[64], cdf[64];
+        int64_t idx[64];
+        topk_row(x + (size_t)b * V, V, k, val, idx);
+        const float top = val[0] / temperature;
+        float total = 0.0f;
+        for (int i = 0; i < k; i++) {
+            total += expf(val[i] / temperature - top);
+            cdf[i] = total;
         }
+        const float target = uniform[b] * total;
+        int pick = 0;
+        while (pick < k - 1 && !(cdf[pick] > target)) pick++;
+        ids[b] = idx[pick];
+        probs[b] = (cdf[pick] - (pick ? cdf[pick - 1] : 0.0f)) / total;
     }
 }

@@ -26,10 +26,10 @@ from torch import Tensor
 from .data import CACHE_ENV
 
 NATIVE_ENV = "SCRIVEN_NATIVE"
+AMX_ENV = "SCRIVEN_AMX"  # 0: keep batches on the VNNI kernels too (for tests and comparisons)
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-MAX_ROWS = 8   # above this many rows, a batched matmul on the matrix units is faster
 MAX_TOP_K = 64
 
 
@@ -42,7 +42,7 @@ def _native_dir() -> Path:
     return Path(platformdirs.user_cache_dir("scriven")) / "native"
 
 
-def _cpu_supported() -> bool:
+def _cpu_has(*features: str) -> bool:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return False
     try:
@@ -51,7 +51,7 @@ def _cpu_supported() -> bool:
         return False
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
                   if line.startswith("flags")), [])
-    return all(f in flags for f in _CPU_FLAGS)
+    return all(f in flags for f in features)
 
 
 def _build(compiler: str) -> Path:
@@ -77,7 +77,7 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None where they cannot be used here (see the module docstring)."""
-    if os.environ.get(NATIVE_ENV, "1") == "0" or not _cpu_supported():
+    if os.environ.get(NATIVE_ENV, "1") == "0" or not _cpu_has(*_CPU_FLAGS):
         return None
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
@@ -91,10 +91,15 @@ def library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.scriven_linear_i8.argtypes = [p, p, p, p, p, i, i, i, i, p, i]
     lib.scriven_lstm_step_i8.argtypes = [p, p, p, p, p, p, p, i, i, i, i, i, p, p, i]
-    lib.scriven_lstm_lm_step_i8.argtypes = [i, p, p, p, p, p, i, p, p, p, p, i, p, p, p, i, p, p,
-                                            p, i]
+    lib.scriven_lstm_lm_step_i8.argtypes = [i, p, p, p, p, p, i, p, p, p, p, i, p, i, p, p, p, i,
+                                            p, p, p, i]
     lib.scriven_topk.argtypes = [p, i, i, i, p, p, i]
     lib.scriven_topk.restype = None
+    lib.scriven_amx_init.argtypes = []
+    if os.environ.get(AMX_ENV, "1") != "0" and _cpu_has("amx_tile", "amx_int8"):
+        lib.scriven_amx_init()  # batches of 8 rows or more then run on the tile units
+    lib.scriven_sample_top_k.argtypes = [p, i, i, i, ctypes.c_float, p, p, p, i]
+    lib.scriven_sample_top_k.restype = None
     return lib
 
 
@@ -103,7 +108,7 @@ def _ptr(t: Tensor) -> int:
 
 
 def _padded(n: int) -> int:
-    return -(-n // 4) * 4
+    return -(-n // 64) * 64
 
 
 @dataclass(frozen=True)
@@ -175,10 +180,12 @@ class LSTMStepInt8:
     """A whole step of an LSTM language model (layers without projections, then the output
     layer) through the int8 kernels, in one call."""
 
-    def __init__(self, lib: ctypes.CDLL, layers: list[tuple[Tensor, Tensor, Tensor]],
+    def __init__(self, lib: ctypes.CDLL, embedding: Tensor, layers: list[tuple[Tensor, Tensor, Tensor]],
                  head_weight: Tensor, head_bias: Tensor | None) -> None:
-        """layers: (weight_ih (4H, E), weight_hh (4H, H), bias (4H,)) of each layer."""
+        """embedding (vocabulary, E); layers: (weight_ih (4H, E), weight_hh (4H, H), bias (4H,))
+        of each layer; the output layer's weight (V, H) and bias."""
         self.lib = lib
+        self.embedding = embedding.detach().float().contiguous()
         self.hidden = layers[0][1].size(1)
         self.layers = [PackedInt8.pack(torch.cat([w_ih, w_hh], 1), bias, (w_ih.size(1), w_hh.size(1)))
                        for w_ih, w_hh, bias in layers]
@@ -190,16 +197,20 @@ class LSTMStepInt8:
         self._args = [len(self.layers), pointers("weight"), pointers("rowsum"), pointers("scale"),
                       pointers("bias"), (ctypes.c_int * len(layers))(*(p.segments[0] for p in self.layers)),
                       self.hidden, *(_ptr(t) for t in (self.head.weight, self.head.rowsum, self.head.scale,
-                                                      self.head.bias)), self.head.n]
+                                                      self.head.bias)), self.head.n,
+                      _ptr(self.embedding), self.embedding.size(0)]
 
-    def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (B, E) embedded tokens, h and c (L, B, H) -> logits (B, V), new h and c."""
-        x, h, c = x.float().contiguous(), h.contiguous(), c.contiguous()
+    def __call__(self, ids: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ids (B,) token ids, h and c (L, B, H) -> logits (B, V), new h and c."""
+        ids, h, c = ids.contiguous(), h.contiguous(), c.contiguous()
         h_out, c_out = torch.empty_like(h), torch.empty_like(c)
-        logits = torch.empty(x.size(0), self.head.n)
-        if self.lib.scriven_lstm_lm_step_i8(*self._args, _ptr(x), _ptr(h), _ptr(c), x.size(0),
-                                            _ptr(h_out), _ptr(c_out), _ptr(logits),
-                                            torch.get_num_threads()):
+        logits = torch.empty(ids.size(0), self.head.n)
+        status = self.lib.scriven_lstm_lm_step_i8(*self._args, _ptr(ids), _ptr(h), _ptr(c),
+                                                  ids.size(0), _ptr(h_out), _ptr(c_out),
+                                                  _ptr(logits), torch.get_num_threads())
+        if status == 2:
+            raise IndexError(f"token id out of range 0..{self.embedding.size(0) - 1}")
+        if status:
             raise MemoryError("native LSTM step: out of memory")
         return logits, h_out, c_out
 
@@ -211,3 +222,16 @@ def top_k(lib: ctypes.CDLL, logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
     values, indices = torch.empty(b, k), torch.empty(b, k, dtype=torch.long)
     lib.scriven_topk(_ptr(logits), b, v, k, _ptr(values), _ptr(indices), torch.get_num_threads())
     return values, indices
+
+
+def sample_top_k(lib: ctypes.CDLL, logits: Tensor, k: int, temperature: float,
+                 uniform: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-k sampling of logits (B, V) float32 on the CPU at `temperature` > 0, k ≤ MAX_TOP_K,
+    with one uniform number in [0, 1) per row (B,): ids (B,) and their probabilities (B,), as
+    `sampling.sample_with_probability` draws them from the same numbers."""
+    logits, uniform = logits.contiguous(), uniform.float().contiguous()
+    b, v = logits.shape
+    ids, probs = torch.empty(b, dtype=torch.long), torch.empty(b)
+    lib.scriven_sample_top_k(_ptr(logits), b, v, k, temperature, _ptr(uniform), _ptr(ids),
+                             _ptr(probs), torch.get_num_threads())
+    return ids, probs

@@ -128,11 +128,32 @@ def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int
         best = logits.gather(-1, ids[:, None]).squeeze(-1)
         return ids, torch.exp(best - torch.logsumexp(logits, dim=-1))
     if top_k is not None and top_k < logits.size(-1):
+        lib = native.library()
+        if (lib is not None and top_p is None and top_k <= native.MAX_TOP_K
+                and logits.device.type == "cpu" and logits.dim() == 2):
+            # The same steps and the same random number, in one native call.
+            return native.sample_top_k(lib, logits, top_k, temperature,
+                                       uniform(logits.size(0), generator, logits.device))
         # Same distribution as top_k_filter, but softmax and top-p run over k values, not V.
         values, indices = top_k_values(logits, top_k)                        # (B, k)
         probs = torch.softmax(filter_logits(values, temperature, None, top_p), dim=-1)
-        choice = torch.multinomial(probs, 1, generator=generator)           # (B, 1)
+        choice = draw(probs, generator)                                      # (B, 1)
         return indices.gather(-1, choice).squeeze(-1), probs.gather(-1, choice).squeeze(-1)
     probs = torch.softmax(filter_logits(logits, temperature, None, top_p), dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
+    choice = draw(probs, generator)
     return choice.squeeze(-1), probs.gather(-1, choice).squeeze(-1)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One index per row of probs (B, K), each with its probability, by inverse-CDF sampling:
+    one uniform number per row, and the first index whose running total passes it. The
+    server's batched sampler draws the same way, and it costs less than torch.multinomial."""
+    cdf = probs.cumsum(dim=-1)                                               # (B, K)
+    u = uniform(probs.size(0), generator, probs.device)[:, None].to(cdf.dtype)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)             # (B, 1)
+    return index.clamp_(max=probs.size(-1) - 1)
+
+
+def uniform(rows: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """The one random number per row (rows,) in [0, 1) that each sampled token costs."""
+    return torch.rand(rows, generator=generator, device=device)

@@ -93,9 +93,9 @@ class LSTMStepper:
     a small layer is read quickly in fp32, and casting its input would cost more than it saves.
     With fp32 the numbers are the model's own, up to summation order.
 
-    In int8, a step of a few rows (a single stream) runs through the native kernels where this
-    CPU has them (`scriven.native`): each layer and the head is one call that also rounds its
-    input to 8 bits, so all dot products are byte products."""
+    In int8, a step runs through the native kernels where this CPU has them (`scriven.native`):
+    the whole step is one call, and each layer and the head rounds its input to 8 bits, so all
+    dot products are byte products (on the AMX tile units for batches)."""
 
     LOW_PRECISION_MIN = 1 << 20
 
@@ -126,10 +126,10 @@ class LSTMStepper:
     def step(self, ids: Tensor, state: LSTMState) -> tuple[Tensor, LSTMState]:
         """Feed one token per row, ids (B,) -> logits for the next one (B, V), and the state."""
         h, c = state                                                # (L, B, H'), (L, B, H)
-        x = F.embedding(ids, self.embed)                            # (B, E)
-        if self.native is not None and ids.size(0) <= native.MAX_ROWS:
-            logits, h, c = self.native(x, h, c)
+        if self.native is not None:
+            logits, h, c = self.native(ids, h, c)                   # (B, V), (L, B, H) each
             return logits, (h, c)
+        x = F.embedding(ids, self.embed)                            # (B, E)
         hs, cs = [], []
         for k, layer in enumerate(self.layers):
             x, c_k = layer(x, h[k], c[k])                           # (B, H'), (B, H)
@@ -147,7 +147,7 @@ def _native_int8(model: LSTMLanguageModel) -> native.LSTMStepInt8 | None:
     layers = [(getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}"),
                getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}"))
               for k in range(lstm.num_layers)]
-    return native.LSTMStepInt8(lib, layers, model.head.weight, model.head.bias)
+    return native.LSTMStepInt8(lib, model.embed.weight, layers, model.head.weight, model.head.bias)
 
 
 class _CellLayer:
