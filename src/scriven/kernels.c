@@ -86,6 +86,20 @@ static inline void accumulate(const int8_t *w, size_t K, const uint8_t *q, int k
     }
 }
 
+/* Sixteen outputs y[n .. n+16) (those below N) of one input row from its two segments' integer
+ * dot products d1, d2 (input bytes still offset by 128): the offset, the scales and the bias. */
+static inline void finish16(__m512i d1, __m512i d2, const int32_t *rowsum, int Np, const float *wscale,
+                            const float *bias, const float *qscale, int n, int N, float *y) {
+    const __m512i zero = _mm512_set1_epi32(128);
+    d1 = _mm512_sub_epi32(d1, _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + n)));
+    d2 = _mm512_sub_epi32(d2, _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + Np + n)));
+    __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), _mm512_set1_ps(qscale[1]),
+                               _mm512_mul_ps(_mm512_cvtepi32_ps(d1), _mm512_set1_ps(qscale[0])));
+    v = _mm512_fmadd_ps(v, _mm512_loadu_ps(wscale + n), _mm512_loadu_ps(bias + n));
+    __mmask16 keep = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+    _mm512_mask_storeu_ps(y + n, keep, v);
+}
+
 /* y[b, n] = wscale[n] · Σ_s qscale[b, s] · (W[n, seg s] · q[b, seg s] - 128 · rowsum[s, n]) + bias[n]
  * for n < N, b < B; y has row stride ldy. 64 weight rows at a time are taken through every
  * input row, so a batch of a few rows reads the weights once. */
@@ -103,19 +117,9 @@ static void qmatmul_vnni(const int8_t *W, const int32_t *rowsum, const float *ws
             for (int j = 0; j < 4; j++) s1[j] = s2[j] = _mm512_setzero_si512();
             accumulate(w, K, qb, 0, K1, s1);
             accumulate(w, K, qb, K1, (int)K, s2);
-            const __m512 scale1 = _mm512_set1_ps(qscale[2 * b]), scale2 = _mm512_set1_ps(qscale[2 * b + 1]);
-            const __m512i zero = _mm512_set1_epi32(128);
-            for (int j = 0; j < 4; j++) {
-                const int n = g * 64 + j * 16;
-                if (n >= N) break;
-                __m512i d1 = _mm512_sub_epi32(s1[j], _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + n)));
-                __m512i d2 = _mm512_sub_epi32(s2[j], _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + Np + n)));
-                __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), scale2,
-                                           _mm512_mul_ps(_mm512_cvtepi32_ps(d1), scale1));
-                v = _mm512_fmadd_ps(v, _mm512_loadu_ps(wscale + n), _mm512_loadu_ps(bias + n));
-                __mmask16 keep = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-                _mm512_mask_storeu_ps(y + (size_t)b * ldy + n, keep, v);
-            }
+            for (int j = 0; j < 4 && g * 64 + j * 16 < N; j++)
+                finish16(s1[j], s2[j], rowsum, Np, wscale, bias, qscale + 2 * b, g * 64 + j * 16, N,
+                         y + (size_t)b * ldy);
         }
     }
 }
@@ -146,7 +150,7 @@ static void qmatmul_amx(const int8_t *W, const int32_t *rowsum, const float *wsc
         cfg.palette = 1;
         for (int t = 0; t < 6; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
         _tile_loadconfig(&cfg);
-        int32_t (*dots)[16][64] = malloc(sizeof(int32_t) * 2 * 16 * 64);  /* [segment][row][col] */
+        int32_t dots[2][16][64];  /* [segment][input row][output row in the group] */
         #pragma omp for schedule(static)
         for (int g = 0; g < groups; g++) {
             const int8_t *w = W + (size_t)g * 64 * K;
@@ -171,27 +175,13 @@ static void qmatmul_amx(const int8_t *W, const int32_t *rowsum, const float *wsc
                     _tile_stored(2, &dots[s][0][32], 256);
                     _tile_stored(3, &dots[s][0][48], 256);
                 }
-                for (int r = 0; r < 16 && m + r < B; r++) {
-                    const __m512 scale1 = _mm512_set1_ps(qscale[2 * (m + r)]);
-                    const __m512 scale2 = _mm512_set1_ps(qscale[2 * (m + r) + 1]);
-                    const __m512i zero = _mm512_set1_epi32(128);
-                    for (int j = 0; j < 4; j++) {
-                        const int n = g * 64 + j * 16;
-                        if (n >= N) break;
-                        __m512i d1 = _mm512_sub_epi32(_mm512_loadu_si512(&dots[0][r][j * 16]),
-                                                      _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + n)));
-                        __m512i d2 = _mm512_sub_epi32(_mm512_loadu_si512(&dots[1][r][j * 16]),
-                                                      _mm512_mullo_epi32(zero, _mm512_loadu_si512(rowsum + Np + n)));
-                        __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d2), scale2,
-                                                   _mm512_mul_ps(_mm512_cvtepi32_ps(d1), scale1));
-                        v = _mm512_fmadd_ps(v, _mm512_loadu_ps(wscale + n), _mm512_loadu_ps(bias + n));
-                        __mmask16 keep = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-                        _mm512_mask_storeu_ps(y + (size_t)(m + r) * ldy + n, keep, v);
-                    }
-                }
+                for (int r = 0; r < 16 && m + r < B; r++)
+                    for (int j = 0; j < 4 && g * 64 + j * 16 < N; j++)
+                        finish16(_mm512_loadu_si512(&dots[0][r][j * 16]), _mm512_loadu_si512(&dots[1][r][j * 16]),
+                                 rowsum, Np, wscale, bias, qscale + 2 * (m + r), g * 64 + j * 16, N,
+                                 y + (size_t)(m + r) * ldy);
             }
         }
-        free(dots);
         _tile_release();
     }
 }
