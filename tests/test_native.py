@@ -98,8 +98,16 @@ def test_top_k_equals_torch_topk(rows, vocab, k):
 def test_disabled_by_environment(monkeypatch, fresh_library):
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     assert native.library() is None
-    m = LSTMLanguageModel(LSTMConfig(vocab_size=50, embed_dim=8, hidden_dim=8, num_layers=1))
-    assert LSTMStepper(m, "int8").native is None  # the PyTorch int8 path is used instead
+    monkeypatch.setattr(LSTMStepper, "LOW_PRECISION_MIN", 0)  # every layer in int8
+    m = LSTMLanguageModel(LSTMConfig(vocab_size=300, embed_dim=32, hidden_dim=32, num_layers=2)).eval()
+    stepper = LSTMStepper(m, "int8")
+    assert stepper.native is None  # PyTorch's int8 path instead, and it still works
+    ids = torch.randint(0, 300, (2, 4))
+    with torch.no_grad():
+        _, state = LSTMStepper(m).read(ids)
+        exact = LSTMStepper(m).step(ids[:, 0], state)[0]
+        approx = stepper.step(ids[:, 0], state)[0]
+    assert (approx - exact).abs().max() <= 0.05 * exact.abs().max()
 
 
 @needs_kernels
