@@ -68,6 +68,9 @@ def _build(compiler: str) -> Path:
         subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
+        for stale in target.parent.glob("kernels-*.so"):  # builds of earlier sources
+            if stale != target:
+                stale.unlink(missing_ok=True)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
