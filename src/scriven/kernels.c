@@ -40,7 +40,7 @@ static float quantize(const float *x, int n, int padded, uint8_t *q) {
         __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), inv)), zero);
         _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(v));
     }
-    for (; i < n; i++) q[i] = (uint8_t)(128 + (int)nearbyintf(x[i] / scale));
+    for (; i < n; i++) q[i] = (uint8_t)(128 + (int)nearbyintf(x[i] * (1.0f / scale)));
     for (; i < padded; i++) q[i] = 128;
     return scale;
 }
@@ -77,7 +77,9 @@ static inline void accumulate(const int8_t *w, size_t K, const uint8_t *q, int k
                               __m512i acc[4]) {
     const size_t stride = 16 * K;
     for (int k = k0; k < k1; k += 4) {
-        __m512i x = _mm512_set1_epi32(*(const int32_t *)(q + k));
+        int32_t four;
+        memcpy(&four, q + k, 4);  /* four input bytes, broadcast to all sixteen lanes */
+        __m512i x = _mm512_set1_epi32(four);
         const int8_t *p = w + (size_t)k * 16;
         acc[0] = _mm512_dpbusd_epi32(acc[0], x, _mm512_loadu_si512(p));
         acc[1] = _mm512_dpbusd_epi32(acc[1], x, _mm512_loadu_si512(p + stride));
