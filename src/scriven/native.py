@@ -2,8 +2,9 @@
 
 They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
 shared library is built once into the cache folder and reused. Where any of that is missing,
-or `SCRIVEN_NATIVE=0` is set, `library()` returns None and callers use PyTorch's kernels, which
-give the same results up to rounding.
+or `SCRIVEN_NATIVE=0` is set, `library()` returns None and callers use PyTorch's kernels: the
+same results up to rounding (the int8 kernels also round each layer's input to 8 bits, where
+PyTorch's int8 path keeps it in bf16).
 """
 
 from __future__ import annotations
@@ -232,6 +233,8 @@ def sample_top_k(lib: ctypes.CDLL, logits: Tensor, k: int, temperature: float,
     """Top-k sampling of logits (B, V) float32 on the CPU at `temperature` > 0, k ≤ MAX_TOP_K,
     with one uniform number in [0, 1) per row (B,): ids (B,) and their probabilities (B,), as
     `sampling.sample_with_probability` draws them from the same numbers."""
+    if not 0 < k <= MAX_TOP_K:
+        raise ValueError(f"native top-k sampling takes 1 <= k <= {MAX_TOP_K}, got {k}")
     logits, uniform = logits.contiguous(), uniform.float().contiguous()
     b, v = logits.shape
     ids, probs = torch.empty(b, dtype=torch.long), torch.empty(b)
