@@ -204,6 +204,10 @@ class LSTMStepInt8:
                                                       self.head.bias)), self.head.n,
                       _ptr(self.embedding), self.embedding.size(0)]
 
+    def head_logits(self, x: Tensor) -> Tensor:
+        """The output layer alone (for the last position of a prompt): x (B, H) -> (B, V)."""
+        return linear_int8(self.lib, self.head, x.float())
+
     def __call__(self, ids: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """ids (B,) token ids, h and c (L, B, H) -> logits (B, V), new h and c."""
         ids, h, c = ids.contiguous(), h.contiguous(), c.contiguous()

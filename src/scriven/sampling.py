@@ -145,13 +145,18 @@ def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int
 
 
 def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One index per row of probs (B, K), each with its probability, by inverse-CDF sampling:
-    one uniform number per row, and the first index whose running total passes it. The
-    server's batched sampler draws the same way, and it costs less than torch.multinomial."""
+    """One index (B, 1) per row of probs (B, K), each with its probability: inverse-CDF
+    sampling, which costs less than torch.multinomial and is what the server's batched
+    sampler does too."""
+    return inverse_cdf(probs, uniform(probs.size(0), generator, probs.device))
+
+
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """For each row of probs (B, K) and its number u (B,) in [0, 1): the first index (B, 1)
+    whose running total passes u × the row's total."""
     cdf = probs.cumsum(dim=-1)                                               # (B, K)
-    u = uniform(probs.size(0), generator, probs.device)[:, None].to(cdf.dtype)
-    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)             # (B, 1)
-    return index.clamp_(max=probs.size(-1) - 1)
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]                         # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).clamp_(max=probs.size(-1) - 1)
 
 
 def uniform(rows: int, generator: torch.Generator | None, device: torch.device) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from .. import native
 from ..config import check, check_float, check_positive_int
-from ..precision import FrozenLinear
+from ..precision import FrozenLinear, check_precision
 
 LSTMState = tuple[Tensor, Tensor]  # (h, c), each (L, B, H)
 
@@ -102,8 +103,14 @@ class LSTMStepper:
     def __init__(self, model: LSTMLanguageModel, precision: str = "fp32") -> None:
         self.model = model
         self.config = model.config
-        lstm = model.lstm
+        check_precision(precision)
+        self.native = _native_int8(model) if precision == "int8" else None
         self.layers: list[_CellLayer | _GateLayer] = []
+        self.head: Callable[[Tensor], Tensor]                        # (B, H') -> (B, V)
+        if self.native is not None:  # the kernels hold their own copy of the weights
+            self.head = self.native.head_logits
+            return
+        lstm = model.lstm
         for k in range(self.config.num_layers):
             w_ih, w_hh = getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")
             b_ih, b_hh = getattr(lstm, f"bias_ih_l{k}"), getattr(lstm, f"bias_hh_l{k}")
@@ -116,7 +123,6 @@ class LSTMStepper:
                                               "fp32" if small else precision))
         self.embed = model.embed.weight.detach()
         self.head = FrozenLinear(model.head.weight, model.head.bias, precision)
-        self.native = _native_int8(model) if precision == "int8" else None
 
     def read(self, ids: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """Read a prompt (B, T) in one pass -> logits for the token after it (B, V), and the state."""

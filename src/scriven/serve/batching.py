@@ -38,7 +38,7 @@ from ..attention import padding_mask
 from ..errors import ScrivenError
 from ..generation import LoadedLM, _new_text, _stop_at
 from ..pairs import pad_sequences
-from ..sampling import repetition_penalty_filter, top_k_values
+from ..sampling import inverse_cdf, repetition_penalty_filter, top_k_values
 from ..search import beam_search
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
 from ..translation import CrossAttention, LoadedTranslator, default_max_len, detokenize
@@ -226,9 +226,7 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     kept = ordered.masked_fill(drop, float("-inf"))
     norm = torch.where(greedy, norm, torch.logsumexp(kept, dim=-1))
     probs = torch.exp(kept - norm[:, None])                                 # (R, K) sorted
-    cdf = torch.cumsum(probs, dim=-1)
-    target = (uniform * cdf[:, -1])[:, None]
-    position = torch.searchsorted(cdf, target, right=True).clamp_(max=width - 1)  # (R, 1)
+    position = inverse_cdf(probs, uniform)                                  # (R, 1)
     position = torch.where(greedy[:, None], torch.zeros_like(position), position)
     ids = order.gather(-1, position).squeeze(-1)
     if any_greedy:
