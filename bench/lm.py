@@ -126,7 +126,7 @@ def minutes_to_reach(points, target):
 
 
 @torch.inference_mode()
-def scriven_rate(model, prompt, n, batch=1, repeats=2):
+def scriven_rate(model, prompt, n, batch=1, repeats=5):
     """Tokens/s of sample_ids at temperature 0.6, top-k 10 (the book's settings); `model` is a
     GPT or an LSTMStepper in some precision. Best of `repeats`."""
     best = 0.0

@@ -210,7 +210,7 @@ class LSTMStepInt8:
 
     def __call__(self, ids: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """ids (B,) token ids, h and c (L, B, H) -> logits (B, V), new h and c."""
-        ids, h, c = ids.contiguous(), h.contiguous(), c.contiguous()
+        ids, h, c = ids.long().contiguous(), h.float().contiguous(), c.float().contiguous()
         h_out, c_out = torch.empty_like(h), torch.empty_like(c)
         logits = torch.empty(ids.size(0), self.head.n)
         status = self.lib.scriven_lstm_lm_step_i8(*self._args, _ptr(ids), _ptr(h), _ptr(c),
