@@ -126,17 +126,23 @@ def minutes_to_reach(points, target):
 
 
 @torch.inference_mode()
-def scriven_rate(model, prompt, n, batch=1, repeats=5):
+def scriven_rate(model, prompt, n, batch=1, repeats=5, timed_tokens=2000):
     """Tokens/s of sample_ids at temperature 0.6, top-k 10 (the book's settings); `model` is a
-    GPT or an LSTMStepper in some precision. Best of `repeats`."""
+    GPT or an LSTMStepper in some precision. Each timing covers generations of n new tokens
+    back to back (prompt read included) until at least `timed_tokens` tokens, so short and long
+    generations are timed over intervals of the same length (a single 100-token run lasts ~15
+    ms, and the best of a few such short runs would dodge this machine's hiccups that a longer
+    one cannot). Best of `repeats` timings."""
+    runs = max(1, -(-timed_tokens // (n * batch)))
     best = 0.0
     for r in range(repeats):
         g = torch.Generator().manual_seed(42 + r)
         x = prompt.repeat(batch, 1)
         t = time.perf_counter()
         count = 0
-        for _ in sample_ids(model, x, n, temperature=0.6, top_k=10, generator=g):  # noqa: B007
-            count += batch
+        for _ in range(runs):
+            for _ in sample_ids(model, x, n, temperature=0.6, top_k=10, generator=g):  # noqa: B007
+                count += batch
         best = max(best, count / (time.perf_counter() - t))
     return best
 
