@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scriven.errors import ScrivenError
-from scriven.generation import LoadedLM, generate, generate_stream, sample_ids
+from scriven.generation import LoadedLM, generate, generate_stream, next_piece, sample_ids
 from scriven.lm import train_lm
 
 
@@ -151,3 +151,20 @@ def test_wrong_kind_or_corrupt_config_is_named(run, tmp_path):
     (bad / "config.json").write_text("{not json")
     with pytest.raises(ScrivenError, match="config.json"):
         generate(bad, "anna")
+
+
+def test_streamed_text_holds_a_quote_until_the_next_token_shows_its_side():
+    from scriven.tokenizers import WordTokenizer, detokenize
+
+    words = 'the prince . " " why , she said .'.split()
+    tok = WordTokenizer.train(" ".join(words), lowercase=True)
+    prompt, rest = tok.encode("the prince"), tok.encode(" ".join(words[2:]))
+    text, held, generated, pieces = tok.decode(prompt), 0, [], []
+    for n, token in enumerate(rest):
+        generated.append(token)
+        piece, held = next_piece(tok, prompt, generated, text, held, last=n == len(rest) - 1)
+        text += piece
+        pieces.append(piece)
+    assert pieces[1] == pieces[2] == ""      # both quote marks wait for what follows them
+    assert pieces[3] == '" "Why'               # then come out on the right sides, with "why"
+    assert text == detokenize(words, sentence_case=True) == 'The prince." "Why, she said.'

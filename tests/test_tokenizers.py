@@ -216,6 +216,7 @@ def test_word_encode_is_fast_on_a_novel_sized_text():
         ("sang , _ il mio tesoro _ - - not", "Sang, _il mio tesoro_--not"),
         ("c ' est la vie , l ' homme .", "C'est la vie, l'homme."),
         ("what ? i ' ll go , i said , and i did", "What? I'll go, I said, and I did"),
+        ("the prince . \" \" why , you ?", "The prince.\" \"Why, you?"),  # one speaker, the next
         ("", ""),
     ],
 )

@@ -200,13 +200,16 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     texts = [tok.decode(prompt_ids) for _ in range(num_samples)]
     generated: list[list[int]] = [[] for _ in range(num_samples)]
     done = [False] * num_samples
-    for ids, probs, top in sample_ids(lm.decoder, batch, max_new_tokens, temperature, top_k,
-                                      top_p, repetition_penalty, generator, alternatives):
+    held = [0] * num_samples
+    for step, (ids, probs, top) in enumerate(sample_ids(
+            lm.decoder, batch, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+            generator, alternatives)):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
                 continue
             generated[s].append(token_id)
-            piece = _new_text(tok, prompt_ids, generated[s], texts[s])
+            piece, held[s] = next_piece(tok, prompt_ids, generated[s], texts[s], held[s],
+                                        last=step == max_new_tokens - 1)
             texts[s] += piece
             cut = _stop_at(texts[s], piece, stops)
             if cut is not None:
@@ -219,15 +222,31 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
             return
 
 
+def next_piece(tok: Tokenizer, prompt_ids: list[int], generated: list[int], so_far: str,
+               held: int, last: bool) -> tuple[str, int]:
+    """The text to show now that generated[-1] has come, and how many tokens stay held back.
+
+    A token whose spacing depends on the one after it (a word tokenizer's quote mark: `prince
+    . " "` may go on `why` or end there) is held until that token comes, so text once shown
+    never has to change; `last` (no token will follow) releases everything."""
+    context = (prompt_ids[-1:] + generated)[-2:]
+    if not last and held < _MAX_HELD and tok.spacing_waits(context):
+        return "", held + 1
+    return _new_text(tok, prompt_ids, generated, so_far, held + 1), 0
+
+
+_MAX_HELD = 8  # a run of quote marks is shown after this many, whatever follows
+
+
 def _new_text(tok: Tokenizer, prompt_ids: list[int], generated: list[int], so_far: str,
-              window: int = 24) -> str:
-    """The text one new token adds. Decoding a short tail keeps this constant-time; the tail's
-    text before and after the token differ only in what the token added."""
-    tail = (prompt_ids + generated)[-window:]
-    before, after = tok.decode(tail[:-1]), tok.decode(tail)
+              count: int = 1, window: int = 24) -> str:
+    """The text the last `count` tokens add. Decoding a short tail keeps this constant-time;
+    the tail's text before and after those tokens differ only in what they added."""
+    tail = (prompt_ids + generated)[-(window + count - 1):]
+    before, after = tok.decode(tail[:-count]), tok.decode(tail)
     if after.startswith(before):
         return after[len(before):]
-    piece = tok.decode(tail[-1:])
+    piece = tok.decode(tail[-count:])
     return piece if not so_far or not piece or piece[0] in " ,.;:!?)'" else " " + piece
 
 

@@ -55,6 +55,11 @@ class Tokenizer(ABC):
     @abstractmethod
     def id_to_token(self, i: int) -> str: ...
 
+    def spacing_waits(self, ids: Sequence[int]) -> bool:
+        """Whether the text of the last of `ids` (the few latest tokens) depends on the token
+        after it, so that streamed text should wait for that one."""
+        return False
+
     @abstractmethod
     def token_to_id(self, token: str) -> int | None: ...
 
@@ -223,6 +228,12 @@ class WordTokenizer(_VocabTokenizer):
         # A lowercased vocabulary lost the case: put back what is certain (sentence starts, "I").
         return detokenize(self._decode_tokens(ids, skip_special), sentence_case=self.lowercase)
 
+    def spacing_waits(self, ids: Sequence[int]) -> bool:
+        # A quote mark opens or closes by what follows; "3 ." joins "5" only if "5" follows.
+        tokens = [self.id_to_token(i) for i in ids[-2:]]
+        return tokens[-1] in _SYMMETRIC_QUOTES or (
+            tokens[-1] in _DIGIT_SEPARATORS and len(tokens) == 2 and tokens[0].isdigit())
+
     def _json_fields(self) -> dict[str, Any]:
         return {"lowercase": self.lowercase}
 
@@ -326,6 +337,8 @@ def _open_cost(tokens: Sequence[str], k: int) -> float:
     prev = tokens[k - 1] if k > 0 else None
     if nxt is None or nxt in _CLOSERS:
         return 3.0  # nothing is quoted
+    if nxt in _SYMMETRIC_QUOTES:
+        return 2.0  # '. " "': one speaker stops, the next starts
     if nxt in _SPEECH_VERBS:
         return 2.0  # ' " said he' follows a quotation
     if nxt in _PRONOUNS and prev in (",", "!", "?"):
@@ -338,6 +351,8 @@ def _close_cost(tokens: Sequence[str], k: int) -> float:
     before = tokens[k - 2].lower() if k > 1 else None
     if prev is None or prev in _OPENERS:
         return 3.0  # nothing was quoted
+    if prev in _SYMMETRIC_QUOTES:
+        return 2.0
     if prev in (",", ":") and before in _SPEECH_VERBS:
         return 2.0  # 'he said , "' introduces a quotation
     if prev == ":":

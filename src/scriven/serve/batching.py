@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ..attention import padding_mask
 from ..errors import ScrivenError
-from ..generation import LoadedLM, _new_text, _stop_at
+from ..generation import LoadedLM, _stop_at, next_piece
 from ..pairs import pad_sequences
 from ..sampling import inverse_cdf, repetition_penalty_filter, top_k_values
 from ..search import beam_search
@@ -264,6 +264,7 @@ class _Row:
     text: str = ""    # decoded prompt + generated text: where stop strings are looked for
     output: str = ""  # the generated text, as `generate` appends it to the prompt
     generated: list[int] = field(default_factory=list)
+    held: int = 0     # tokens whose text waits for the next one (see `next_piece`)
     tokens: list[dict[str, Any]] = field(default_factory=list)
     finish: str | None = None  # "length" | "stop" once done
 
@@ -402,7 +403,8 @@ class GenerationWorker(_Worker):
         for i, row in enumerate(self.rows):
             job = row.job
             row.generated.append(ids[i])
-            piece = _new_text(tok, job.prompt_ids, row.generated, row.text)
+            piece, row.held = next_piece(tok, job.prompt_ids, row.generated, row.text, row.held,
+                                         last=len(row.generated) >= job.max_new_tokens)
             row.text += piece
             cut = _stop_at(row.text, piece, list(job.stop))
             if cut is not None:
