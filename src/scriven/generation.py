@@ -29,7 +29,8 @@ class TokenEvent:
 
     sample: int        # which of the num_samples streams
     token_id: int
-    text: str          # the text this token adds to that sample's output
+    text: str          # the text it adds to the output: "" for a quote mark held until the
+                       # next token shows its side (that token's text then carries it)
     probability: float # the model's probability of this token after filtering and temperature
     alternatives: tuple[tuple[str, float], ...] = ()  # the most likely tokens at this step
 

@@ -5,10 +5,11 @@ fast weights come from memory, and a batch by the matrix units:
   fp32  the model's own numbers;
   bf16  bfloat16 weights and matmuls: half the bytes, and the CPU's bf16 matrix units (AMX)
         where it has them, which is what a batch of streams wants;
-  int8  weight-only quantization: one signed byte per weight with one scale per output row
-        (symmetric, absmax / 127), multiplied with bf16 activations: a quarter of the bytes,
-        for single streams.
-Activations stay float32 between matmuls, so only the weights lose precision.
+  int8  one signed byte per weight with one scale per output row (symmetric, absmax / 127):
+        a quarter of the bytes. Here (PyTorch's kernels) multiplied with bf16 activations; an
+        LSTM's int8 step on scriven's native kernels (`scriven.native`) also rounds each
+        layer's input to 8 bits.
+Activations stay float32 between matmuls.
 """
 
 from __future__ import annotations

@@ -101,6 +101,12 @@ async function loadModels() {
 
 let generation = null; // the AbortController of the running request
 
+// What to call a token: its text, or, when its text is held back until the next token (a quote
+// mark whose side that token shows), the token itself.
+function tokenLabel(token) {
+  return token.text.trim() || (token.text ? "(space)" : token.token);
+}
+
 function tokenSpan(token) {
   const span = document.createElement("span");
   span.className = "tok";
@@ -109,7 +115,7 @@ function tokenSpan(token) {
   span.style.setProperty("--alpha", (0.08 + 0.55 * token.probability).toFixed(3));
   span.dataset.token = JSON.stringify(token);
   span.setAttribute("aria-label",
-    `${token.text.trim() || "(space)"}, probability ${(100 * token.probability).toFixed(1)} percent`);
+    `${tokenLabel(token)}, probability ${(100 * token.probability).toFixed(1)} percent`);
   return span;
 }
 
@@ -120,7 +126,7 @@ function showTooltip(span) {
     const chosen = text === token.token ? " class=\"chosen\"" : "";
     return `<tr${chosen}><td>${escapeHtml(text)}</td><td class="p">${p.toFixed(3)}</td></tr>`;
   }).join("");
-  tip.innerHTML = `<div><strong>${escapeHtml(token.text.trim() || "␣")}</strong>: p = ` +
+  tip.innerHTML = `<div><strong>${escapeHtml(tokenLabel(token))}</strong>: p = ` +
     `${token.probability.toFixed(3)}</div>` +
     (rows ? `<div>Most likely here:</div><table>${rows}</table>` : "");
   tip.hidden = false;
