@@ -25,6 +25,9 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Round n floats to bytes around 128; pad to `padded` with 128 (zero). Returns the scale. */
 static float quantize(const float *x, int n, int padded, uint8_t *q) {
@@ -347,4 +350,112 @@ void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature
         ids[b] = idx[pick];
         probs[b] = (cdf[pick] - (pick ? cdf[pick - 1] : 0.0f)) / total;
     }
+}
+
+/* ---- Training: label-smoothed cross-entropy of bf16 logits, turned into its gradient ---- */
+
+static inline __m512 load_bf16(const uint16_t *p) {  /* sixteen bf16 → float */
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+
+static inline void store_bf16(uint16_t *p, __m512 x) {  /* round to nearest even, as PyTorch */
+    __m512i b = _mm512_castps_si512(x);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    b = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16)));
+}
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t b = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    b += 0x7FFF + ((b >> 16) & 1);
+    return (uint16_t)(b >> 16);
+}
+
+/* For each row r of z (B, V) bf16 logits (plus bias (V,) when given): loss[r] = lse - keep·z[y]
+ * - spread·Σz (label smoothing ε: keep = 1 - ε, spread = ε / V), and z[r] is overwritten with
+ * d loss / d z = scale · (softmax(z) - keep·onehot(y) - spread). With bias_grad (threads, V)
+ * each thread adds its rows' gradients into its own row of it. Returns the first row whose
+ * label is out of range plus one, or 0. */
+int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, const float *bias,
+                           float keep, float spread, float scale, float *loss, float *bias_grad,
+                           int threads) {
+    int bad = 0;
+    #pragma omp parallel num_threads(B > 1 ? threads : 1)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *bg = bias_grad ? bias_grad + (size_t)t * V : NULL;
+        #pragma omp for schedule(static)
+        for (int r = 0; r < B; r++) {
+            uint16_t *row = z + (size_t)r * V;
+            const int64_t y = labels[r];
+            if (y < 0 || y >= V) {
+                #pragma omp critical
+                if (!bad || r + 1 < bad) bad = r + 1;
+                loss[r] = 0.0f;
+                continue;
+            }
+            __m512 m = _mm512_set1_ps(-INFINITY), s = _mm512_setzero_ps();
+            float mt = -INFINITY, st = 0.0f;
+            int i = 0;
+            for (; i + 16 <= V; i += 16) {
+                __m512 x = load_bf16(row + i);
+                if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + i));
+                m = _mm512_max_ps(m, x);
+                s = _mm512_add_ps(s, x);
+            }
+            for (; i < V; i++) {
+                float x = bf16_to_float(row[i]) + (bias ? bias[i] : 0.0f);
+                mt = fmaxf(mt, x);
+                st += x;
+            }
+            const float top = fmaxf(_mm512_reduce_max_ps(m), mt);
+            const float sum = _mm512_reduce_add_ps(s) + st;
+            __m512 e = _mm512_setzero_ps();
+            float et = 0.0f;
+            const __m512 topv = _mm512_set1_ps(top);
+            for (i = 0; i + 16 <= V; i += 16) {
+                __m512 x = load_bf16(row + i);
+                if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + i));
+                e = _mm512_add_ps(e, exp16(_mm512_sub_ps(x, topv)));
+            }
+            for (; i < V; i++) et += expf(bf16_to_float(row[i]) + (bias ? bias[i] : 0.0f) - top);
+            const float lse = top + logf(_mm512_reduce_add_ps(e) + et);
+            const float zy = bf16_to_float(row[y]) + (bias ? bias[y] : 0.0f);
+            loss[r] = lse - keep * zy - spread * sum;
+            const __m512 lsev = _mm512_set1_ps(lse), sp = _mm512_set1_ps(spread),
+                         sc = _mm512_set1_ps(scale);
+            for (i = 0; i + 16 <= V; i += 16) {
+                __m512 x = load_bf16(row + i);
+                if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + i));
+                __m512 g = _mm512_mul_ps(_mm512_sub_ps(exp16(_mm512_sub_ps(x, lsev)), sp), sc);
+                if (y >= i && y < i + 16) {
+                    float tmp[16];
+                    _mm512_storeu_ps(tmp, g);
+                    tmp[y - i] -= keep * scale;
+                    g = _mm512_loadu_ps(tmp);
+                }
+                if (bg) _mm512_storeu_ps(bg + i, _mm512_add_ps(_mm512_loadu_ps(bg + i), g));
+                store_bf16(row + i, g);
+            }
+            for (; i < V; i++) {
+                float x = bf16_to_float(row[i]) + (bias ? bias[i] : 0.0f);
+                float g = (expf(x - lse) - spread) * scale - (i == y ? keep * scale : 0.0f);
+                if (bg) bg[i] += g;
+                row[i] = float_to_bf16(g);
+            }
+        }
+    }
+    return bad;
 }

@@ -47,6 +47,7 @@ class LMTask:
 
     metric = "perplexity"
     higher_is_better = False
+    pure_bf16 = False
 
     def __init__(self, train_ids: Tensor, valid_ids: Tensor, chars_per_token: float,
                  batch_size: int, seq_len: int, device: torch.device,

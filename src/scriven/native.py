@@ -104,6 +104,8 @@ def library() -> ctypes.CDLL | None:
         lib.scriven_amx_init()  # batches of 8 rows or more then run on the tile units
     lib.scriven_sample_top_k.argtypes = [p, i, i, i, ctypes.c_float, p, p, p, i]
     lib.scriven_sample_top_k.restype = None
+    lib.scriven_xent_grad_bf16.argtypes = [p, i, i, p, p, ctypes.c_float, ctypes.c_float,
+                                           ctypes.c_float, p, p, i]
     return lib
 
 
@@ -245,3 +247,24 @@ def sample_top_k(lib: ctypes.CDLL, logits: Tensor, k: int, temperature: float,
     lib.scriven_sample_top_k(_ptr(logits), b, v, k, temperature, _ptr(uniform), _ptr(ids),
                              _ptr(probs), torch.get_num_threads())
     return ids, probs
+
+
+def cross_entropy_grad_bf16(lib: ctypes.CDLL, logits: Tensor, labels: Tensor, bias: Tensor | None,
+                            keep: float, spread: float, scale: float,
+                            bias_grad: Tensor | None) -> Tensor:
+    """Label-smoothed cross-entropy of a block of bf16 logits (B, V) (+ bias (V,) float32),
+    overwritten in place with its gradient times `scale` (see kernels.c): the loss of each row
+    (B,). `bias_grad` (threads, V) float32 collects the rows' gradients, one row per thread."""
+    assert logits.dtype == torch.bfloat16 and logits.is_contiguous()
+    b, v = logits.shape
+    labels = labels.contiguous()
+    loss = torch.empty(b)
+    threads = torch.get_num_threads()
+    assert bias_grad is None or tuple(bias_grad.shape) == (threads, v)
+    bad = lib.scriven_xent_grad_bf16(_ptr(logits), b, v, _ptr(labels),
+                                     _ptr(bias) if bias is not None else None, keep, spread, scale,
+                                     _ptr(loss), _ptr(bias_grad) if bias_grad is not None else None,
+                                     threads)
+    if bad:
+        raise IndexError(f"label {int(labels[bad - 1])} out of range 0..{v - 1}")
+    return loss

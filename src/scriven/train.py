@@ -7,6 +7,7 @@ Nothing here is global, and every write happens on rank 0 only, so `torchrun` ru
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -24,6 +25,12 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, to_dict
 from .errors import ScrivenError
+
+# Precision of training steps. bf16 / fp16: autocast (fp32 weights, matmuls in half precision).
+# bf16-pure: the forward and backward pass run on a bf16 copy of the model (no casts at every
+# layer); the optimizer updates fp32 master weights, copied back to bf16 after each step.
+# auto: the fastest measured on this hardware (see `training_precision`).
+AMP_MODES = ("auto", "bf16", "bf16-pure", "fp16", "off")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_every: int = 200            # steps between validations (and checkpoints)
     patience: int = 0                # validations without improvement before stopping; 0 = off
-    amp: str = "auto"                # auto | bf16 | fp16 | off
+    amp: str = "auto"                # auto | bf16 | bf16-pure | fp16 | off
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     compile: bool = False            # torch.compile the model
     seed: int = 0
@@ -75,17 +82,21 @@ class TrainConfig:
               f"must be two numbers in [0, 1), got {self.betas!r}")
         check(self.schedule in ("cosine", "inverse_sqrt", "constant"), "schedule",
               f"must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
-        check(self.amp in ("auto", "bf16", "fp16", "off"), "amp",
-              f"must be auto, bf16, fp16 or off, got {self.amp!r}")
+        check(self.amp in AMP_MODES, "amp",
+              f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
               "device", f"must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
 class Task(Protocol):
+    """What `fit` trains on. `pure_bf16` says whether `auto` precision may run its steps on a
+    bf16 copy of the model (measured faster and as good for that task)."""
+
     """What the trainer needs from a model family's data and objective."""
 
     metric: str              # the validation metric early stopping and `best` follow
     higher_is_better: bool
+    pure_bf16: bool
 
     def steps_per_epoch(self) -> int: ...
     def batches(self, epoch: int, start: int) -> Iterator[Any]: ...
@@ -127,14 +138,26 @@ def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
     return torch.device(name)
 
 
+def training_precision(amp: str, device: torch.device, pure_bf16: bool) -> str:
+    """Resolve `auto` for a task: on a CPU with native bf16 matmuls, `bf16-pure` where the task
+    allows it (for the translator measured about 1.2x the steps/s of autocast: autocast casts
+    every weight and activation at every layer), else `bf16` autocast; other modes as given."""
+    if amp != "auto":
+        return amp
+    if device.type == "cpu" and pure_bf16 and autocast_dtype("auto", device) is torch.bfloat16:
+        return "bf16-pure"
+    return "auto"
+
+
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for full fp32. `auto` takes bf16 where the hardware runs it
-    natively (CUDA with bf16, or a CPU with AVX-512 BF16/AMX), since it measured faster there."""
+    natively (CUDA with bf16, or a CPU with AVX-512 BF16/AMX), since it measured faster there.
+    `bf16-pure` autocasts in bf16 where it runs the fp32 model (validation)."""
     if amp == "off":
         return None
     if amp == "fp16":
         return torch.float16
-    if amp == "bf16":
+    if amp in ("bf16", "bf16-pure"):
         return torch.bfloat16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -169,7 +192,9 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+    # The fused kernel: one pass per tensor instead of a dozen (CPU and CUDA).
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
@@ -266,7 +291,8 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    amp_dtype = autocast_dtype(config.amp, device)
+    precision = training_precision(config.amp, device, getattr(task, "pure_bf16", False))
+    amp_dtype = autocast_dtype(precision, device)
     p = Progress()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -291,9 +317,13 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         if metrics_file.exists():
             metrics_file.unlink()  # a fresh run starts a fresh log
 
-    train_model: nn.Module = model
+    # bf16-pure: steps run on `working`, a bf16 copy; `model` keeps the fp32 master weights that
+    # the optimizer updates, validation reads and checkpoints store.
+    working = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16-pure" else model
+    step_dtype = None if precision == "bf16-pure" else amp_dtype
+    train_model: nn.Module = working
     if config.compile:
-        train_model = torch.compile(model)
+        train_model = torch.compile(working)
     if dist.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -376,19 +406,24 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
             lr = lr_at(config, p.step, _budget_progress(config, p, steps_per_epoch))
             for group in opt.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with torch.autocast(device.type, dtype=step_dtype or torch.float32,
+                                enabled=step_dtype is not None):
                 loss, n_tokens = task.loss(train_model, batch, config.label_smoothing)
             if not torch.isfinite(loss):
                 raise ScrivenError(f"training diverged at step {p.step} (loss {loss.item()}): "
                                    "lower lr or raise warmup_steps")
             scaler.scale(loss).backward()
+            if working is not model:
+                _grads_to_master(working, model)
             if config.grad_clip:
                 scaler.unscale_(opt)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
+            if working is not model:
+                with torch.no_grad():
+                    torch._foreach_copy_(list(working.parameters()), list(model.parameters()))
             p.step += 1
             p.position += 1
             p.tokens += n_tokens * dist.world
@@ -436,6 +471,14 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
     epochs_done = p.epoch + p.position / steps_per_epoch
     return TrainResult(out, p.step, epochs_done, p.elapsed, p.tokens,
                        p.tokens / max(p.elapsed, 1e-9), metrics, p.best, p.stopped_early)
+
+
+def _grads_to_master(working: nn.Module, master: nn.Module) -> None:
+    """Move the bf16 copy's gradients onto the fp32 master weights (tied weights are one
+    parameter in both, so the two lists align)."""
+    for w, m in zip(working.parameters(), master.parameters()):
+        m.grad = None if w.grad is None else w.grad.float()
+        w.grad = None
 
 
 def _plot_curves(out: Path) -> None:

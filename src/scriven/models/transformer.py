@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from ..config import check, check_float, check_positive_int, from_dict
 from ..errors import ScrivenError
+from ..losses import linear_cross_entropy
 
 ACTIVATIONS = ("relu", "gelu")
 POSITIONS = ("sinusoidal", "learned")
@@ -306,6 +307,15 @@ class Transformer(nn.Module):
         flattened (B*T) positions, logits come only for those, (N, V): training skips padding
         before the vocabulary projection, its most expensive layer, instead of after it.
         """
+        x, maps = self._decode_states(tgt, memory, src_mask, cache, need_weights)
+        if at is not None:
+            x = x.flatten(0, 1).index_select(0, at)  # (N, D)
+        return self.output(x), maps                  # (B, T, V) or (N, V)
+
+    def _decode_states(self, tgt: Tensor, memory: Tensor, src_mask: Tensor | None,
+                       cache: DecoderCache | None,
+                       need_weights: bool) -> tuple[Tensor, AttentionMaps | None]:
+        """The decoder's final normalised states (B, T, D), before the vocabulary projection."""
         past = cache.position if cache is not None else 0
         t = tgt.size(1)
         x = self._embed(tgt, self.tgt_embed, self.tgt_pos, offset=past)  # (B, T, D)
@@ -325,12 +335,8 @@ class Transformer(nn.Module):
                 cross_maps.append(w_cross)
         if cache is not None:
             cache.position = past + t
-        x = self.decoder_norm(x)                    # (B, T, D)
-        if at is not None:
-            x = x.flatten(0, 1).index_select(0, at)  # (N, D)
-        logits = self.output(x)                     # (B, T, V) or (N, V)
         maps = {"decoder_self": self_maps, "cross": cross_maps} if need_weights else None
-        return logits, maps
+        return self.decoder_norm(x), maps           # (B, T, D)
 
     def decode_step(self, tokens: Tensor, memory: Tensor, src_mask: Tensor | None,
                     cache: DecoderCache) -> Tensor:
@@ -339,12 +345,24 @@ class Transformer(nn.Module):
         logits, _ = self.decode(tokens[:, None], memory, src_mask, cache)  # (B, 1, V)
         return logits[:, -1]
 
-    def forward(self, src: Tensor, tgt: Tensor, at: Tensor | None = None) -> Tensor:
+    def forward(self, src: Tensor, tgt: Tensor, at: Tensor | None = None,
+                labels: Tensor | None = None, label_smoothing: float = 0.0) -> Tensor:
         """Teacher forcing: src (B, S), tgt (B, T) decoder input → logits (B, T, V), or (N, V)
-        at the flattened positions `at` (N,) only (see `decode`)."""
+        at the flattened positions `at` (N,) only (see `decode`).
+
+        With `labels` (N,), the targets at those positions, returns the training loss instead:
+        the mean label-smoothed cross-entropy, with the vocabulary projection fused into it so
+        that the (N, V) logits never exist whole (see `losses.py`)."""
         src_mask = padding_mask(src, self.config.pad_id)  # (B, 1, 1, S)
         memory = self.encode(src, src_mask)
-        return self.decode(tgt, memory, src_mask, at=at)[0]
+        if labels is None:
+            return self.decode(tgt, memory, src_mask, at=at)[0]
+        if at is None:
+            raise ValueError("labels need the positions `at` they belong to")
+        x, _ = self._decode_states(tgt, memory, src_mask, None, False)  # (B, T, D)
+        x = x.flatten(0, 1).index_select(0, at)                         # (N, D)
+        return linear_cross_entropy(x, self.output.weight, self.output.bias, labels,
+                                    label_smoothing)
 
     @torch.no_grad()
     def attention_maps(self, src: Tensor, tgt: Tensor) -> AttentionMaps:
