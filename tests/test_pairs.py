@@ -176,8 +176,8 @@ def test_token_batches_are_seeded() -> None:
     assert [x.indices for x in a] == [x.indices for x in b]
     assert [x.indices for x in a] != [x.indices for x in c]
     fixed = token_batches(examples, max_tokens=150, shuffle=False, chunk_size=10**6)
-    lengths = [len(examples[i][0]) for x in fixed for i in x.indices]
-    assert lengths == sorted(lengths)  # one chunk, sorted, order kept
+    longer = [max(map(len, examples[i])) for x in fixed for i in x.indices]
+    assert longer == sorted(longer)  # one chunk, sorted by the longer side, order kept
 
 
 def test_token_batches_errors() -> None:

@@ -20,8 +20,10 @@ import scriven.translation as translate_module
 from scriven import checkpoint as ckpt_io
 from scriven.cli import main
 from scriven.errors import ScrivenError
+from scriven.models.transformer import Transformer
 from scriven.search import greedy_search
-from scriven.tokenizers import BOS_ID, EOS_ID
+from scriven.tokenizers import BOS_ID, EOS_ID, BPETokenizer
+from scriven.train import CheckpointSpec, TrainConfig, autocast_dtype, fit, training_precision
 from scriven.translation import (
     CrossAttention,
     LoadedTranslator,
@@ -206,8 +208,9 @@ def test_attention_maps(tr):
     assert json.loads(json.dumps(forced.to_dict()))["target_tokens"] == forced.target_tokens
 
 
-def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch):
-    args = dict(TINY, max_steps=17, eval_every=5, bleu_sentences=3, dropout=0.3)
+@pytest.mark.parametrize("amp", ["off", "bf16-pure"])
+def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch, amp):
+    args = dict(TINY, max_steps=17, eval_every=5, bleu_sentences=3, dropout=0.3, amp=amp)
     train_translate(pair_file, tmp_path / "full", **args)
 
     restore = crash_after(monkeypatch, translate_module.TranslationTask, steps=10)  # the step-10 checkpoint is on disk
@@ -221,6 +224,43 @@ def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch):
     full, resumed = weights(tmp_path / "full"), weights(tmp_path / "cut")
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_bf16_pure_steps_update_fp32_master_weights(pair_file, tmp_path):
+    """bf16-pure runs the steps on a bf16 copy but keeps fp32 weights: updates far below bf16's
+    resolution (about 0.4 % of a weight) still accumulate, and checkpoints hold fp32."""
+    data = translate_module.load_pairs(pair_file)
+    tok = BPETokenizer.train([p.source for p in data.train] + [p.target for p in data.train], 300)
+    examples, _ = translate_module.encode_pairs(tok, data.train, 64)
+    torch.manual_seed(0)
+    net = Transformer(translate_module.model_config("tiny", tok.vocab_size))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = translate_module.TranslationTask(examples, examples[:4], [examples[0][0]], ["x"], tok,
+                                            512, 0, torch.device("cpu"))
+    config = TrainConfig(max_steps=3, lr=1e-6, warmup_steps=0, weight_decay=0.0, amp="bf16-pure",
+                         eval_every=100)
+    fit(net, task, config, tmp_path / "run", CheckpointSpec("transformer", {}, tok.to_json_str(), {}),
+        progress_bar=False)
+    after = net.state_dict()
+    matrices = [k for k, v in after.items() if v.dim() == 2]
+    assert all(after[k].dtype == torch.float32 for k in after)
+    changed = [k for k in matrices if not torch.equal(after[k], before[k])]
+    assert changed == matrices  # every matrix moved ...
+    for k in matrices:           # ... by less than bf16 could have shown
+        same_in_bf16 = (after[k].bfloat16() == before[k].bfloat16()).float().mean()
+        assert same_in_bf16 > 0.9
+    saved = load_file(str(tmp_path / "run" / "latest" / "model.safetensors"))
+    assert all(v.dtype == torch.float32 for v in saved.values())
+
+
+def test_auto_precision_and_bad_amp():
+    cpu = torch.device("cpu")
+    bf16 = autocast_dtype("auto", cpu) is torch.bfloat16
+    assert training_precision("auto", cpu, pure_bf16=True) == ("bf16-pure" if bf16 else "auto")
+    assert training_precision("auto", cpu, pure_bf16=False) == "auto"  # language models
+    assert training_precision("off", cpu, pure_bf16=True) == "off"
+    with pytest.raises(ScrivenError, match="amp"):
+        TrainConfig(max_steps=1, amp="bf17")
 
 
 def test_malformed_lines_warn_with_line_numbers_and_strict_refuses(tmp_path):

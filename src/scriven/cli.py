@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from .errors import ScrivenError
+from .train import AMP_MODES
 
 
 def _positive_int(text: str) -> int:
@@ -35,8 +36,10 @@ def _add_training_length(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=_positive_int, default=200, help="steps between validations")
     p.add_argument("--patience", type=_positive_int, default=0,
                    help="stop after this many validations without improvement (0 = never)")
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
-                   help="mixed precision (auto: bf16 where the hardware has it)")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="precision of training steps: bf16/fp16 autocast, bf16-pure (bf16 copy "
+                        "of the model, fp32 master weights), off (fp32); auto: the fastest "
+                        "measured where the hardware has bf16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=_positive_int, default=0)
     p.add_argument("--resume", action="store_true", help="continue OUT/latest exactly")

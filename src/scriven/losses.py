@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                         label_smoothing: float = 0.0, block_rows: int = 256) -> Tensor:
+                         label_smoothing: float = 0.0, block_rows: int = 1024) -> Tensor:
     """Mean over rows of the label-smoothed cross-entropy of `hidden @ weight.T + bias`.
 
     hidden (N, D), weight (V, D), bias (V,) or None, labels (N,) in [0, V) → scalar. Equals
