@@ -459,3 +459,63 @@ int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, con
     }
     return bad;
 }
+
+/* ---- Training: dropout with a counter-based mask ----
+ * Element i of a call with seed s is kept when hash(i, s) ≥ p · 2^32, so the backward pass
+ * rebuilds the forward's mask from the seed instead of storing it, and any thread can draw any
+ * element. hash is two rounds of a 32-bit integer mixer (xor-shift-multiply); dropout.py
+ * computes the same numbers with PyTorch ops where these kernels are not available. */
+static inline __m512i mix16(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bu));
+    return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+static inline uint32_t mix1(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+/* out[i] = x[i] · scale where element i is kept, else 0, for n bf16 (is_bf16) or float values.
+ * x and out may be the same. threshold = p · 2^32 (elements with hash < threshold drop). */
+void scriven_dropout(const void *x, void *out, int64_t n, int is_bf16, uint32_t threshold,
+                     float scale, uint32_t seed_a, uint32_t seed_b, int threads) {
+    const int64_t blocks = (n + 15) / 16;
+    #pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t i = blk * 16;
+        const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)i),
+                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
+                                                               11, 12, 13, 14, 15));
+        __m512i h = mix16(_mm512_xor_si512(mix16(_mm512_add_epi32(idx, _mm512_set1_epi32((int)seed_a))),
+                                           _mm512_set1_epi32((int)seed_b)));
+        const __mmask16 keep = _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
+        if (i + 16 <= n) {
+            if (is_bf16) {
+                const __m512 v = _mm512_maskz_mul_ps(keep, load_bf16((const uint16_t *)x + i),
+                                                     _mm512_set1_ps(scale));
+                store_bf16((uint16_t *)out + i, v);
+            } else {
+                const __m512 v = _mm512_maskz_mul_ps(keep, _mm512_loadu_ps((const float *)x + i),
+                                                     _mm512_set1_ps(scale));
+                _mm512_storeu_ps((float *)out + i, v);
+            }
+        } else {
+            for (int64_t j = i; j < n; j++) {
+                const uint32_t hj = mix1(mix1((uint32_t)j + seed_a) ^ seed_b);
+                const int kept = hj >= threshold;
+                if (is_bf16) {
+                    const float v = kept ? bf16_to_float(((const uint16_t *)x)[j]) * scale : 0.0f;
+                    ((uint16_t *)out)[j] = float_to_bf16(v);
+                } else {
+                    ((float *)out)[j] = kept ? ((const float *)x)[j] * scale : 0.0f;
+                }
+            }
+        }
+    }
+}

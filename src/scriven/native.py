@@ -106,6 +106,9 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_sample_top_k.restype = None
     lib.scriven_xent_grad_bf16.argtypes = [p, i, i, p, p, ctypes.c_float, ctypes.c_float,
                                            ctypes.c_float, p, p, i]
+    u32 = ctypes.c_uint32
+    lib.scriven_dropout.argtypes = [p, p, ctypes.c_int64, i, u32, ctypes.c_float, u32, u32, i]
+    lib.scriven_dropout.restype = None
     return lib
 
 
@@ -268,3 +271,14 @@ def cross_entropy_grad_bf16(lib: ctypes.CDLL, logits: Tensor, labels: Tensor, bi
     if bad:
         raise IndexError(f"label {int(labels[bad - 1])} out of range 0..{v - 1}")
     return loss
+
+
+def dropout(lib: ctypes.CDLL, x: Tensor, threshold: int, scale: float, seed_a: int,
+            seed_b: int) -> Tensor:
+    """Dropout of a contiguous bf16 or float32 CPU tensor with the counter-based mask of
+    kernels.c (see dropout.py, which computes the same mask without these kernels)."""
+    assert x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous()
+    out = torch.empty_like(x)
+    lib.scriven_dropout(_ptr(x), _ptr(out), x.numel(), int(x.dtype == torch.bfloat16), threshold,
+                        scale, seed_a, seed_b, torch.get_num_threads())
+    return out

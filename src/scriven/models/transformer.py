@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from ..config import check, check_float, check_positive_int, from_dict
+from ..dropout import Dropout
 from ..errors import ScrivenError
 from ..losses import linear_cross_entropy
 
@@ -118,7 +119,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.activation = F.gelu if activation == "gelu" else F.relu
 
     def forward(self, x: Tensor) -> Tensor:
@@ -133,7 +134,7 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -173,7 +174,7 @@ class DecoderLayer(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.norm3 = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -228,7 +229,7 @@ class Transformer(nn.Module):
         # Not persistent: recomputed from the config, so it never goes into a checkpoint.
         self.register_buffer("sinusoids", sinusoidal_positions(cfg.max_len, cfg.d_model),
                              persistent=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         # Pre-norm leaves the residual stream un-normalised: one final norm per stack.
