@@ -6,7 +6,9 @@ All figures come from one run on one machine, so ratios between them are meaning
       preset: greedy, beam 4, and the beam size and length penalty that score best on the
       validation split (a small grid, so the test split is never used for choosing);
   training speed: target tokens/s, and model FLOP/s (matmul FLOPs counted exactly from the
-      training sentences' lengths, 3 × forward) over a bf16 matmul peak measured in this run;
+      training sentences' lengths, 3 × forward) over the bf16 matmul peak: the best of several
+      probes in this run, before and after training (this VM's matmul speed changes by up to
+      2x from minute to minute, so the highest probe is the conservative denominator);
   translation speed: sentences/s on test sentences for batched greedy search (KV cache), beam 4,
       and the book's decoding (one sentence at a time, the whole prefix recomputed each step)
       on the same model.
@@ -33,7 +35,7 @@ import torch
 from scriven import checkpoint as ckpt_io
 from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
-from scriven.train import autocast_dtype
+from scriven.train import training_precision
 from scriven.translation import (
     LoadedTranslator,
     default_max_len,
@@ -108,11 +110,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup-steps", type=int, default=400)
-    # Dropout off by default here: on a CPU its random numbers cost about a quarter of each
-    # step, a 60-minute run sees only a few epochs, and best/ is chosen by validation BLEU, so
-    # overfitting late cannot make the result worse. --dropout 0.1 restores the preset's.
-    ap.add_argument("--dropout", type=float, default=0.0, help="override the preset's 0.1")
-    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--dropout", type=float, default=None, help="override the preset's 0.1")
+    ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--speed-sentences", type=int, default=500)
     ap.add_argument("--book-sentences", type=int, default=200)
     ap.add_argument("--out", default=None, help="where to keep the run (default: a temp dir)")
@@ -133,12 +132,13 @@ def main() -> None:
     out = Path(args.trained) if args.trained else \
         Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-translate-")) / "run"
     device = torch.device("cpu")
-    amp = autocast_dtype("auto", device)
+    precision = training_precision("auto", device, pure_bf16=True)
 
+    probes: list[float] = []
     if not args.trained:  # the MFU's peak is measured in the training run itself
-        peak_bf16 = matmul_peak(torch.bfloat16)
+        probes += [matmul_peak(torch.bfloat16) for _ in range(3)]
         peak_fp32 = matmul_peak(torch.float32, n=2048)
-        print(f"matmul peak: bf16 {peak_bf16 / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} "
+        print(f"matmul peak: bf16 {max(probes) / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} "
               "GFLOP/s", file=sys.stderr, flush=True)
 
     if args.trained:
@@ -157,6 +157,9 @@ def main() -> None:
               f"{result.elapsed / 60:.1f} min of steps, {result.tokens_per_second:,.0f} tok/s, "
               f"{result.metrics}", file=sys.stderr, flush=True)
         tokens_per_second = result.tokens_per_second
+        probes += [matmul_peak(torch.bfloat16) for _ in range(3)]
+        print(f"matmul peak probes: {[round(p / 1e9) for p in probes]} GFLOP/s", file=sys.stderr,
+              flush=True)
 
     tr = LoadedTranslator.load(out, "cpu")  # best/: the highest validation BLEU
     data = load_pairs("eng-fra")
@@ -209,17 +212,19 @@ def main() -> None:
                     "validation_bleu_curve_minutes": curve}
         per_token = flops_per_target_token(tr, examples)
         flops = per_token * tokens_per_second
+        peak_bf16 = max(probes)
         training.update({
             "flops_per_target_token": round(per_token),
             "model_gflops_per_s": round(flops / 1e9, 1),
             "bf16_matmul_peak_gflops_per_s": round(peak_bf16 / 1e9, 1),
+            "bf16_matmul_peak_probes": [round(p / 1e9) for p in probes],
             "fp32_matmul_peak_gflops_per_s": round(peak_fp32 / 1e9, 1),
             "mfu_bf16": round(flops / peak_bf16, 4)})
     summary = {
         "bench": "translate",
         "quick": args.quick,
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "autocast": str(amp).replace("torch.", "") if amp else "off"},
+                    "precision": precision},
         "data": {**saved.config["data"]["pairs"], "vocab": tr.tokenizer.vocab_size,
                  "train_source_tokens": src_tokens, "train_target_tokens": tgt_tokens,
                  "split": "by source sentence, 90/5/5, seed 0",
