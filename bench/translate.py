@@ -6,9 +6,10 @@ All figures come from one run on one machine, so ratios between them are meaning
       preset: greedy, beam 4, and the beam size and length penalty that score best on the
       validation split (a small grid, so the test split is never used for choosing);
   training speed: target tokens/s, and model FLOP/s (matmul FLOPs counted exactly from the
-      training sentences' lengths, 3 × forward) over the bf16 matmul peak: the best of several
-      probes in this run, before and after training (this VM's matmul speed changes by up to
-      2x from minute to minute, so the highest probe is the conservative denominator);
+      training sentences' lengths, 3 × forward) over the bf16 matmul peak: the best of the
+      probes in this run, before, during (at each validation) and after training (this VM's
+      matmul speed changes by up to 2x from minute to minute, so the highest probe is the
+      conservative denominator);
   translation speed: sentences/s on test sentences for batched greedy search (KV cache), beam 4,
       and the book's decoding (one sentence at a time, the whole prefix recomputed each step)
       on the same model.
@@ -38,6 +39,7 @@ from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.train import training_precision
 from scriven.translation import (
     LoadedTranslator,
+    TranslationTask,
     default_max_len,
     encode_pairs,
     evaluate_translation,
@@ -62,6 +64,18 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+def probe_at_validations(probes: list[float]) -> None:
+    """Also probe the peak at every validation (validation time is not step time), so that the
+    probes span the whole run, not only its two ends."""
+    evaluate = TranslationTask.evaluate
+
+    def probing(self, model):
+        probes.append(matmul_peak(torch.bfloat16))
+        return evaluate(self, model)
+
+    TranslationTask.evaluate = probing  # type: ignore[method-assign]
 
 
 def forward_flops(cfg, s: int, t: int) -> int:
@@ -145,6 +159,7 @@ def main() -> None:
         earlier = json.loads(Path(args.training_summary).read_text())
         training, settings = earlier["training"], earlier["settings"]
     else:
+        probe_at_validations(probes)
         t0 = time.perf_counter()
         result = train_translate("eng-fra", out, preset="default", vocab_size=8000,
                                  minutes=args.minutes, max_tokens=args.max_tokens, lr=args.lr,
