@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..attention import KVCache, MultiHeadAttention, causal_mask
 from ..config import check, check_float, check_positive_int
+from ..dropout import Dropout
 from .transformer import sinusoidal_positions
 
 
@@ -70,7 +71,7 @@ class Block(nn.Module):
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, c.dropout)
         self.norm2 = nn.LayerNorm(c.d_model)
         self.ff = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.GELU(), nn.Linear(c.d_ff, c.d_model))
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:
         a, _ = self.attn(self.norm1(x), mask=mask, cache=cache)      # (B, T, D)
@@ -89,7 +90,7 @@ class GPT(nn.Module):
             self.pos = nn.Embedding(c.max_len, c.d_model)
         else:
             self.register_buffer("pos_table", sinusoidal_positions(c.max_len, c.d_model), persistent=False)
-        self.drop = nn.Dropout(c.dropout)
+        self.drop = Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
