@@ -3,10 +3,11 @@
 Training a translator on a CPU spends much of each step around the vocabulary: the (N, V)
 logits are written, cast to fp32, turned into log-probabilities, and read and written again in
 the backward pass, each a trip through memory for a tensor of tens of megabytes.
-`linear_cross_entropy` instead computes the logits with one matmul, then walks them in blocks
-of rows small enough to stay in cache, turning each block into its loss and its gradient in
-fp32 in place; the two backward matmuls (to the hidden states and to the weights) read that
-gradient once. The loss's gradient is known in the forward pass because the loss is a scalar.
+`linear_cross_entropy` instead makes the logits a block of rows at a time, turns each block in
+place into its loss and its gradient (in fp32, a row at a time on the native kernel), and feeds
+that gradient straight to the two matmuls of the backward pass (to the hidden states and to the
+weights), while the block is still in cache. The loss's gradient is known in the forward pass
+because the loss is a scalar; the backward pass only hands it out.
 """
 
 from __future__ import annotations
@@ -103,7 +104,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else:
                 if int(labels[rows].min()) < 0 or int(labels[rows].max()) >= v:
                     raise IndexError(f"labels out of range 0..{v - 1}")
-                losses.append(_block_grad(z, labels[rows], b, keep, spread, scale, bias_grad))
+                # fp32 sub-blocks sized for a CPU's cache; a GPU takes the block whole.
+                sub = 64 if z.device.type == "cpu" else z.size(0)
+                losses.append(_block_grad(z, labels[rows], b, keep, spread, scale, bias_grad,
+                                          sub))
             grad_hidden[rows] = z @ w
             grad_weight_t += hb.t() @ z
         ctx.save_for_backward(grad_hidden, grad_weight_t.t().contiguous())
