@@ -89,10 +89,9 @@ class TrainConfig:
 
 
 class Task(Protocol):
-    """What `fit` trains on. `pure_bf16` says whether `auto` precision may run its steps on a
-    bf16 copy of the model (measured faster and as good for that task)."""
-
-    """What the trainer needs from a model family's data and objective."""
+    """What the trainer needs from a model family's data and objective. `pure_bf16` says
+    whether `auto` precision may run its steps on a bf16 copy of the model (measured faster and
+    as good for that task)."""
 
     metric: str              # the validation metric early stopping and `best` follow
     higher_is_better: bool
@@ -140,8 +139,9 @@ def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
 
 def training_precision(amp: str, device: torch.device, pure_bf16: bool) -> str:
     """Resolve `auto` for a task: on a CPU with native bf16 matmuls, `bf16-pure` where the task
-    allows it (for the translator measured about 1.2x the steps/s of autocast: autocast casts
-    every weight and activation at every layer), else `bf16` autocast; other modes as given."""
+    allows it (for the translator measured about 1.1x the tokens/s of autocast, which casts
+    weights and activations at every layer); otherwise `auto` stays autocast (see
+    `autocast_dtype`); explicit modes are kept."""
     if amp != "auto":
         return amp
     if device.type == "cpu" and pure_bf16 and autocast_dtype("auto", device) is torch.bfloat16:
