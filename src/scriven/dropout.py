@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -39,8 +41,6 @@ def _threshold(p: float) -> int:
 
 
 def _apply(x: Tensor, p: float, seed_a: int, seed_b: int) -> Tensor:
-    from . import native
-
     x = x.contiguous()
     scale = 1.0 / (1.0 - p)
     lib = native.library() if x.dtype in (torch.float32, torch.bfloat16) else None

@@ -1,4 +1,5 @@
-/* Native CPU kernels for generating one token at a time (x86-64 with AVX-512 VNNI).
+/* Native CPU kernels (x86-64 with AVX-512 VNNI): int8 generation one token at a time, and at
+ * the end of this file two training kernels (cross-entropy gradient of bf16 logits, dropout).
  *
  * A single stream reads every weight once per token, so its speed is the speed at which weight
  * bytes come in and are multiplied. PyTorch's int8 weight-only kernel converts each weight to

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import native
+
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
                          label_smoothing: float = 0.0, block_rows: int = 1024) -> Tensor:
@@ -38,13 +40,6 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     with torch.autocast(hidden.device.type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, weight, bias, labels, float(label_smoothing),
                                          int(block_rows), dtype)
-
-
-def _native_library(device: torch.device, dtype: torch.dtype):
-    if device.type != "cpu" or dtype != torch.bfloat16:
-        return None
-    from . import native
-    return native.library()
 
 
 def _block_grad(block: Tensor, labels: Tensor, bias: Tensor | None, keep: float, spread: float,
@@ -82,7 +77,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype).contiguous()                   # (V, D)
         wt = w.t().contiguous()                             # (D, V)
         b = bias.float().contiguous() if bias is not None else None
-        lib = _native_library(h.device, dtype)
+        lib = native.library() if h.device.type == "cpu" and dtype == torch.bfloat16 else None
         threads = torch.get_num_threads() if lib is not None else 1
         bias_grad = (torch.zeros(threads, v, device=h.device) if b is not None
                      and ctx.needs_input_grad[2] else None)
@@ -98,7 +93,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             hb = h[rows]                                    # (c, D)
             z = hb @ wt                                     # (c, V) logits → gradient
             if lib is not None:
-                from . import native
                 losses.append(native.cross_entropy_grad_bf16(lib, z, labels[rows], b, keep,
                                                              spread, scale, bias_grad))
             else:

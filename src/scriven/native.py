@@ -1,4 +1,5 @@
-"""Native kernels (kernels.c) for one-token-at-a-time generation, compiled on first use.
+"""Native kernels (kernels.c), compiled on first use: int8 one-token-at-a-time generation,
+top-k, and for training the cross-entropy gradient of bf16 logits and hashed dropout.
 
 They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
 shared library is built once into the cache folder and reused. Where any of that is missing,
