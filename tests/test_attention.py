@@ -193,3 +193,124 @@ def test_bad_head_count_is_a_user_error() -> None:
         MultiHeadAttention(10, 4, 0.1)
     with pytest.raises(ScrivenError, match="dropout"):
         MultiHeadAttention(8, 4, 1.5)
+
+
+# ---- The native kernel for short sequences (heads read in place, dropout hashed) ----
+
+native_lib = pytest.importorskip("scriven.native").library()
+needs_native = pytest.mark.skipif(native_lib is None, reason="no native kernels here")
+
+
+def _reference(q, k, v, heads, mask, p=0.0, seeds=(0, 0)):
+    """The general path's formula in float32 on (B, T, D) inputs, dropout by `keep_mask`."""
+    from scriven.dropout import keep_mask
+
+    b, tq, d = q.shape
+    tk, dh = k.size(1), d // heads
+    qh, kh, vh = (t.float().view(b, -1, heads, dh).transpose(1, 2) for t in (q, k, v))
+    scores = qh @ kh.transpose(-1, -2) / dh**0.5                           # (B, H, Tq, Tk)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    w = torch.softmax(scores, -1).nan_to_num(0.0)  # rows with nothing allowed: zero
+    if p > 0:
+        w = w * keep_mask(b * heads * tq * tk, p, *seeds).view(b, heads, tq, tk) / (1 - p)
+    return (w @ vh).transpose(1, 2).reshape(b, tq, d)
+
+
+def _short_case(dtype, causal, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, t, s, d = 5, 7, 9, 64
+    tk = t if causal else s
+    q, k, v = (torch.randn(b, n, d, generator=g).to(dtype).requires_grad_() for n in (t, tk, tk))
+    lengths = torch.tensor([tk, 3, 1, tk - 1, 0])  # the last row may attend to nothing
+    mask = (torch.arange(tk)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, Tk)
+    if causal:
+        mask = mask & causal_mask(t)
+    return q, k, v, mask
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_short_attention_and_its_gradients_equal_the_formula(dtype, causal, p):
+    from scriven.attention import short_attention
+
+    q, k, v, mask = _short_case(dtype, causal)
+    torch.manual_seed(3)
+    out = short_attention(q, k, v, 4, mask, p)
+    torch.manual_seed(3)  # the kernel's dropout seeds come from torch's generator
+    seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist() if p > 0 else (0, 0)
+    q2, k2, v2 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = _reference(q2, k2, v2, 4, mask, p, seeds)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(4))
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
+    for mine, theirs in ((q, q2), (k, k2), (v, v2)):
+        torch.testing.assert_close(mine.grad.float(), theirs.grad, atol=tol, rtol=tol)
+    assert out[4].abs().max() == 0 and q.grad[4].abs().max() == 0  # nothing to attend: zero
+
+
+@needs_native
+def test_short_attention_dropout_keeps_the_expected_share_and_is_seeded():
+    from scriven.attention import short_attention
+
+    q = k = v = torch.randn(8, 12, 64)
+    torch.manual_seed(0)
+    a = short_attention(q, k, v, 4, None, 0.5)
+    torch.manual_seed(0)
+    b = short_attention(q, k, v, 4, None, 0.5)
+    c = short_attention(q, k, v, 4, None, 0.5)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(a, c)
+    # With values of 1 each output is its row's kept weights / (1 - p): 1 on average.
+    kept = short_attention(q, k, torch.ones_like(v), 4, None, 0.5)
+    assert 0.85 < kept.mean().item() < 1.15
+    assert kept.std() > 0.1  # without dropout every output would be exactly 1
+
+
+def test_short_attention_declines_what_it_cannot_do():
+    from scriven.attention import SHORT_MAX_LEN, short_attention
+
+    q = torch.randn(2, 3, 64)
+    long = torch.randn(2, SHORT_MAX_LEN + 1, 64)
+    assert short_attention(q, long, long, 4, None, 0.0) is None          # too many keys
+    assert short_attention(q, q, q, 8, None, 0.0) is None                # head size 8
+    per_head = torch.ones(2, 4, 3, 3, dtype=torch.bool)
+    assert short_attention(q, q, q, 4, per_head, 0.0) is None            # mask per head
+    assert short_attention(q.double(), q.double(), q.double(), 4, None, 0.0) is None
+    with pytest.raises(ValueError, match="boolean"):
+        short_attention(q, q, q, 4, torch.ones(3, 3), 0.0)
+
+
+@needs_native
+@pytest.mark.parametrize("cross", [False, True])
+def test_multi_head_attention_gives_the_same_result_on_both_paths(cross, monkeypatch):
+    """The module's output and parameter gradients do not depend on which path ran."""
+    import scriven.attention as attention
+
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(64, 4).eval()
+    x, memory = torch.randn(3, 5, 64), torch.randn(3, 7, 64)
+    ids = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    mask = padding_mask(ids, 0) if cross else causal_mask(5)
+
+    def run():
+        mha.zero_grad()
+        out, _ = mha(x, memory=memory if cross else None, mask=mask)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in mha.parameters()]
+
+    calls = []
+    real = attention.short_attention
+    monkeypatch.setattr(attention, "short_attention", lambda *a: calls.append(1) or real(*a))
+    native_out, native_grads = run()
+    assert calls, "the native path did not run"
+    monkeypatch.setattr(attention, "short_attention", lambda *a: None)
+    general_out, general_grads = run()
+    torch.testing.assert_close(native_out, general_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(native_grads, general_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

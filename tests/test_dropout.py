@@ -17,7 +17,7 @@ lib = native.library()
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 70001])  # tails, and one call on threads
 def test_native_kernel_equals_the_pytorch_formula(dtype, n):
     x = torch.randn(n).to(dtype)
-    fast = native.dropout(lib, x, hashed._threshold(0.25), 1 / 0.75, 7, 123456789)
+    fast = native.dropout(lib, x, hashed.drop_threshold(0.25), 1 / 0.75, 7, 123456789)
     keep = hashed.keep_mask(n, 0.25, 7, 123456789)
     slow = torch.where(keep, x * (1 / 0.75), torch.zeros((), dtype=dtype))
     assert torch.equal(fast != 0, keep & (x != 0))

@@ -33,10 +33,11 @@ def keep_mask(n: int, p: float, seed_a: int, seed_b: int) -> Tensor:
     """(n,) bool: which elements a call with these seeds keeps (PyTorch ops)."""
     index = torch.arange(n, dtype=torch.int64)
     h = _mix(_mix((index + seed_a) & _MASK32) ^ seed_b)
-    return h >= _threshold(p)
+    return h >= drop_threshold(p)
 
 
-def _threshold(p: float) -> int:
+def drop_threshold(p: float) -> int:
+    """Hashes below this drop: p · 2^32."""
     return min(int(round(p * 2**32)), _MASK32)
 
 
@@ -45,7 +46,7 @@ def _apply(x: Tensor, p: float, seed_a: int, seed_b: int) -> Tensor:
     scale = 1.0 / (1.0 - p)
     lib = native.library() if x.dtype in (torch.float32, torch.bfloat16) else None
     if lib is not None:
-        return native.dropout(lib, x, _threshold(p), scale, seed_a, seed_b)
+        return native.dropout(lib, x, drop_threshold(p), scale, seed_a, seed_b)
     keep = keep_mask(x.numel(), p, seed_a, seed_b).view(x.shape)
     return torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype))
 

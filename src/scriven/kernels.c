@@ -520,3 +520,213 @@ void scriven_dropout(const void *x, void *out, int64_t n, int is_bf16, uint32_t 
         }
     }
 }
+
+/* ---- Training: attention over short sequences, heads read in place ----
+ * q (B, Tq, H·Dh), k and v (B, Tk, H·Dh), out (B, Tq, H·Dh): contiguous, bf16 (is_bf16) or
+ * float, so the heads are read where the projections wrote them, with no transposes. One
+ * (batch row, head) pair per task: scores, softmax, dropout and the weighted sum of values for
+ * each query row in one pass, in float. mask (uint8, 1 = may attend) has element (b, i, j) at
+ * b·m_bs + i·m_rs + j (a stride 0 broadcasts); NULL allows everything. lse (B, H, Tq) keeps
+ * each row's log-sum-exp for the backward pass, +inf for a row that may attend to nothing
+ * (its output is zero). Weight (b, h, i, j) is dropped when the hash of its index in
+ * (B, H, Tq, Tk) order is below threshold, as scriven_dropout draws masks; kept weights are
+ * multiplied by keep_scale = 1 / (1 - p). */
+#define ATTN_MAX_T 256
+#define ATTN_MAX_D 256
+
+static inline __m512 load16(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline void store16(void *p, int64_t i, __m512 x, int bf16) {
+    if (bf16) store_bf16((uint16_t *)p + i, x);
+    else _mm512_storeu_ps((float *)p + i, x);
+}
+
+static inline void load_row(float *dst, const void *src, int64_t at, int Dh, float scale, int bf16) {
+    for (int d = 0; d < Dh; d += 16)
+        _mm512_storeu_ps(dst + d, _mm512_mul_ps(load16(src, at + d, bf16), _mm512_set1_ps(scale)));
+}
+
+static inline float dot_row(const float *a, const void *b, int64_t at, int Dh, int bf16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int d = 0; d < Dh; d += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b, at + d, bf16), acc);
+    return _mm512_reduce_add_ps(acc);
+}
+
+static inline void axpy_row(float *acc, float a, const void *x, int64_t at, int Dh, int bf16) {
+    const __m512 av = _mm512_set1_ps(a);
+    for (int d = 0; d < Dh; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(av, load16(x, at + d, bf16), _mm512_loadu_ps(acc + d)));
+}
+
+static inline void axpy_f(float *acc, float a, const float *x, int Dh) {
+    const __m512 av = _mm512_set1_ps(a);
+    for (int d = 0; d < Dh; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + d), _mm512_loadu_ps(acc + d)));
+}
+
+static inline void store_row(void *dst, int64_t at, const float *src, int Dh, int bf16) {
+    for (int d = 0; d < Dh; d += 16) store16(dst, at + d, _mm512_loadu_ps(src + d), bf16);
+}
+
+/* Scores of query row qf (already × scale) against keys 0..Tk-1 into s, -inf where masked;
+ * returns their maximum (-inf when every key is masked). */
+static inline float attn_scores(const float *qf, const void *k, int64_t k0, int64_t ld, int Tk,
+                                int Dh, const uint8_t *allowed, float *s, int bf16) {
+    float top = -INFINITY;
+    for (int j = 0; j < Tk; j++) {
+        s[j] = (!allowed || allowed[j]) ? dot_row(qf, k, k0 + j * ld, Dh, bf16) : -INFINITY;
+        top = fmaxf(top, s[j]);
+    }
+    return top;
+}
+
+/* s[j] ← exp(s[j] - shift) (0 where s[j] is -inf); returns their sum. */
+static inline float attn_exp(float *s, int Tk, float shift) {
+    __m512 sum = _mm512_setzero_ps();
+    const __m512 sh = _mm512_set1_ps(shift), ninf = _mm512_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j < Tk; j += 16) {
+        const __mmask16 lanes = Tk - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (Tk - j)) - 1);
+        const __m512 x = _mm512_mask_loadu_ps(ninf, lanes, s + j);
+        const __mmask16 real = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
+        const __m512 e = _mm512_maskz_mov_ps(real, exp16(_mm512_sub_ps(x, sh)));
+        _mm512_mask_storeu_ps(s + j, lanes, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+static inline int attn_kept(int64_t index, uint32_t threshold, uint32_t seed_a, uint32_t seed_b) {
+    return threshold == 0 || mix1(mix1((uint32_t)index + seed_a) ^ seed_b) >= threshold;
+}
+
+static inline __attribute__((always_inline)) void attn_fwd_item(
+        int b, int h, const void *q, const void *k, const void *v, void *out, float *lse,
+        const uint8_t *mask, int64_t m_bs, int64_t m_rs, int H, int Tq, int Tk, int Dh,
+        float scale, uint32_t threshold, float keep_scale, uint32_t seed_a, uint32_t seed_b,
+        int bf16) {
+    float qf[ATTN_MAX_D], acc[ATTN_MAX_D], s[ATTN_MAX_T + 16];
+    const int64_t ld = (int64_t)H * Dh;
+    const int64_t q0 = (int64_t)b * Tq * ld + (int64_t)h * Dh, k0 = (int64_t)b * Tk * ld + (int64_t)h * Dh;
+    for (int i = 0; i < Tq; i++) {
+        const int64_t qi = q0 + i * ld;
+        float *row_lse = lse + ((int64_t)b * H + h) * Tq + i;
+        const uint8_t *allowed = mask ? mask + b * m_bs + i * m_rs : NULL;
+        load_row(qf, q, qi, Dh, scale, bf16);
+        const float top = attn_scores(qf, k, k0, ld, Tk, Dh, allowed, s, bf16);
+        memset(acc, 0, sizeof(float) * Dh);
+        if (top == -INFINITY) {  /* nothing to attend to: zero output */
+            *row_lse = INFINITY;
+            store_row(out, qi, acc, Dh, bf16);
+            continue;
+        }
+        const float total = attn_exp(s, Tk, top);
+        *row_lse = top + logf(total);
+        const float norm = 1.0f / total;
+        const int64_t base = (((int64_t)b * H + h) * Tq + i) * Tk;
+        for (int j = 0; j < Tk; j++) {
+            if (s[j] == 0.0f || !attn_kept(base + j, threshold, seed_a, seed_b)) continue;
+            axpy_row(acc, s[j] * norm * keep_scale, v, k0 + j * ld, Dh, bf16);
+        }
+        store_row(out, qi, acc, Dh, bf16);
+    }
+}
+
+int scriven_attention_fwd(const void *q, const void *k, const void *v, void *out, float *lse,
+                          const uint8_t *mask, int64_t m_bs, int64_t m_rs, int B, int H, int Tq,
+                          int Tk, int Dh, int is_bf16, float scale, uint32_t threshold,
+                          float keep_scale, uint32_t seed_a, uint32_t seed_b, int threads) {
+    if (Tk > ATTN_MAX_T || Dh > ATTN_MAX_D || Dh % 16) return 1;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int item = 0; item < B * H; item++) {
+        if (is_bf16)
+            attn_fwd_item(item / H, item % H, q, k, v, out, lse, mask, m_bs, m_rs, H, Tq, Tk, Dh,
+                          scale, threshold, keep_scale, seed_a, seed_b, 1);
+        else
+            attn_fwd_item(item / H, item % H, q, k, v, out, lse, mask, m_bs, m_rs, H, Tq, Tk, Dh,
+                          scale, threshold, keep_scale, seed_a, seed_b, 0);
+    }
+    return 0;
+}
+
+/* Gradients of scriven_attention_fwd for grad_out (B, Tq, H·Dh): with P the softmax, Pd the
+ * weights after dropout and dPd = grad_out · vᵀ, dV = Pdᵀ grad_out, dP = dPd · keep mask ·
+ * keep_scale, dS = P (dP - Σ_j P dP) (Σ_j P dP = Σ_j Pd dPd), dQ = scale · dS K and dK = scale ·
+ * dSᵀ Q. dk and dv accumulate per task in float (dkv: threads × 2·Tk·Dh floats). */
+static inline __attribute__((always_inline)) void attn_bwd_item(
+        int b, int h, const void *q, const void *k, const void *v, const void *gout,
+        const float *lse, const uint8_t *mask, int64_t m_bs, int64_t m_rs, void *dq, void *dk,
+        void *dv, float *dkv, int H, int Tq, int Tk, int Dh, float scale, uint32_t threshold,
+        float keep_scale, uint32_t seed_a, uint32_t seed_b, int bf16) {
+    float qf[ATTN_MAX_D], gf[ATTN_MAX_D], acc[ATTN_MAX_D], p[ATTN_MAX_T], dp[ATTN_MAX_T];
+    const int64_t ld = (int64_t)H * Dh;
+    const int64_t q0 = (int64_t)b * Tq * ld + (int64_t)h * Dh, k0 = (int64_t)b * Tk * ld + (int64_t)h * Dh;
+    float *dk_acc = dkv, *dv_acc = dkv + (int64_t)Tk * Dh;
+    memset(dkv, 0, sizeof(float) * 2 * Tk * Dh);
+    for (int i = 0; i < Tq; i++) {
+        const int64_t qi = q0 + i * ld;
+        const float row_lse = lse[((int64_t)b * H + h) * Tq + i];
+        memset(acc, 0, sizeof(float) * Dh);
+        if (row_lse == INFINITY) {
+            store_row(dq, qi, acc, Dh, bf16);
+            continue;
+        }
+        const uint8_t *allowed = mask ? mask + b * m_bs + i * m_rs : NULL;
+        load_row(qf, q, qi, Dh, 1.0f, bf16);
+        load_row(gf, gout, qi, Dh, 1.0f, bf16);
+        const int64_t base = (((int64_t)b * H + h) * Tq + i) * Tk;
+        float sum = 0.0f;
+        for (int j = 0; j < Tk; j++) {
+            p[j] = dp[j] = 0.0f;
+            if (allowed && !allowed[j]) continue;
+            p[j] = expf(scale * dot_row(qf, k, k0 + j * ld, Dh, bf16) - row_lse);
+            if (!attn_kept(base + j, threshold, seed_a, seed_b)) continue;
+            dp[j] = keep_scale * dot_row(gf, v, k0 + j * ld, Dh, bf16);
+            sum += p[j] * dp[j];
+            axpy_f(dv_acc + (int64_t)j * Dh, p[j] * keep_scale, gf, Dh);
+        }
+        for (int j = 0; j < Tk; j++) {
+            if (p[j] == 0.0f) continue;
+            const float ds = p[j] * (dp[j] - sum) * scale;
+            axpy_row(acc, ds, k, k0 + j * ld, Dh, bf16);
+            axpy_f(dk_acc + (int64_t)j * Dh, ds, qf, Dh);
+        }
+        store_row(dq, qi, acc, Dh, bf16);
+    }
+    for (int j = 0; j < Tk; j++) {
+        store_row(dk, k0 + j * ld, dk_acc + (int64_t)j * Dh, Dh, bf16);
+        store_row(dv, k0 + j * ld, dv_acc + (int64_t)j * Dh, Dh, bf16);
+    }
+}
+
+int scriven_attention_bwd(const void *q, const void *k, const void *v, const void *gout,
+                          const float *lse, const uint8_t *mask, int64_t m_bs, int64_t m_rs,
+                          void *dq, void *dk, void *dv, int B, int H, int Tq, int Tk, int Dh,
+                          int is_bf16, float scale, uint32_t threshold, float keep_scale,
+                          uint32_t seed_a, uint32_t seed_b, int threads) {
+    if (Tk > ATTN_MAX_T || Dh > ATTN_MAX_D || Dh % 16) return 1;
+    float *scratch = malloc(sizeof(float) * 2 * (size_t)Tk * Dh * threads);
+    if (!scratch) return 2;
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        float *dkv = scratch + (size_t)t * 2 * Tk * Dh;
+        #pragma omp for schedule(static)
+        for (int item = 0; item < B * H; item++) {
+            if (is_bf16)
+                attn_bwd_item(item / H, item % H, q, k, v, gout, lse, mask, m_bs, m_rs, dq, dk, dv,
+                              dkv, H, Tq, Tk, Dh, scale, threshold, keep_scale, seed_a, seed_b, 1);
+            else
+                attn_bwd_item(item / H, item % H, q, k, v, gout, lse, mask, m_bs, m_rs, dq, dk, dv,
+                              dkv, H, Tq, Tk, Dh, scale, threshold, keep_scale, seed_a, seed_b, 0);
+        }
+    }
+    free(scratch);
+    return 0;
+}

@@ -1,5 +1,6 @@
 """Native kernels (kernels.c), compiled on first use: int8 one-token-at-a-time generation,
-top-k, and for training the cross-entropy gradient of bf16 logits and hashed dropout.
+top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout and attention
+over short sequences.
 
 They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
 shared library is built once into the cache folder and reused. Where any of that is missing,
@@ -110,6 +111,11 @@ def library() -> ctypes.CDLL | None:
     u32 = ctypes.c_uint32
     lib.scriven_dropout.argtypes = [p, p, ctypes.c_int64, i, u32, ctypes.c_float, u32, u32, i]
     lib.scriven_dropout.restype = None
+    i64, f = ctypes.c_int64, ctypes.c_float
+    lib.scriven_attention_fwd.argtypes = [p, p, p, p, p, p, i64, i64, i, i, i, i, i, i, f, u32, f,
+                                          u32, u32, i]
+    lib.scriven_attention_bwd.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, i, i, i, i, i, i, f,
+                                          u32, f, u32, u32, i]
     return lib
 
 
@@ -283,3 +289,63 @@ def dropout(lib: ctypes.CDLL, x: Tensor, threshold: int, scale: float, seed_a: i
     lib.scriven_dropout(_ptr(x), _ptr(out), x.numel(), int(x.dtype == torch.bfloat16), threshold,
                         scale, seed_a, seed_b, torch.get_num_threads())
     return out
+
+
+ATTENTION_MAX_LEN = 256  # ATTN_MAX_T and ATTN_MAX_D in kernels.c
+
+
+@dataclass(frozen=True)
+class AttentionArgs:
+    """What the two attention kernels share: heads, the mask (uint8 (B|1, Tq|1, Tk) with its two
+    leading strides, or None), and the dropout draw (threshold 0: no dropout)."""
+
+    heads: int
+    mask: Tensor | None
+    scale: float
+    threshold: int
+    keep_scale: float
+    seed_a: int
+    seed_b: int
+
+    def mask_args(self) -> tuple[int | None, int, int]:
+        if self.mask is None:
+            return None, 0, 0
+        m = self.mask
+        return (_ptr(m), m.stride(0) if m.size(0) > 1 else 0,
+                m.stride(1) if m.size(1) > 1 else 0)
+
+
+def attention_forward(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor,
+                      a: AttentionArgs) -> tuple[Tensor, Tensor]:
+    """q (B, Tq, H·Dh), k and v (B, Tk, H·Dh), contiguous bf16 or float32 → output (B, Tq, H·Dh)
+    and each query row's log-sum-exp (B, H, Tq) float32 (see kernels.c)."""
+    b, tq, d = q.shape
+    tk = k.size(1)
+    out = torch.empty_like(q)
+    lse = torch.empty(b, a.heads, tq)
+    mask, m_bs, m_rs = a.mask_args()
+    err = lib.scriven_attention_fwd(_ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse), mask, m_bs,
+                                    m_rs, b, a.heads, tq, tk, d // a.heads,
+                                    int(q.dtype == torch.bfloat16), a.scale, a.threshold,
+                                    a.keep_scale, a.seed_a, a.seed_b, torch.get_num_threads())
+    if err:
+        raise RuntimeError(f"native attention cannot take Tk={tk}, head size {d // a.heads}")
+    return out, lse
+
+
+def attention_backward(lib: ctypes.CDLL, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
+                       grad_out: Tensor, a: AttentionArgs) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of `attention_forward` for grad_out (B, Tq, H·Dh)."""
+    b, tq, d = q.shape
+    tk = k.size(1)
+    grad_out = grad_out.to(q.dtype).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask, m_bs, m_rs = a.mask_args()
+    err = lib.scriven_attention_bwd(_ptr(q), _ptr(k), _ptr(v), _ptr(grad_out), _ptr(lse), mask,
+                                    m_bs, m_rs, _ptr(dq), _ptr(dk), _ptr(dv), b, a.heads, tq, tk,
+                                    d // a.heads, int(q.dtype == torch.bfloat16), a.scale,
+                                    a.threshold, a.keep_scale, a.seed_a, a.seed_b,
+                                    torch.get_num_threads())
+    if err:
+        raise RuntimeError(f"native attention backward failed (code {err})")
+    return dq, dk, dv
