@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from scriven import checkpoint as ckpt_io
+from scriven import native
 from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.train import training_precision
@@ -239,7 +240,7 @@ def main() -> None:
         "bench": "translate",
         "quick": args.quick,
         "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "precision": precision},
+                    "precision": precision, "native_kernels": native.library() is not None},
         "data": {**saved.config["data"]["pairs"], "vocab": tr.tokenizer.vocab_size,
                  "train_source_tokens": src_tokens, "train_target_tokens": tgt_tokens,
                  "split": "by source sentence, 90/5/5, seed 0",

@@ -135,3 +135,19 @@ def test_cli_errors_are_one_line_without_traceback(tiny_text, tmp_path):
     assert "Traceback" not in bad.stderr and "missing.txt" in bad.stderr
     bad = _cli("train", "lm", str(tiny_text), "--out", str(tmp_path / "r"), "--max-steps", "0")
     assert bad.returncode != 0 and "max_steps" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "8192"), ("100", "100")])
+def test_import_raises_onednn_kernel_cache_unless_the_user_set_it(preset, expected):
+    """Batches of many shapes thrash oneDNN's default cache of 1,024 compiled matmuls."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, scriven; "
+                          "print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
