@@ -89,8 +89,8 @@ SHORT_MAX_LEN = 64
 
 def short_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None,
                     dropout_p: float) -> Tensor | None:
-    """Multi-head attention on the CPU's native kernel, for sequences of up to
-    `native.ATTENTION_MAX_LEN` keys: q (B, Tq, D), k and v (B, Tk, D) as the projections made them
+    """Multi-head attention on the CPU's native kernel, for sequences of up to `SHORT_MAX_LEN`
+    keys: q (B, Tq, D), k and v (B, Tk, D) as the projections made them
     (heads not split), mask as for `scaled_dot_product_attention` but the same for every head.
     Returns (B, Tq, D), or None where the kernel does not apply (then use the general path):
     not a CPU, not float32/bf16, head size not a multiple of 16, more than `SHORT_MAX_LEN` keys,
@@ -103,9 +103,11 @@ def short_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | 
     """
     b, tq, d = q.shape
     tk = k.size(1)
+    head_dim = d // heads
     if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16)
-            or not (q.dtype == k.dtype == v.dtype) or d % heads or (d // heads) % 16
-            or tk > SHORT_MAX_LEN or d // heads > native.ATTENTION_MAX_LEN or b * heads * tq * tk >= 2**32):
+            or not (q.dtype == k.dtype == v.dtype) or d % heads or head_dim % 16
+            or head_dim > native.ATTENTION_MAX_LEN or tk > SHORT_MAX_LEN
+            or b * heads * tq * tk >= 2**32):  # the dropout hash counts weights in 32 bits
         return None
     lib = native.library()
     if lib is None:
@@ -123,7 +125,7 @@ def short_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | 
             m = m.contiguous()
     seed_a, seed_b = (torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
                       if dropout_p > 0.0 else (0, 0))
-    args = native.AttentionArgs(heads, m, 1.0 / math.sqrt(d // heads),
+    args = native.AttentionArgs(heads, m, 1.0 / math.sqrt(head_dim),
                                 drop_threshold(dropout_p) if dropout_p > 0.0 else 0,
                                 1.0 / (1.0 - dropout_p), seed_a, seed_b)
     return _ShortAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), args)
