@@ -282,6 +282,7 @@ def test_short_attention_declines_what_it_cannot_do():
     per_head = torch.ones(2, 4, 3, 3, dtype=torch.bool)
     assert short_attention(q, q, q, 4, per_head, 0.0) is None            # mask per head
     assert short_attention(q.double(), q.double(), q.double(), 4, None, 0.0) is None
+    assert short_attention(q, q[:, :0], q[:, :0], 4, None, 0.0) is None          # no keys
     with pytest.raises(ValueError, match="boolean"):
         short_attention(q, q, q, 4, torch.ones(3, 3), 0.0)
 
