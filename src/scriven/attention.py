@@ -106,7 +106,7 @@ def short_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | 
     head_dim = d // heads
     if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16)
             or not (q.dtype == k.dtype == v.dtype) or d % heads or head_dim % 16
-            or head_dim > native.ATTENTION_MAX_LEN or tk > SHORT_MAX_LEN
+            or head_dim > native.ATTENTION_MAX_HEAD_DIM or tk > SHORT_MAX_LEN
             or not 0 < b * heads * tq * tk < 2**32):  # the dropout hash counts weights in 32 bits
         return None
     lib = native.library()

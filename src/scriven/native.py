@@ -108,10 +108,9 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_sample_top_k.restype = None
     lib.scriven_xent_grad_bf16.argtypes = [p, i, i, p, p, ctypes.c_float, ctypes.c_float,
                                            ctypes.c_float, p, p, i]
-    u32 = ctypes.c_uint32
-    lib.scriven_dropout.argtypes = [p, p, ctypes.c_int64, i, u32, ctypes.c_float, u32, u32, i]
+    u32, i64, f = ctypes.c_uint32, ctypes.c_int64, ctypes.c_float
+    lib.scriven_dropout.argtypes = [p, p, i64, i, u32, f, u32, u32, i]
     lib.scriven_dropout.restype = None
-    i64, f = ctypes.c_int64, ctypes.c_float
     lib.scriven_attention_fwd.argtypes = [p, p, p, p, p, p, i64, i64, i, i, i, i, i, i, f, u32, f,
                                           u32, u32, i]
     lib.scriven_attention_bwd.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, i, i, i, i, i, i, f,
@@ -291,7 +290,7 @@ def dropout(lib: ctypes.CDLL, x: Tensor, threshold: int, scale: float, seed_a: i
     return out
 
 
-ATTENTION_MAX_LEN = 256  # ATTN_MAX_T and ATTN_MAX_D in kernels.c
+ATTENTION_MAX_HEAD_DIM = 256  # ATTN_MAX_D in kernels.c (keys: up to ATTN_MAX_T, also 256)
 
 
 @dataclass(frozen=True)

@@ -348,8 +348,9 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     split); a joint BPE tokenizer of `vocab_size` is learned on the training split (both
     languages, case and accents kept). Validation every `eval_every` steps: loss, and BLEU/chrF
     of greedy translations of a fixed sample of `bleu_sentences` validation pairs; `best` and
-    early stopping (`patience`) follow BLEU. `dropout` overrides the preset's. `max_words` drops pairs with a longer side; pairs
-    longer than the model's max_len tokens are always dropped (with a warning). Writes
+    early stopping (`patience`) follow BLEU. `dropout` overrides the preset's. `max_words`
+    drops pairs with a longer side; pairs longer than the model's max_len tokens are always
+    dropped (with a warning). Writes
     `out/latest`, `out/best`, `out/metrics.jsonl`, `out/loss.png`; `resume` continues exactly.
     """
     check(preset in TRANSLATOR_PRESETS, "preset",
