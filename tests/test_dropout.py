@@ -82,3 +82,73 @@ def test_without_native_kernels_the_same_mask(monkeypatch):
         monkeypatch.delenv(native.NATIVE_ENV)
         native.library.cache_clear()
     torch.testing.assert_close(fast, slow)
+
+
+def _fused_reference(x, residual, relu, p, seeds):
+    keep = hashed.keep_mask(x.numel(), p, *seeds).view(x.shape)
+    h = (F.relu(x) if relu else x).float()
+    out = torch.where(keep, h / (1 - p), torch.zeros(()))
+    return out + residual.float() if residual is not None else out
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["residual", "relu"])
+def test_fused_residual_and_relu_equal_the_unfused_formula(monkeypatch, native_on, dtype, mode):
+    if native_on and lib is None:
+        pytest.skip("no native kernels here")
+    if not native_on:
+        monkeypatch.setenv(native.NATIVE_ENV, "0")
+    native.library.cache_clear()
+    try:
+        x = torch.randn(5, 4099).to(dtype).requires_grad_()  # a tail of 3 past the 16s
+        residual = torch.randn(5, 4099).to(dtype).requires_grad_() if mode == "residual" else None
+        torch.manual_seed(2)
+        y = hashed.dropout(x, 0.3, residual=residual, relu=mode == "relu")
+        torch.manual_seed(2)
+        seeds = torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
+        expected = _fused_reference(x.detach(), residual, mode == "relu", 0.3, seeds)
+        tol = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
+        torch.testing.assert_close(y.float(), expected.detach(), **tol)
+        g = torch.randn(y.shape).to(dtype)
+        y.backward(g)
+        kept = hashed.keep_mask(x.numel(), 0.3, *seeds).view(x.shape)
+        if mode == "relu":
+            kept = kept & (x.detach() > 0)
+        torch.testing.assert_close(x.grad, torch.where(kept, g / 0.7, torch.zeros((), dtype=dtype)),
+                                   **tol)
+        if residual is not None:
+            assert torch.equal(residual.grad, g)  # the residual path passes gradients through
+    finally:
+        monkeypatch.delenv(native.NATIVE_ENV, raising=False)
+        native.library.cache_clear()
+
+
+def test_fused_forms_in_eval_mode_and_under_mixed_dtypes():
+    x, r = torch.randn(3, 40), torch.randn(3, 40)
+    torch.testing.assert_close(hashed.dropout(x, 0.5, training=False, residual=r), x + r)
+    torch.testing.assert_close(hashed.dropout(x, 0.5, training=False, relu=True), F.relu(x))
+    # A bf16 branch onto an fp32 residual stream (autocast) keeps the stream in fp32.
+    y = hashed.dropout(x.bfloat16(), 0.5, residual=r)
+    assert y.dtype == torch.float32
+    dropped = (y - r).abs() < 1e-6
+    assert 0.3 < dropped.float().mean() < 0.7
+
+
+def test_fused_forms_reject_bad_combinations():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="not both"):
+        hashed.dropout(x, 0.1, residual=x, relu=True)
+    with pytest.raises(ValueError, match="residual"):
+        hashed.dropout(x, 0.1, residual=torch.randn(2, 9))
+
+
+def test_masks_of_different_calls_are_independent():
+    """Two calls' masks agree only by chance (p² + (1-p)² of the time), shifted or not."""
+    a = hashed.keep_mask(100_000, 0.5, 12345, 678)
+    b = hashed.keep_mask(100_000, 0.5, 12345 + 7, 91011)  # offsets 7 apart
+    for shift in (0, 7):
+        agree = (a[shift:] == b[: b.numel() - shift]).float().mean().item()
+        assert abs(agree - 0.5) < 0.01
+    neighbours = (a[1:] == a[:-1]).float().mean().item()  # no correlation along the tensor
+    assert abs(neighbours - 0.5) < 0.01

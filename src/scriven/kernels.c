@@ -462,10 +462,11 @@ int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, con
 }
 
 /* ---- Training: dropout with a counter-based mask ----
- * Element i of a call with seed s is kept when hash(i, s) ≥ p · 2^32, so the backward pass
- * rebuilds the forward's mask from the seed instead of storing it, and any thread can draw any
- * element. hash is two rounds of a 32-bit integer mixer (xor-shift-multiply); dropout.py
- * computes the same numbers with PyTorch ops where these kernels are not available. */
+ * Element i of a call with seeds (a, b) is kept when mix(i·m + a) ≥ p · 2^32, with m = b | 1
+ * odd: the backward pass rebuilds the forward's mask from the seeds instead of storing it, and
+ * any thread can draw any element. mix is one round of a 32-bit xor-shift-multiply mixer; the
+ * per-call multiplier keeps the masks of two calls from being shifted copies of one sequence.
+ * dropout.py computes the same numbers with PyTorch ops where these kernels are not available. */
 static inline __m512i mix16(__m512i x) {
     x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
     x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
@@ -482,41 +483,80 @@ static inline uint32_t mix1(uint32_t x) {
     return x ^ (x >> 16);
 }
 
-/* out[i] = x[i] · scale where element i is kept, else 0, for n bf16 (is_bf16) or float values.
- * x and out may be the same. threshold = p · 2^32 (elements with hash < threshold drop). */
-void scriven_dropout(const void *x, void *out, int64_t n, int is_bf16, uint32_t threshold,
-                     float scale, uint32_t seed_a, uint32_t seed_b, int threads) {
+static inline int drop_kept(int64_t i, uint32_t threshold, uint32_t seed_a, uint32_t seed_b) {
+    return mix1((uint32_t)i * (seed_b | 1u) + seed_a) >= threshold;
+}
+
+static inline __m512 load16(const void *p, int64_t i, int bf16) {
+    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
+}
+
+static inline void store16(void *p, int64_t i, __m512 x, int bf16) {
+    if (bf16) store_bf16((uint16_t *)p + i, x);
+    else _mm512_storeu_ps((float *)p + i, x);
+}
+
+static inline float load1(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store1(void *p, int64_t i, float x, int bf16) {
+    if (bf16) ((uint16_t *)p)[i] = float_to_bf16(x);
+    else ((float *)p)[i] = x;
+}
+
+/* out[i] = residual[i] + (kept(i) ? f(x[i]) · scale : 0), f = relu when `relu` else identity,
+ * no residual when it is NULL; n bf16 (is_bf16) or float values, summed in float and rounded
+ * once. x and out may be the same. threshold = p · 2^32 (elements with hash < threshold drop). */
+void scriven_dropout(const void *x, const void *residual, void *out, int64_t n, int is_bf16,
+                     int relu, uint32_t threshold, float scale, uint32_t seed_a, uint32_t seed_b,
+                     int threads) {
+    const int64_t blocks = (n + 15) / 16;
+    const uint32_t mult = seed_b | 1u;
+    const __m512i lanes = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)mult));
+    #pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t i = blk * 16;
+        if (i + 16 <= n) {
+            const __m512i h = mix16(_mm512_add_epi32(
+                _mm512_set1_epi32((int)((uint32_t)i * mult + seed_a)), lanes));
+            const __mmask16 keep = _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
+            __m512 v = load16(x, i, is_bf16);
+            if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+            v = _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(scale));
+            if (residual) v = _mm512_add_ps(v, load16(residual, i, is_bf16));
+            store16(out, i, v, is_bf16);
+        } else {
+            for (int64_t j = i; j < n; j++) {
+                float v = load1(x, j, is_bf16);
+                if (relu && !(v > 0.0f)) v = 0.0f;
+                v = drop_kept(j, threshold, seed_a, seed_b) ? v * scale : 0.0f;
+                if (residual) v += load1(residual, j, is_bf16);
+                store1(out, j, v, is_bf16);
+            }
+        }
+    }
+}
+
+/* The backward pass of relu-then-dropout from its output y: grad_in[i] = grad[i] · scale where
+ * y[i] > 0 (the input was positive and kept), else 0. grad_in may be grad. */
+void scriven_relu_dropout_bwd(const void *grad, const void *y, void *grad_in, int64_t n,
+                              int is_bf16, float scale, int threads) {
     const int64_t blocks = (n + 15) / 16;
     #pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t i = blk * 16;
-        const __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)i),
-                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,
-                                                               11, 12, 13, 14, 15));
-        __m512i h = mix16(_mm512_xor_si512(mix16(_mm512_add_epi32(idx, _mm512_set1_epi32((int)seed_a))),
-                                           _mm512_set1_epi32((int)seed_b)));
-        const __mmask16 keep = _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
         if (i + 16 <= n) {
-            if (is_bf16) {
-                const __m512 v = _mm512_maskz_mul_ps(keep, load_bf16((const uint16_t *)x + i),
-                                                     _mm512_set1_ps(scale));
-                store_bf16((uint16_t *)out + i, v);
-            } else {
-                const __m512 v = _mm512_maskz_mul_ps(keep, _mm512_loadu_ps((const float *)x + i),
-                                                     _mm512_set1_ps(scale));
-                _mm512_storeu_ps((float *)out + i, v);
-            }
+            const __mmask16 pos = _mm512_cmp_ps_mask(load16(y, i, is_bf16), _mm512_setzero_ps(),
+                                                     _CMP_GT_OQ);
+            store16(grad_in, i, _mm512_maskz_mul_ps(pos, load16(grad, i, is_bf16),
+                                                    _mm512_set1_ps(scale)), is_bf16);
         } else {
-            for (int64_t j = i; j < n; j++) {
-                const uint32_t hj = mix1(mix1((uint32_t)j + seed_a) ^ seed_b);
-                const int kept = hj >= threshold;
-                if (is_bf16) {
-                    const float v = kept ? bf16_to_float(((const uint16_t *)x)[j]) * scale : 0.0f;
-                    ((uint16_t *)out)[j] = float_to_bf16(v);
-                } else {
-                    ((float *)out)[j] = kept ? ((const float *)x)[j] * scale : 0.0f;
-                }
-            }
+            for (int64_t j = i; j < n; j++)
+                store1(grad_in, j, load1(y, j, is_bf16) > 0.0f ? load1(grad, j, is_bf16) * scale
+                                                                : 0.0f, is_bf16);
         }
     }
 }
@@ -533,15 +573,6 @@ void scriven_dropout(const void *x, void *out, int64_t n, int is_bf16, uint32_t 
  * multiplied by keep_scale = 1 / (1 - p). */
 #define ATTN_MAX_T 256
 #define ATTN_MAX_D 256
-
-static inline __m512 load16(const void *p, int64_t i, int bf16) {
-    return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
-}
-
-static inline void store16(void *p, int64_t i, __m512 x, int bf16) {
-    if (bf16) store_bf16((uint16_t *)p + i, x);
-    else _mm512_storeu_ps((float *)p + i, x);
-}
 
 static inline void load_row(float *dst, const void *src, int64_t at, int Dh, float scale, int bf16) {
     for (int d = 0; d < Dh; d += 16)
@@ -600,7 +631,7 @@ static inline float attn_exp(float *s, int Tk, float shift) {
 }
 
 static inline int attn_kept(int64_t index, uint32_t threshold, uint32_t seed_a, uint32_t seed_b) {
-    return threshold == 0 || mix1(mix1((uint32_t)index + seed_a) ^ seed_b) >= threshold;
+    return threshold == 0 || drop_kept(index, threshold, seed_a, seed_b);
 }
 
 static inline __attribute__((always_inline)) void attn_fwd_item(

@@ -82,9 +82,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         bias_grad = (torch.zeros(threads, v, device=h.device) if b is not None
                      and ctx.needs_input_grad[2] else None)
         grad_hidden = torch.empty_like(h)                   # (N, D)
-        # Summed block by block as (D, V): hbᵀ z reads both operands in their stored order
-        # (zᵀ hb would first copy the transposed block).
-        grad_weight_t = torch.zeros(w.size(1), v, device=h.device)  # (D, V) fp32
+        # Summed block by block in the weight's own dtype when it is bf16 (bf16-pure training
+        # keeps bf16 gradients anyway: no fp32 buffer, casts or transposes), else in fp32.
+        grad_weight = torch.zeros(v, w.size(1), device=h.device,
+                                  dtype=torch.bfloat16 if weight.dtype == dtype == torch.bfloat16
+                                  else torch.float32)  # (V, D)
         keep, spread, scale = 1.0 - smoothing, smoothing / v, 1.0 / n
         losses = []
         # Block by block, so that logits, softmax and gradient stay in cache.
@@ -102,9 +104,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 sub = 64 if z.device.type == "cpu" else z.size(0)
                 losses.append(_block_grad(z, labels[rows], b, keep, spread, scale, bias_grad,
                                           sub))
-            grad_hidden[rows] = z @ w
-            grad_weight_t += hb.t() @ z
-        ctx.save_for_backward(grad_hidden, grad_weight_t.t().contiguous())
+            torch.mm(z, w, out=grad_hidden[rows])
+            if grad_weight.dtype == z.dtype:
+                grad_weight.addmm_(z.t(), hb)               # zᵀ hb, summed in place
+            else:
+                grad_weight += z.t() @ hb
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.bias_grad = bias_grad.sum(0) if bias_grad is not None else None
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return torch.cat(losses).sum() / n

@@ -109,8 +109,10 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_xent_grad_bf16.argtypes = [p, i, i, p, p, ctypes.c_float, ctypes.c_float,
                                            ctypes.c_float, p, p, i]
     u32, i64, f = ctypes.c_uint32, ctypes.c_int64, ctypes.c_float
-    lib.scriven_dropout.argtypes = [p, p, i64, i, u32, f, u32, u32, i]
+    lib.scriven_dropout.argtypes = [p, p, p, i64, i, i, u32, f, u32, u32, i]
     lib.scriven_dropout.restype = None
+    lib.scriven_relu_dropout_bwd.argtypes = [p, p, p, i64, i, f, i]
+    lib.scriven_relu_dropout_bwd.restype = None
     lib.scriven_attention_fwd.argtypes = [p, p, p, p, p, p, i64, i64, i, i, i, i, i, i, f, u32, f,
                                           u32, u32, i]
     lib.scriven_attention_bwd.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, i, i, i, i, i, i, f,
@@ -280,13 +282,28 @@ def cross_entropy_grad_bf16(lib: ctypes.CDLL, logits: Tensor, labels: Tensor, bi
 
 
 def dropout(lib: ctypes.CDLL, x: Tensor, threshold: int, scale: float, seed_a: int,
-            seed_b: int) -> Tensor:
-    """Dropout of a contiguous bf16 or float32 CPU tensor with the counter-based mask of
-    kernels.c (see dropout.py, which computes the same mask without these kernels)."""
+            seed_b: int, residual: Tensor | None = None, relu: bool = False) -> Tensor:
+    """`residual + dropout(relu(x) if relu else x)` (no residual when None) for a contiguous
+    bf16 or float32 CPU tensor, with the counter-based mask of kernels.c (see dropout.py, which
+    computes the same mask without these kernels); the sum is rounded once."""
     assert x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous()
+    assert residual is None or (residual.dtype == x.dtype and residual.shape == x.shape
+                                and residual.is_contiguous())
     out = torch.empty_like(x)
-    lib.scriven_dropout(_ptr(x), _ptr(out), x.numel(), int(x.dtype == torch.bfloat16), threshold,
-                        scale, seed_a, seed_b, torch.get_num_threads())
+    lib.scriven_dropout(_ptr(x), _ptr(residual) if residual is not None else None, _ptr(out),
+                        x.numel(), int(x.dtype == torch.bfloat16), int(relu), threshold, scale,
+                        seed_a, seed_b, torch.get_num_threads())
+    return out
+
+
+def relu_dropout_backward(lib: ctypes.CDLL, grad: Tensor, y: Tensor, scale: float) -> Tensor:
+    """Gradient of relu-then-dropout from its output y: grad · scale where y > 0, else 0."""
+    assert grad.dtype == y.dtype and grad.shape == y.shape and y.is_contiguous()
+    grad = grad.contiguous()
+    out = torch.empty_like(grad)
+    lib.scriven_relu_dropout_bwd(_ptr(grad), _ptr(y), _ptr(out), grad.numel(),
+                                 int(grad.dtype == torch.bfloat16), scale,
+                                 torch.get_num_threads())
     return out
 
 

@@ -126,6 +126,29 @@ class Distributed:
         return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc's allocator keep freed memory for reuse instead of handing it back to the
+    system, for the rest of the process; returns whether it could (glibc only).
+
+    A training step frees and allocates the same multi-megabyte activations over and over. By
+    default glibc maps blocks from 128 KiB up afresh and returns freed heap tops, so their pages
+    fault again on first touch: about 6,400 faults a translator step (measured), 3-5 % of it.
+    Blocks up to 32 MiB (glibc's limit) now come from the heap, which is never trimmed."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None or sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -291,6 +314,8 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        keep_freed_memory()
     precision = training_precision(config.amp, device, getattr(task, "pure_bf16", False))
     amp_dtype = autocast_dtype(precision, device)
     p = Progress()

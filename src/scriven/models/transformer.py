@@ -120,10 +120,13 @@ class FeedForward(nn.Module):
         self.linear1 = nn.Linear(d_model, d_ff)
         self.linear2 = nn.Linear(d_ff, d_model)
         self.dropout = Dropout(dropout)
-        self.activation = F.gelu if activation == "gelu" else F.relu
+        self.gelu = activation == "gelu"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))  # (B, T, D)
+        h = self.linear1(x)  # (B, T, F)
+        # ReLU and dropout in one pass (see dropout.py); GELU goes first on its own.
+        h = self.dropout(F.gelu(h)) if self.gelu else self.dropout(h, relu=True)
+        return self.linear2(h)  # (B, T, D)
 
 
 class EncoderLayer(nn.Module):
@@ -141,12 +144,12 @@ class EncoderLayer(nn.Module):
         """x (B, S, D), mask (B, 1, 1, S) → (B, S, D), weights (B, H, S, S) or None."""
         if self.norm_first:
             h, w = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
-            x = x + self.dropout(h)
-            x = x + self.dropout(self.ff(self.norm2(x)))
+            x = self.dropout(h, residual=x)  # x + dropout(h), one pass
+            x = self.dropout(self.ff(self.norm2(x)), residual=x)
         else:
             h, w = self.self_attn(x, mask=mask, need_weights=need_weights)
-            x = self.norm1(x + self.dropout(h))
-            x = self.norm2(x + self.dropout(self.ff(x)))
+            x = self.norm1(self.dropout(h, residual=x))
+            x = self.norm2(self.dropout(self.ff(x), residual=x))
         return x, w
 
 
@@ -191,19 +194,19 @@ class DecoderLayer(nn.Module):
         if self.norm_first:
             h, w_self = self.self_attn(self.norm1(x), mask=tgt_mask, cache=self_cache,
                                        need_weights=need_weights)
-            x = x + self.dropout(h)
+            x = self.dropout(h, residual=x)
             h, w_cross = self.cross_attn(self.norm2(x), memory=memory, mask=src_mask,
                                          cache=cross_cache, need_weights=need_weights)
-            x = x + self.dropout(h)
-            x = x + self.dropout(self.ff(self.norm3(x)))
+            x = self.dropout(h, residual=x)
+            x = self.dropout(self.ff(self.norm3(x)), residual=x)
         else:
             h, w_self = self.self_attn(x, mask=tgt_mask, cache=self_cache,
                                        need_weights=need_weights)
-            x = self.norm1(x + self.dropout(h))
+            x = self.norm1(self.dropout(h, residual=x))
             h, w_cross = self.cross_attn(x, memory=memory, mask=src_mask, cache=cross_cache,
                                          need_weights=need_weights)
-            x = self.norm2(x + self.dropout(h))
-            x = self.norm3(x + self.dropout(self.ff(x)))
+            x = self.norm2(self.dropout(h, residual=x))
+            x = self.norm3(self.dropout(self.ff(x), residual=x))
         return x, w_self, w_cross
 
 
