@@ -761,3 +761,74 @@ int scriven_attention_bwd(const void *q, const void *k, const void *v, const voi
     free(scratch);
     return 0;
 }
+
+/* ---- Training: layer norm over rows of D values (D a multiple of 16, at most LN_MAX_D) ----
+ * y = (x - mean) · rstd · gamma + beta, each row in float; mean and rstd (N,) are kept for the
+ * backward pass. x, y, gamma, beta: bf16 (is_bf16) or float. */
+#define LN_MAX_D 1024
+
+void scriven_layer_norm_fwd(const void *x, const void *gamma, const void *beta, void *y,
+                            float *mean, float *rstd, int64_t N, int D, float eps, int is_bf16,
+                            int threads) {
+    #pragma omp parallel for schedule(static) num_threads(N * D >= (1 << 15) ? threads : 1)
+    for (int64_t r = 0; r < N; r++) {
+        const int64_t at = r * D;
+        __m512 row[LN_MAX_D / 16];
+        __m512 sum = _mm512_setzero_ps();
+        for (int c = 0; c < D / 16; c++) {
+            row[c] = load16(x, at + 16 * c, is_bf16);
+            sum = _mm512_add_ps(sum, row[c]);
+        }
+        const float mu = _mm512_reduce_add_ps(sum) / D;
+        const __m512 muv = _mm512_set1_ps(mu);
+        __m512 sq = _mm512_setzero_ps();
+        for (int c = 0; c < D / 16; c++) {
+            row[c] = _mm512_sub_ps(row[c], muv);
+            sq = _mm512_fmadd_ps(row[c], row[c], sq);
+        }
+        const float rs = 1.0f / sqrtf(_mm512_reduce_add_ps(sq) / D + eps);
+        const __m512 rsv = _mm512_set1_ps(rs);
+        for (int c = 0; c < D / 16; c++)
+            store16(y, at + 16 * c, _mm512_fmadd_ps(_mm512_mul_ps(row[c], rsv),
+                                                   load16(gamma, 16 * c, is_bf16),
+                                                   load16(beta, 16 * c, is_bf16)), is_bf16);
+        mean[r] = mu;
+        rstd[r] = rs;
+    }
+}
+
+/* With xhat = (x - mean) · rstd and g' = dy · gamma per row:
+ * dx = rstd · (g' - mean(g') - xhat · mean(g' · xhat)); dgamma = Σ dy · xhat, dbeta = Σ dy over
+ * rows, each thread summing its rows into its own row of part (threads, 2, D) float. */
+void scriven_layer_norm_bwd(const void *x, const void *gamma, const float *mean,
+                            const float *rstd, const void *dy, void *dx, float *part, int64_t N,
+                            int D, int is_bf16, int threads) {
+    const int used = N * D >= (1 << 15) ? threads : 1;
+    memset(part, 0, sizeof(float) * (size_t)threads * 2 * D);
+    #pragma omp parallel num_threads(used)
+    {
+        float *dgamma = part + (size_t)omp_get_thread_num() * 2 * D, *dbeta = dgamma + D;
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < N; r++) {
+            const int64_t at = r * D;
+            __m512 xh[LN_MAX_D / 16], gg[LN_MAX_D / 16];
+            const __m512 muv = _mm512_set1_ps(mean[r]), rsv = _mm512_set1_ps(rstd[r]);
+            __m512 s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+            for (int c = 0; c < D / 16; c++) {
+                const __m512 g = load16(dy, at + 16 * c, is_bf16);
+                xh[c] = _mm512_mul_ps(_mm512_sub_ps(load16(x, at + 16 * c, is_bf16), muv), rsv);
+                gg[c] = _mm512_mul_ps(g, load16(gamma, 16 * c, is_bf16));
+                s1 = _mm512_add_ps(s1, gg[c]);
+                s2 = _mm512_fmadd_ps(gg[c], xh[c], s2);
+                _mm512_storeu_ps(dgamma + 16 * c, _mm512_fmadd_ps(g, xh[c],
+                                                                  _mm512_loadu_ps(dgamma + 16 * c)));
+                _mm512_storeu_ps(dbeta + 16 * c, _mm512_add_ps(g, _mm512_loadu_ps(dbeta + 16 * c)));
+            }
+            const __m512 m1 = _mm512_set1_ps(_mm512_reduce_add_ps(s1) / D);
+            const __m512 m2 = _mm512_set1_ps(_mm512_reduce_add_ps(s2) / D);
+            for (int c = 0; c < D / 16; c++)
+                store16(dx, at + 16 * c, _mm512_mul_ps(rsv, _mm512_sub_ps(
+                    _mm512_sub_ps(gg[c], m1), _mm512_mul_ps(xh[c], m2))), is_bf16);
+        }
+    }
+}

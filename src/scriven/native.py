@@ -1,5 +1,5 @@
 """Native kernels (kernels.c), compiled on first use: int8 one-token-at-a-time generation,
-top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout and attention
+top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout, layer norm and attention
 over short sequences.
 
 They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
@@ -113,6 +113,10 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_dropout.restype = None
     lib.scriven_relu_dropout_bwd.argtypes = [p, p, p, i64, i, f, i]
     lib.scriven_relu_dropout_bwd.restype = None
+    lib.scriven_layer_norm_fwd.argtypes = [p, p, p, p, p, p, i64, i, f, i, i]
+    lib.scriven_layer_norm_fwd.restype = None
+    lib.scriven_layer_norm_bwd.argtypes = [p, p, p, p, p, p, p, i64, i, i, i]
+    lib.scriven_layer_norm_bwd.restype = None
     lib.scriven_attention_fwd.argtypes = [p, p, p, p, p, p, i64, i64, i, i, i, i, i, i, f, u32, f,
                                           u32, u32, i]
     lib.scriven_attention_bwd.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, i, i, i, i, i, i, f,
@@ -305,6 +309,36 @@ def relu_dropout_backward(lib: ctypes.CDLL, grad: Tensor, y: Tensor, scale: floa
                                  int(grad.dtype == torch.bfloat16), scale,
                                  torch.get_num_threads())
     return out
+
+
+LAYER_NORM_MAX_D = 1024  # LN_MAX_D in kernels.c
+
+
+def layer_norm_forward(lib: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor,
+                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Layer norm of the rows of contiguous x (N, D), bf16 or float32 like weight and bias (D,):
+    y (N, D) and each row's mean and 1 / std (N,) float32 for the backward pass."""
+    n, d = x.shape
+    y, mean, rstd = torch.empty_like(x), torch.empty(n), torch.empty(n)
+    lib.scriven_layer_norm_fwd(_ptr(x), _ptr(weight), _ptr(bias), _ptr(y), _ptr(mean),
+                               _ptr(rstd), n, d, eps, int(x.dtype == torch.bfloat16),
+                               torch.get_num_threads())
+    return y, mean, rstd
+
+
+def layer_norm_backward(lib: ctypes.CDLL, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
+                        grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `layer_norm_forward` for the output gradient grad (N, D): those of x (N, D),
+    weight and bias (D,) (float32, summed over rows)."""
+    n, d = x.shape
+    grad = grad.contiguous()
+    threads = torch.get_num_threads()
+    dx, part = torch.empty_like(x), torch.empty(threads, 2, d)
+    lib.scriven_layer_norm_bwd(_ptr(x), _ptr(weight), _ptr(mean), _ptr(rstd), _ptr(grad),
+                               _ptr(dx), _ptr(part), n, d, int(x.dtype == torch.bfloat16),
+                               threads)
+    sums = part.sum(0)
+    return dx, sums[0], sums[1]
 
 
 ATTENTION_MAX_HEAD_DIM = 256  # ATTN_MAX_D in kernels.c (keys: up to ATTN_MAX_T, also 256)

@@ -19,6 +19,7 @@ from ..attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from ..config import check, check_float, check_positive_int, from_dict
 from ..dropout import Dropout
 from ..errors import ScrivenError
+from ..layernorm import LayerNorm
 from ..losses import linear_cross_entropy
 
 ACTIVATIONS = ("relu", "gelu")
@@ -135,8 +136,8 @@ class EncoderLayer(nn.Module):
         self.norm_first = cfg.norm_first
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = LayerNorm(cfg.d_model)
+        self.norm2 = LayerNorm(cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None,
@@ -174,9 +175,9 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation)
-        self.norm1 = nn.LayerNorm(cfg.d_model)
-        self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.norm3 = nn.LayerNorm(cfg.d_model)
+        self.norm1 = LayerNorm(cfg.d_model)
+        self.norm2 = LayerNorm(cfg.d_model)
+        self.norm3 = LayerNorm(cfg.d_model)
         self.dropout = Dropout(cfg.dropout)
 
     def forward(
@@ -236,8 +237,8 @@ class Transformer(nn.Module):
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         # Pre-norm leaves the residual stream un-normalised: one final norm per stack.
-        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.encoder_norm = LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size)
         self._init_weights()
         if cfg.share_embeddings:
