@@ -1,6 +1,6 @@
 """Native kernels (kernels.c), compiled on first use: int8 one-token-at-a-time generation,
-top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout, layer norm and attention
-over short sequences.
+top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout, layer norm
+and attention over short sequences.
 
 They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
 shared library is built once into the cache folder and reused. Where any of that is missing,
