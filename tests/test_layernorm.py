@@ -45,16 +45,24 @@ def test_native_equals_nn_layer_norm_with_gradients(dtype, shape):
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=rtol * scale)
 
 
-def test_falls_back_where_the_kernel_does_not_apply():
-    ours, ref, g = _pair(20, torch.float32)  # 20 is not a multiple of 16
-    x = torch.randn(4, 20, generator=g)
-    torch.testing.assert_close(ours(x), ref(x))
+def test_inference_and_inputs_the_kernel_does_not_take_use_pytorchs(monkeypatch):
+    def not_here(*args):
+        raise AssertionError("the native kernel ran")
+
+    monkeypatch.setattr(native, "layer_norm_forward", not_here)
     ours, ref, g = _pair(32, torch.float32)
-    x = torch.randn(32, 4, generator=g).t()  # not contiguous
+    x = torch.randn(4, 32, generator=g)
+    torch.testing.assert_close(ours(x), ref(x))  # needs no gradient: inference
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x.clone().requires_grad_()), ref(x))
+    x = torch.randn(32, 4, generator=g).t().requires_grad_()  # not contiguous
     torch.testing.assert_close(ours(x), ref(x))
-    x = torch.randn(4, 32, generator=g).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's own choice of dtype
+    x = torch.randn(4, 32, generator=g).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast picks the dtype itself
         torch.testing.assert_close(ours(x), ref(x))
+    ours, ref, g = _pair(20, torch.float32)  # 20 is not a multiple of 16
+    x = torch.randn(4, 20, generator=g).requires_grad_()
+    torch.testing.assert_close(ours(x), ref(x))
 
 
 def test_state_dict_is_nn_layer_norms():

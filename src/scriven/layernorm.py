@@ -36,16 +36,19 @@ class _NativeLayerNorm(torch.autograd.Function):
 
 
 class LayerNorm(nn.LayerNorm):
-    """`nn.LayerNorm(d)` (same parameters and state dict) that runs on the native kernel for
-    contiguous CPU inputs of float32 or bf16 matching its parameters, outside autocast (which
-    computes norms in float32 itself), with d a multiple of 16 up to 1,024."""
+    """`nn.LayerNorm(d)` (same parameters and state dict) that runs on the native kernel when
+    training: for inputs that need a gradient, contiguous on the CPU, float32 or bf16 matching
+    its parameters, outside autocast (which picks the norm's dtype itself), with d a multiple of
+    16 up to 1,024. Inference stays on PyTorch's kernel, quicker for the few rows of a decoding
+    step (measured: one sentence at a time, 72.8 against 47.9 sentences/s)."""
 
     def __init__(self, d: int, eps: float = 1e-5) -> None:
         super().__init__(d, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
         d = self.normalized_shape[0]
-        if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+        if (torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu"
+                and x.dtype in (torch.float32, torch.bfloat16)
                 and x.dtype == self.weight.dtype and x.is_contiguous() and x.numel() > 0
                 and d % 16 == 0 and d <= native.LAYER_NORM_MAX_D
                 and not torch.is_autocast_enabled("cpu")):
