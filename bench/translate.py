@@ -9,7 +9,8 @@ All figures come from one run on one machine, so ratios between them are meaning
       training sentences' lengths, 3 × forward) over the bf16 matmul peak: the best of the
       probes in this run, before, during (at each validation) and after training (this VM's
       matmul speed changes by up to 2x from minute to minute, so the highest probe is the
-      conservative denominator);
+      conservative denominator; each stretch between validations is also given against the
+      probe taken at its end);
   translation speed: sentences/s on test sentences for batched greedy search (KV cache), beam 4,
       and the book's decoding (one sentence at a time, the whole prefix recomputed each step)
       on the same model.
@@ -98,6 +99,25 @@ def flops_per_target_token(tr: LoadedTranslator, examples) -> float:
     total = sum(3 * forward_flops(cfg, len(src), len(tgt) - 1) for src, tgt in examples)
     tokens = sum(len(tgt) - 1 for _, tgt in examples)
     return total / tokens
+
+
+def mfu_by_stretch(history: list[dict], probes: list[float], per_token: float) -> list[dict]:
+    """MFU of each stretch between validations against the probe taken at its closing validation
+    (probes: 3 before training, one per validation, then the ones after): this VM's matmul peak
+    moves between states during a run, and this shows the ratio within each. Tokens/s of a
+    stretch: harmonic mean of its logged rates (each over the same number of steps)."""
+    validations = [r["step"] for r in history if "val_bleu" in r]
+    stretches, start = [], 0
+    for i, end in enumerate(validations):
+        rates = [r["tokens_per_s"] for r in history
+                 if "tokens_per_s" in r and start < r["step"] <= end]
+        if rates and 3 + i < len(probes):
+            tps = len(rates) / sum(1 / x for x in rates)
+            stretches.append({"steps": [start, end], "target_tokens_per_s": round(tps),
+                              "probe_gflops_per_s": round(probes[3 + i] / 1e9),
+                              "mfu_bf16": round(tps * per_token / probes[3 + i], 3)})
+        start = end
+    return stretches
 
 
 def rate(fn, count: int) -> tuple[float, object]:
@@ -235,7 +255,8 @@ def main() -> None:
             "bf16_matmul_peak_gflops_per_s": round(peak_bf16 / 1e9, 1),
             "bf16_matmul_peak_probes": [round(p / 1e9) for p in probes],
             "fp32_matmul_peak_gflops_per_s": round(peak_fp32 / 1e9, 1),
-            "mfu_bf16": round(flops / peak_bf16, 4)})
+            "mfu_bf16": round(flops / peak_bf16, 4),
+            "mfu_bf16_by_stretch": mfu_by_stretch(history, probes, per_token)})
     summary = {
         "bench": "translate",
         "quick": args.quick,
