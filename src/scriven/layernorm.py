@@ -1,10 +1,11 @@
 """Layer norm with a native kernel for training on the CPU.
 
-PyTorch's CPU layer norm on bf16 rows of 256 ran at about a third of memory speed (forward and
-backward were some 6 % of a translator's training step). Here one pass per row holds the row
-in registers: mean, variance and the affine output in the forward pass, and in the backward pass
-the input gradient together with the weight and bias gradients (summed per thread, then over
-threads). Elsewhere, or for shapes and dtypes the kernel does not take, it is `nn.LayerNorm`.
+PyTorch's CPU layer norm and its backward pass were some 6 % of a translator's training step
+(profiled); on 3,400 bf16 rows of 256 they took 4.4-4.6 ms, this kernel 1.2-1.4 ms. It makes one
+pass per row, keeping the row in vector registers: mean, variance and the affine output in the
+forward pass; in the backward pass the input gradient together with the weight and bias
+gradients (summed per thread, then over threads). Elsewhere, or for shapes and dtypes the kernel
+does not take, it is `nn.LayerNorm`.
 """
 
 from __future__ import annotations
