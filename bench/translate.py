@@ -54,6 +54,9 @@ from scriven.translation import (
 DECODING_GRID = [(beam, alpha) for beam in (4, 8) for alpha in (0.6, 1.0, 1.4, 2.0)]
 
 
+PROBES_AROUND_TRAINING = 3  # peak probes before training and again after it
+
+
 def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` n×n×n matmuls in `dtype` on this machine."""
     a = torch.randn(n, n).to(dtype)
@@ -103,7 +106,7 @@ def flops_per_target_token(tr: LoadedTranslator, examples) -> float:
 
 def mfu_by_stretch(history: list[dict], probes: list[float], per_token: float) -> list[dict]:
     """MFU of each stretch between validations against the probe taken at its closing validation
-    (probes: 3 before training, one per validation, then the ones after): this VM's matmul peak
+    (probes: PROBES_AROUND_TRAINING before training, one per validation, then those after): this VM's matmul peak
     moves between states during a run, and this shows the ratio within each. Tokens/s of a
     stretch: harmonic mean of its logged rates (each over the same number of steps)."""
     validations = [r["step"] for r in history if "val_bleu" in r]
@@ -111,11 +114,12 @@ def mfu_by_stretch(history: list[dict], probes: list[float], per_token: float) -
     for i, end in enumerate(validations):
         rates = [r["tokens_per_s"] for r in history
                  if "tokens_per_s" in r and start < r["step"] <= end]
-        if rates and 3 + i < len(probes):
+        at = PROBES_AROUND_TRAINING + i
+        if rates and at < len(probes):
             tps = len(rates) / sum(1 / x for x in rates)
             stretches.append({"steps": [start, end], "target_tokens_per_s": round(tps),
-                              "probe_gflops_per_s": round(probes[3 + i] / 1e9),
-                              "mfu_bf16": round(tps * per_token / probes[3 + i], 3)})
+                              "probe_gflops_per_s": round(probes[at] / 1e9),
+                              "mfu_bf16": round(tps * per_token / probes[at], 3)})
         start = end
     return stretches
 
@@ -171,7 +175,7 @@ def main() -> None:
 
     probes: list[float] = []
     if not args.trained:  # the MFU's peak is measured in the training run itself
-        probes += [matmul_peak(torch.bfloat16) for _ in range(3)]
+        probes += [matmul_peak(torch.bfloat16) for _ in range(PROBES_AROUND_TRAINING)]
         peak_fp32 = matmul_peak(torch.float32, n=2048)
         print(f"matmul peak: bf16 {max(probes) / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} "
               "GFLOP/s", file=sys.stderr, flush=True)
@@ -193,7 +197,7 @@ def main() -> None:
               f"{result.elapsed / 60:.1f} min of steps, {result.tokens_per_second:,.0f} tok/s, "
               f"{result.metrics}", file=sys.stderr, flush=True)
         tokens_per_second = result.tokens_per_second
-        probes += [matmul_peak(torch.bfloat16) for _ in range(3)]
+        probes += [matmul_peak(torch.bfloat16) for _ in range(PROBES_AROUND_TRAINING)]
         print(f"matmul peak probes: {[round(p / 1e9) for p in probes]} GFLOP/s", file=sys.stderr,
               flush=True)
 

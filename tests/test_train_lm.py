@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -169,7 +170,8 @@ print(mapped_alone, libc.mallinfo2().fordblks >= 16 << 20)  # or kept in the hea
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator")
 def test_keep_freed_memory_keeps_freed_activations_for_reuse():
     """Training calls keep_freed_memory: a freed multi-MiB activation stays in the heap, so the
     next one reuses its pages instead of mapping fresh ones that fault on first touch."""

@@ -135,16 +135,11 @@ def keep_freed_memory() -> bool:
     fault again on first touch: about 6,400 faults a translator step (measured), 3-5 % of it.
     Blocks up to 32 MiB (glibc's limit) now come from the heap, which is never trimmed."""
     import ctypes
-    import ctypes.util
+    import platform
 
-    name = ctypes.util.find_library("c")
-    if name is None or sys.platform != "linux":
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own libc: no library search
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
     return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
