@@ -175,9 +175,21 @@ def test_token_batches_are_seeded() -> None:
     c = token_batches(examples, max_tokens=150, seed=4)
     assert [x.indices for x in a] == [x.indices for x in b]
     assert [x.indices for x in a] != [x.indices for x in c]
-    fixed = token_batches(examples, max_tokens=150, shuffle=False, chunk_size=10**6)
+    fixed = token_batches(examples, max_tokens=150, shuffle=False)
     longer = [max(map(len, examples[i])) for x in fixed for i in x.indices]
-    assert longer == sorted(longer)  # one chunk, sorted by the longer side, order kept
+    assert longer == sorted(longer)  # sorted by the longer side, batch order kept
+
+
+def test_token_batches_sort_the_whole_set_by_default() -> None:
+    # Shuffled batches still each hold one stretch of the sorted lengths: no two batches'
+    # ranges of longer sides overlap (beyond a shared boundary length), so padding stays low.
+    examples = _examples(600, seed=2)
+    spans = sorted((min(longer), max(longer)) for b in token_batches(examples, 120, seed=5)
+                   for longer in [[max(map(len, examples[i])) for i in b.indices]])
+    assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))
+    chunked = token_batches(examples, 120, seed=5, chunk_size=100)
+    padded = sum(b.src.numel() + b.tgt.numel() for b in token_batches(examples, 120, seed=5))
+    assert padded < sum(b.src.numel() + b.tgt.numel() for b in chunked)
 
 
 def test_token_batches_errors() -> None:
