@@ -167,6 +167,23 @@ def test_presets() -> None:
         TransformerConfig.preset("huge", 10, 10)
 
 
+def test_bias_choice() -> None:
+    # The book's model has biases everywhere; the default keeps only the output layer's.
+    def linears(cfg):
+        model = Transformer(cfg)
+        return [(name, m.bias is not None) for name, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear)]
+
+    with_bias = linears(TransformerConfig.preset("seed", 50, 50))
+    assert all(has for _, has in with_bias)
+    without = dict(linears(TransformerConfig.preset("default", 50, 50)))
+    assert without.pop("output") and not any(without.values())
+    # Checkpoints written before the option existed had biases: a config without it keeps them.
+    old = {k: v for k, v in to_dict(TransformerConfig.preset("seed", 50, 50)).items()
+           if k != "bias"}
+    assert from_dict(TransformerConfig, old).bias
+
+
 def test_config_round_trips_through_dict() -> None:
     cfg = TransformerConfig.preset("default", 100, 100)
     assert from_dict(TransformerConfig, to_dict(cfg)) == cfg
@@ -189,6 +206,7 @@ def test_config_round_trips_through_dict() -> None:
          "share_embeddings"),
         ({"pad_id": 50}, "pad_id"),
         ({"norm_first": "yes"}, "norm_first"),
+        ({"bias": 1}, "bias"),
         ({"d_ff": 2.5}, "d_ff"),
     ],
 )

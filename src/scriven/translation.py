@@ -55,7 +55,7 @@ TRANSLATOR_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "d_model": 32, "n_heads": 2, "d_ff": 64, "encoder_layers": 1, "decoder_layers": 1,
         "dropout": 0.1, "activation": "relu", "norm_first": True, "positions": "sinusoidal",
-        "max_len": 64, "share_embeddings": True,
+        "max_len": 64, "share_embeddings": True, "bias": False,
     },
 }
 
