@@ -579,20 +579,44 @@ static inline void load_row(float *dst, const void *src, int64_t at, int Dh, flo
         _mm512_storeu_ps(dst + d, _mm512_mul_ps(load16(src, at + d, bf16), _mm512_set1_ps(scale)));
 }
 
-static inline void axpy_f(float *acc, float a, const float *x, int Dh) {
-    const __m512 av = _mm512_set1_ps(a);
-    for (int d = 0; d < Dh; d += 16)
-        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + d), _mm512_loadu_ps(acc + d)));
-}
-
-static inline void store_row(void *dst, int64_t at, const float *src, int Dh, int bf16) {
-    for (int d = 0; d < Dh; d += 16) store16(dst, at + d, _mm512_loadu_ps(src + d), bf16);
-}
-
 static inline int round16(int n) { return (n + 15) & ~15; }
 
 static inline __mmask16 lanes_below(int n) {  /* the first min(n, 16) lanes */
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
+/* out[d] = Σ_{r < n} w[r · w_step] · rows[r · Dh + d]: sixteen columns at a time, summed in
+ * registers (two chains for the FMA latency), not read and written back once per row. */
+static inline void weighted_sum(const float *w, int64_t w_step, const float *rows, int n, int Dh,
+                                float *out) {
+    for (int d = 0; d < Dh; d += 16) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        int r = 0;
+        for (; r + 1 < n; r += 2) {
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[r * w_step]),
+                                 _mm512_loadu_ps(rows + (int64_t)r * Dh + d), a0);
+            a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[(r + 1) * w_step]),
+                                 _mm512_loadu_ps(rows + (int64_t)(r + 1) * Dh + d), a1);
+        }
+        if (r < n)
+            a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[r * w_step]),
+                                 _mm512_loadu_ps(rows + (int64_t)r * Dh + d), a0);
+        _mm512_storeu_ps(out + d, _mm512_add_ps(a0, a1));
+    }
+}
+
+/* One past the last nonzero of w[0 .. Tk) (causal rows end early). */
+static inline int used_length(const float *w, int Tk) {
+    for (int j0 = round16(Tk) - 16; j0 >= 0; j0 -= 16) {
+        const __mmask16 nz = _mm512_cmp_ps_mask(_mm512_loadu_ps(w + j0), _mm512_setzero_ps(),
+                                                _CMP_NEQ_UQ) & lanes_below(Tk - j0);
+        if (nz) return j0 + 32 - __builtin_clz((unsigned)nz);
+    }
+    return 0;
+}
+
+static inline void store_row(void *dst, int64_t at, const float *src, int Dh, int bf16) {
+    for (int d = 0; d < Dh; d += 16) store16(dst, at + d, _mm512_loadu_ps(src + d), bf16);
 }
 
 /* Up to ATTN_DOT_MAX_T keys, one dot product per key with the rows costs less than a pass over
@@ -711,26 +735,20 @@ static inline __attribute__((always_inline)) void attn_fwd_item(
         const uint8_t *allowed = mask ? mask + b * m_bs + i * m_rs : NULL;
         load_row(qf, q, qi, Dh, scale, bf16);
         const float top = attn_scores(qf, kf, kt, Tk, Dh, allowed, s);
-        memset(acc, 0, sizeof(float) * Dh);
         if (top == -INFINITY) {  /* nothing to attend to: zero output */
             *row_lse = INFINITY;
+            memset(acc, 0, sizeof(float) * Dh);
             store_row(out, qi, acc, Dh, bf16);
             continue;
         }
         const float total = attn_exp(s, Tk, top);
         *row_lse = top + logf(total);
-        const float norm = keep_scale / total;
+        const __m512 norm = _mm512_set1_ps(keep_scale / total);
         const int64_t base = (((int64_t)b * H + h) * Tq + i) * Tk;
-        for (int j0 = 0; j0 < Tk; j0 += 16) {
-            __mmask16 use = attn_kept16(base + j0, threshold, seed_a, seed_b) &
-                            _mm512_cmp_ps_mask(_mm512_loadu_ps(s + j0), _mm512_setzero_ps(), _CMP_NEQ_OQ) &
-                            lanes_below(Tk - j0);
-            while (use) {
-                const int j = j0 + __builtin_ctz(use);
-                use &= use - 1;
-                axpy_f(acc, s[j] * norm, vf + (int64_t)j * Dh, Dh);
-            }
-        }
+        for (int j = 0; j < Tk; j += 16)  /* weights after dropout */
+            _mm512_storeu_ps(s + j, _mm512_maskz_mul_ps(attn_kept16(base + j, threshold, seed_a, seed_b),
+                                                        _mm512_loadu_ps(s + j), norm));
+        weighted_sum(s, 1, vf, used_length(s, Tk), Dh, acc);
         store_row(out, qi, acc, Dh, bf16);
     }
 }
@@ -767,63 +785,71 @@ int scriven_attention_fwd(const void *q, const void *k, const void *v, void *out
 /* Gradients of scriven_attention_fwd for grad_out (B, Tq, H·Dh): with P the softmax, Pd the
  * weights after dropout and dPd = grad_out · vᵀ, dV = Pdᵀ grad_out, dP = dPd · keep mask ·
  * keep_scale, dS = P (dP - Σ_j P dP) (Σ_j P dP = Σ_j Pd dPd), dQ = scale · dS K and dK = scale ·
- * dSᵀ Q. Per task, in float: k's and v's rows (and transposes), dk and dv accumulated
- * (scratch: 2·Dh·round16(Tk) + 4·Tk·Dh floats). */
+ * dSᵀ Q. Per task, in float: k's and v's rows (and transposes), q · scale and grad_out's rows,
+ * and dS and Pd, so that dK and dV are weighted sums over query rows
+ * (scratch: 2·Dh·round16(Tk) + 2·Tk·Dh + 2·Tq·Dh + 2·Tq·round16(Tk) floats). */
 static inline __attribute__((always_inline)) void attn_bwd_item(
         int b, int h, const void *q, const void *k, const void *v, const void *gout,
         const float *lse, const uint8_t *mask, int64_t m_bs, int64_t m_rs, void *dq, void *dk,
         void *dv, float *scratch, int H, int Tq, int Tk, int Dh, float scale, uint32_t threshold,
         float keep_scale, uint32_t seed_a, uint32_t seed_b, int bf16) {
-    float qf[ATTN_MAX_D], gf[ATTN_MAX_D], acc[ATTN_MAX_D];
-    float p[ATTN_MAX_T + 16], dp[ATTN_MAX_T + 16], w[ATTN_MAX_T + 16];
+    float acc[ATTN_MAX_D];
     const int64_t ld = (int64_t)H * Dh;
     const int64_t q0 = (int64_t)b * Tq * ld + (int64_t)h * Dh, k0 = (int64_t)b * Tk * ld + (int64_t)h * Dh;
     const int Tkp = round16(Tk);
     float *kt = scratch, *vt = kt + (int64_t)Dh * Tkp, *kf = vt + (int64_t)Dh * Tkp;
-    float *vf = kf + (int64_t)Tk * Dh, *dk_acc = vf + (int64_t)Tk * Dh, *dv_acc = dk_acc + (int64_t)Tk * Dh;
+    float *vf = kf + (int64_t)Tk * Dh, *qs = vf + (int64_t)Tk * Dh, *gs = qs + (int64_t)Tq * Dh;
+    float *ds = gs + (int64_t)Tq * Dh, *w = ds + (int64_t)Tq * Tkp;
     load_head(k, k0, ld, Tk, Dh, kf, kt, bf16);
     load_head(v, k0, ld, Tk, Dh, vf, vt, bf16);
-    memset(dk_acc, 0, sizeof(float) * 2 * Tk * Dh);
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), keep = _mm512_set1_ps(keep_scale);
     for (int i = 0; i < Tq; i++) {
         const int64_t qi = q0 + i * ld;
         const float row_lse = lse[((int64_t)b * H + h) * Tq + i];
-        memset(acc, 0, sizeof(float) * Dh);
-        if (row_lse == INFINITY) {
-            store_row(dq, qi, acc, Dh, bf16);
+        float *qs_i = qs + (int64_t)i * Dh, *gs_i = gs + (int64_t)i * Dh;
+        float *ds_i = ds + (int64_t)i * Tkp, *w_i = w + (int64_t)i * Tkp;
+        if (row_lse == INFINITY) {  /* attended to nothing: no gradient anywhere */
+            memset(qs_i, 0, sizeof(float) * Dh);
+            memset(gs_i, 0, sizeof(float) * Dh);
+            memset(ds_i, 0, sizeof(float) * Tkp);
+            memset(w_i, 0, sizeof(float) * Tkp);
+            store_row(dq, qi, qs_i, Dh, bf16);
             continue;
         }
         const uint8_t *allowed = mask ? mask + b * m_bs + i * m_rs : NULL;
-        load_row(qf, q, qi, Dh, scale, bf16);  /* × scale, as in the forward pass */
-        load_row(gf, gout, qi, Dh, 1.0f, bf16);
-        attn_scores(qf, kf, kt, Tk, Dh, allowed, p);
+        load_row(qs_i, q, qi, Dh, scale, bf16);  /* × scale, as in the forward pass */
+        load_row(gs_i, gout, qi, Dh, 1.0f, bf16);
+        attn_scores(qs_i, kf, kt, Tk, Dh, allowed, ds_i);  /* scores, then P, then dS */
         const int64_t base = (((int64_t)b * H + h) * Tq + i) * Tk;
-        const __m512 ninf = _mm512_set1_ps(-INFINITY), lse_v = _mm512_set1_ps(row_lse);
+        const __m512 lse_v = _mm512_set1_ps(row_lse);
         __m512 sum_v = _mm512_setzero_ps();
         for (int j = 0; j < Tkp; j += 16) {
-            const __m512 x = _mm512_loadu_ps(p + j);
+            const __m512 x = _mm512_loadu_ps(ds_i + j);
             const __mmask16 real = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
             const __mmask16 kept = real & attn_kept16(base + j, threshold, seed_a, seed_b);
             const __m512 pj = _mm512_maskz_mov_ps(real, exp16(_mm512_sub_ps(x, lse_v)));
-            const __m512 dpj = _mm512_maskz_mul_ps(kept, row_products(gf, vf, vt, j, Tk, Dh),
-                                                   _mm512_set1_ps(keep_scale));
-            _mm512_storeu_ps(p + j, pj);
-            _mm512_storeu_ps(dp + j, dpj);
-            _mm512_storeu_ps(w + j, _mm512_maskz_mul_ps(kept, pj, _mm512_set1_ps(keep_scale)));
+            const __m512 dpj = _mm512_maskz_mul_ps(kept, row_products(gs_i, vf, vt, j, Tk, Dh), keep);
+            _mm512_storeu_ps(ds_i + j, pj);
+            _mm512_storeu_ps(w_i + j, dpj);  /* dP until P · (dP - Σ P dP) needs the sum */
             sum_v = _mm512_fmadd_ps(pj, dpj, sum_v);
         }
-        const float sum = _mm512_reduce_add_ps(sum_v);
-        for (int j = 0; j < Tk; j++) {
-            if (w[j] != 0.0f) axpy_f(dv_acc + (int64_t)j * Dh, w[j], gf, Dh);
-            if (p[j] == 0.0f) continue;
-            const float ds = p[j] * (dp[j] - sum);
-            axpy_f(acc, ds * scale, kf + (int64_t)j * Dh, Dh);
-            axpy_f(dk_acc + (int64_t)j * Dh, ds, qf, Dh);  /* qf is q · scale */
+        const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum_v));
+        for (int j = 0; j < Tkp; j += 16) {
+            const __m512 pj = _mm512_loadu_ps(ds_i + j), dpj = _mm512_loadu_ps(w_i + j);
+            const __mmask16 kept = attn_kept16(base + j, threshold, seed_a, seed_b);
+            _mm512_storeu_ps(ds_i + j, _mm512_mul_ps(pj, _mm512_sub_ps(dpj, sum)));
+            _mm512_storeu_ps(w_i + j, _mm512_maskz_mul_ps(kept, pj, keep));  /* Pd */
         }
+        weighted_sum(ds_i, 1, kf, used_length(ds_i, Tk), Dh, acc);
+        for (int d = 0; d < Dh; d += 16)
+            _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), _mm512_set1_ps(scale)));
         store_row(dq, qi, acc, Dh, bf16);
     }
-    for (int j = 0; j < Tk; j++) {
-        store_row(dk, k0 + j * ld, dk_acc + (int64_t)j * Dh, Dh, bf16);
-        store_row(dv, k0 + j * ld, dv_acc + (int64_t)j * Dh, Dh, bf16);
+    for (int j = 0; j < Tk; j++) {  /* dK = dSᵀ (q · scale), dV = Pdᵀ grad_out */
+        weighted_sum(ds + j, Tkp, qs, Tq, Dh, acc);
+        store_row(dk, k0 + j * ld, acc, Dh, bf16);
+        weighted_sum(w + j, Tkp, gs, Tq, Dh, acc);
+        store_row(dv, k0 + j * ld, acc, Dh, bf16);
     }
 }
 
@@ -833,7 +859,8 @@ int scriven_attention_bwd(const void *q, const void *k, const void *v, const voi
                           int is_bf16, float scale, uint32_t threshold, float keep_scale,
                           uint32_t seed_a, uint32_t seed_b, int threads) {
     if (Tk > ATTN_MAX_T || Dh > ATTN_MAX_D || Dh % 16) return 1;
-    const size_t per_thread = 2 * (size_t)Dh * round16(Tk) + 4 * (size_t)Tk * Dh;
+    const size_t per_thread = 2 * (size_t)Dh * round16(Tk) + 2 * (size_t)Tk * Dh
+                              + 2 * (size_t)Tq * Dh + 2 * (size_t)Tq * round16(Tk);
     float *scratch = malloc(sizeof(float) * per_thread * threads);
     if (!scratch) return 2;
     #pragma omp parallel num_threads(threads)
