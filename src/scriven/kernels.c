@@ -30,6 +30,14 @@
 #include <omp.h>
 #endif
 
+static inline int thread_index(void) {  /* this thread's number in its parallel region */
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* Round n floats to bytes around 128; pad to `padded` with 128 (zero). Returns the scale. */
 static float quantize(const float *x, int n, int padded, uint8_t *q) {
     __m512 m = _mm512_setzero_ps();
@@ -392,10 +400,7 @@ int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, con
     int bad = 0;
     #pragma omp parallel num_threads(B > 1 ? threads : 1)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        const int t = thread_index();
         float *bg = bias_grad ? bias_grad + (size_t)t * V : NULL;
         #pragma omp for schedule(static)
         for (int r = 0; r < B; r++) {
@@ -763,10 +768,7 @@ int scriven_attention_fwd(const void *q, const void *k, const void *v, void *out
     if (!scratch) return 2;
     #pragma omp parallel num_threads(threads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        const int t = thread_index();
         float *mine = scratch + (size_t)t * per_thread;
         #pragma omp for schedule(static)
         for (int item = 0; item < B * H; item++) {
@@ -865,10 +867,7 @@ int scriven_attention_bwd(const void *q, const void *k, const void *v, const voi
     if (!scratch) return 2;
     #pragma omp parallel num_threads(threads)
     {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
+        const int t = thread_index();
         float *mine = scratch + (size_t)t * per_thread;
         #pragma omp for schedule(static)
         for (int item = 0; item < B * H; item++) {
@@ -929,7 +928,7 @@ void scriven_layer_norm_bwd(const void *x, const void *gamma, const float *mean,
     memset(part, 0, sizeof(float) * (size_t)threads * 2 * D);
     #pragma omp parallel num_threads(used)
     {
-        float *dgamma = part + (size_t)omp_get_thread_num() * 2 * D, *dbeta = dgamma + D;
+        float *dgamma = part + (size_t)thread_index() * 2 * D, *dbeta = dgamma + D;
         #pragma omp for schedule(static)
         for (int64_t r = 0; r < N; r++) {
             const int64_t at = r * D;
