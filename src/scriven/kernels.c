@@ -492,6 +492,21 @@ static inline int drop_kept(int64_t i, uint32_t threshold, uint32_t seed_a, uint
     return mix1((uint32_t)i * (seed_b | 1u) + seed_a) >= threshold;
 }
 
+/* l · m for the sixteen lanes l, m = seed_b | 1: what drop_kept16 adds to i · m (hoisted out of
+ * loops by the caller; the compiler does not move the multiply out of an OpenMP loop itself). */
+static inline __m512i drop_steps(uint32_t seed_b) {
+    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                              _mm512_set1_epi32((int)(seed_b | 1u)));
+}
+
+/* drop_kept for elements i .. i+15 as a lane mask, (i + l) · m = i · m + l · m. */
+static inline __mmask16 drop_kept16(int64_t i, __m512i steps, uint32_t threshold,
+                                    uint32_t seed_a, uint32_t seed_b) {
+    const __m512i h = mix16(_mm512_add_epi32(
+        _mm512_set1_epi32((int)((uint32_t)i * (seed_b | 1u) + seed_a)), steps));
+    return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
+}
+
 static inline __m512 load16(const void *p, int64_t i, int bf16) {
     return bf16 ? load_bf16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
 }
@@ -517,17 +532,12 @@ void scriven_dropout(const void *x, const void *residual, void *out, int64_t n, 
                      int relu, uint32_t threshold, float scale, uint32_t seed_a, uint32_t seed_b,
                      int threads) {
     const int64_t blocks = (n + 15) / 16;
-    const uint32_t mult = seed_b | 1u;
-    const __m512i lanes = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)mult));
+    const __m512i steps = drop_steps(seed_b);
     #pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t i = blk * 16;
         if (i + 16 <= n) {
-            const __m512i h = mix16(_mm512_add_epi32(
-                _mm512_set1_epi32((int)((uint32_t)i * mult + seed_a)), lanes));
-            const __mmask16 keep = _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
+            const __mmask16 keep = drop_kept16(i, steps, threshold, seed_a, seed_b);
             __m512 v = load16(x, i, is_bf16);
             if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
             v = _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(scale));
@@ -710,16 +720,12 @@ static inline float attn_exp(float *s, int Tk, float shift) {
     return _mm512_reduce_add_ps(sum);
 }
 
-/* Dropout keep bits of the 16 weights at flat indices index..index+15 (drop_kept's hash). */
-static inline __mmask16 attn_kept16(int64_t index, uint32_t threshold, uint32_t seed_a,
-                                    uint32_t seed_b) {
-    if (threshold == 0) return (__mmask16)0xFFFF;
-    const __m512i i = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)index),
-                                       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11,
-                                                         12, 13, 14, 15));
-    const __m512i h = mix16(_mm512_add_epi32(_mm512_mullo_epi32(i, _mm512_set1_epi32((int)(seed_b | 1u))),
-                                             _mm512_set1_epi32((int)seed_a)));
-    return _mm512_cmpge_epu32_mask(h, _mm512_set1_epi32((int)threshold));
+/* Dropout keep bits of the 16 weights at flat indices index..index+15 (threshold 0: no
+ * dropout, all kept). */
+static inline __mmask16 attn_kept16(int64_t index, __m512i steps, uint32_t threshold,
+                                    uint32_t seed_a, uint32_t seed_b) {
+    return threshold == 0 ? (__mmask16)0xFFFF
+                          : drop_kept16(index, steps, threshold, seed_a, seed_b);
 }
 
 /* scratch: Dh·round16(Tk) + 2·Tk·Dh floats */
@@ -734,6 +740,7 @@ static inline __attribute__((always_inline)) void attn_fwd_item(
     float *kt = scratch, *kf = kt + (int64_t)Dh * round16(Tk), *vf = kf + (int64_t)Tk * Dh;
     load_head(k, k0, ld, Tk, Dh, kf, kt, bf16);
     load_head(v, k0, ld, Tk, Dh, vf, NULL, bf16);
+    const __m512i steps = drop_steps(seed_b);
     for (int i = 0; i < Tq; i++) {
         const int64_t qi = q0 + i * ld;
         float *row_lse = lse + ((int64_t)b * H + h) * Tq + i;
@@ -751,7 +758,7 @@ static inline __attribute__((always_inline)) void attn_fwd_item(
         const __m512 norm = _mm512_set1_ps(keep_scale / total);
         const int64_t base = (((int64_t)b * H + h) * Tq + i) * Tk;
         for (int j = 0; j < Tk; j += 16)  /* weights after dropout */
-            _mm512_storeu_ps(s + j, _mm512_maskz_mul_ps(attn_kept16(base + j, threshold, seed_a, seed_b),
+            _mm512_storeu_ps(s + j, _mm512_maskz_mul_ps(attn_kept16(base + j, steps, threshold, seed_a, seed_b),
                                                         _mm512_loadu_ps(s + j), norm));
         weighted_sum(s, 1, vf, used_length(s, Tk), Dh, acc);
         store_row(out, qi, acc, Dh, bf16);
@@ -805,6 +812,7 @@ static inline __attribute__((always_inline)) void attn_bwd_item(
     load_head(k, k0, ld, Tk, Dh, kf, kt, bf16);
     load_head(v, k0, ld, Tk, Dh, vf, vt, bf16);
     const __m512 ninf = _mm512_set1_ps(-INFINITY), keep = _mm512_set1_ps(keep_scale);
+    const __m512i steps = drop_steps(seed_b);
     for (int i = 0; i < Tq; i++) {
         const int64_t qi = q0 + i * ld;
         const float row_lse = lse[((int64_t)b * H + h) * Tq + i];
@@ -828,7 +836,7 @@ static inline __attribute__((always_inline)) void attn_bwd_item(
         for (int j = 0; j < Tkp; j += 16) {
             const __m512 x = _mm512_loadu_ps(ds_i + j);
             const __mmask16 real = _mm512_cmp_ps_mask(x, ninf, _CMP_NEQ_OQ);
-            const __mmask16 kept = real & attn_kept16(base + j, threshold, seed_a, seed_b);
+            const __mmask16 kept = real & attn_kept16(base + j, steps, threshold, seed_a, seed_b);
             const __m512 pj = _mm512_maskz_mov_ps(real, exp16(_mm512_sub_ps(x, lse_v)));
             const __m512 dpj = _mm512_maskz_mul_ps(kept, row_products(gs_i, vf, vt, j, Tk, Dh), keep);
             _mm512_storeu_ps(ds_i + j, pj);
@@ -838,7 +846,7 @@ static inline __attribute__((always_inline)) void attn_bwd_item(
         const __m512 sum = _mm512_set1_ps(_mm512_reduce_add_ps(sum_v));
         for (int j = 0; j < Tkp; j += 16) {
             const __m512 pj = _mm512_loadu_ps(ds_i + j), dpj = _mm512_loadu_ps(w_i + j);
-            const __mmask16 kept = attn_kept16(base + j, threshold, seed_a, seed_b);
+            const __mmask16 kept = attn_kept16(base + j, steps, threshold, seed_a, seed_b);
             _mm512_storeu_ps(ds_i + j, _mm512_mul_ps(pj, _mm512_sub_ps(dpj, sum)));
             _mm512_storeu_ps(w_i + j, _mm512_maskz_mul_ps(kept, pj, keep));  /* Pd */
         }
