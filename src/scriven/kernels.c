@@ -1,5 +1,6 @@
 /* Native CPU kernels (x86-64 with AVX-512 VNNI): int8 generation one token at a time, and at
- * the end of this file two training kernels (cross-entropy gradient of bf16 logits, dropout).
+ * the end of this file training kernels (cross-entropy gradient of bf16 logits, dropout, layer
+ * norm, short attention, and on AMX a linear layer's weight gradient).
  *
  * A single stream reads every weight once per token, so its speed is the speed at which weight
  * bytes come in and are multiplied. PyTorch's int8 weight-only kernel converts each weight to
@@ -959,5 +960,144 @@ void scriven_layer_norm_bwd(const void *x, const void *gamma, const float *mean,
                 store16(dx, at + 16 * c, _mm512_mul_ps(rsv, _mm512_sub_ps(
                     _mm512_sub_ps(gg[c], m1), _mm512_mul_ps(xh[c], m2))), is_bf16);
         }
+    }
+}
+
+/* ---- Training: a linear layer's weight gradient on the AMX tile units ----
+ * out (M, N) bf16 = aᵀ · b, summed over T rows: a (T, M) is the output gradient, b (T, N) the
+ * input, each with its own row stride. oneDNN runs this transposed product at about 3/4 of the
+ * speed of its plain ones (its first operand is strided); here both operands are repacked once
+ * per chunk of WG_KC rows, which is cheap next to the product.
+ *
+ * A tile multiply adds A (16 rows × 32 k) · B (32 k × 16 columns) into 16 × 16 floats, with B
+ * stored as pairs of k: row p of a B tile holds (b[2p][n], b[2p+1][n]) for 16 columns n. The
+ * same pairing of a's rows, read as 32-bit values and transposed 16 × 16, is an A tile, so one
+ * transposition per tile is the only extra work. The wider operand goes first (A) and is split
+ * by columns between threads; each thread packs all of the narrower one itself, so no thread
+ * ever waits for another. Each thread's 2 × 2 tile blocks accumulate over a chunk in tiles 0-3
+ * (A in 4-5, B in 6-7) and are kept in float between chunks. */
+#define WG_KC 512
+
+/* Rows r and r + 1 of x (16 bf16 from column c; zeros past row T) paired: 16 32-bit values. */
+static inline __m512i paired_rows(const uint16_t *x, int64_t ld, int64_t r, int64_t T, int c) {
+    const __m512i pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
+                                           40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
+                                           32, 0);
+    const __m256i lo = r < T ? _mm256_loadu_si256((const __m256i *)(x + r * ld + c))
+                             : _mm256_setzero_si256();
+    const __m256i hi = r + 1 < T ? _mm256_loadu_si256((const __m256i *)(x + (r + 1) * ld + c))
+                                 : _mm256_setzero_si256();
+    return _mm512_permutex2var_epi16(_mm512_castsi256_si512(lo), pairs, _mm512_castsi256_si512(hi));
+}
+
+/* Transpose 16 × 16 32-bit values held in 16 registers, in place. */
+static inline void transpose16x16(__m512i r[16]) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) {
+        u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int j = 0; j < 4; j++) {  /* u[4g + j], 128-bit lane L: rows 4g..4g+3 of column 4L + j */
+        const __m512i v01 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44);
+        const __m512i v23 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+        const __m512i w01 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44);
+        const __m512i w23 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+        r[j] = _mm512_shuffle_i32x4(v01, w01, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(v01, w01, 0xDD);
+        r[8 + j] = _mm512_shuffle_i32x4(v23, w23, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(v23, w23, 0xDD);
+    }
+}
+
+/* Bytes of scratch (64-byte aligned) that scriven_weight_grad_bf16 needs. */
+int64_t scriven_weight_grad_scratch(int M, int N, int threads) {
+    return (int64_t)M * N * 4 + (int64_t)threads * (M + N) * WG_KC * 2;
+}
+
+/* M and N multiples of 32; threads drop to a count that splits the wider one into multiples of
+ * 32. Needs scriven_amx_init() to have succeeded. */
+__attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+void scriven_weight_grad_bf16(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
+                              int64_t T, int M, int N, uint16_t *out, void *scratch, int threads) {
+    const int swap = M < N;  /* then compute outᵀ = bᵀ · a and write it back transposed */
+    if (swap) {
+        const uint16_t *p = a; a = b; b = p;
+        const int64_t l = lda; lda = ldb; ldb = l;
+        const int n = M; M = N; N = n;
+    }
+    while (threads > 1 && M % (32 * threads)) threads--;
+    const int Mt = M / threads, steps = WG_KC / 32;
+    float *acc = (float *)scratch;  /* (M, N) */
+    uint16_t *packs = (uint16_t *)(acc + (size_t)M * N);
+    #pragma omp parallel num_threads(threads)
+    {
+        const int m0 = thread_index() * Mt;
+        uint16_t *ap = packs + (size_t)thread_index() * (Mt + N) * WG_KC;  /* [Mt/16][steps][16][32] */
+        uint16_t *bp = ap + (size_t)Mt * WG_KC;                            /* [N/16][steps][16][32] */
+        tile_config cfg = {0};
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+        for (int64_t k0 = 0; k0 < T; k0 += WG_KC) {
+            const int ks = (int)(((T - k0 < WG_KC ? T - k0 : WG_KC) + 31) / 32);
+            for (int s = 0; s < ks; s++) {  /* rows in order: each row's columns read together */
+                const int64_t r = k0 + 32 * s;
+                for (int i = 0; i < Mt / 16; i++) {
+                    __m512i v[16];
+                    for (int p = 0; p < 16; p++) v[p] = paired_rows(a, lda, r + 2 * p, T, m0 + 16 * i);
+                    transpose16x16(v);
+                    uint16_t *dst = ap + ((size_t)i * steps + s) * 512;
+                    for (int m = 0; m < 16; m++) _mm512_store_si512(dst + 32 * m, v[m]);
+                }
+                for (int j = 0; j < N / 16; j++) {
+                    uint16_t *dst = bp + ((size_t)j * steps + s) * 512;
+                    for (int p = 0; p < 16; p++)
+                        _mm512_store_si512(dst + 32 * p, paired_rows(b, ldb, r + 2 * p, T, 16 * j));
+                }
+            }
+            for (int i = 0; i < Mt / 16; i += 2)
+                for (int j = 0; j < N / 16; j += 2) {
+                    float *c = acc + (size_t)(m0 + 16 * i) * N + 16 * j;
+                    if (k0 == 0) {
+                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    } else {
+                        _tile_loadd(0, c, N * 4); _tile_loadd(1, c + 16, N * 4);
+                        _tile_loadd(2, c + 16 * N, N * 4); _tile_loadd(3, c + 16 * N + 16, N * 4);
+                    }
+                    const uint16_t *a0 = ap + (size_t)i * steps * 512, *a1 = a0 + steps * 512;
+                    const uint16_t *b0 = bp + (size_t)j * steps * 512, *b1 = b0 + steps * 512;
+                    for (int s = 0; s < ks; s++) {
+                        _tile_loadd(4, a0 + 512 * s, 64);
+                        _tile_loadd(6, b0 + 512 * s, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_loadd(7, b1 + 512 * s, 64);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_loadd(5, a1 + 512 * s, 64);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, c, N * 4); _tile_stored(1, c + 16, N * 4);
+                    _tile_stored(2, c + 16 * N, N * 4); _tile_stored(3, c + 16 * N + 16, N * 4);
+                }
+        }
+        _tile_release();
+        /* Round this thread's rows to bf16 (nearest even), transposing 16 × 16 blocks if swapped. */
+        for (int m = m0; m < m0 + Mt; m += 16)
+            for (int n = 0; n < N; n += 16) {
+                __m512i v[16];
+                for (int q = 0; q < 16; q++) v[q] = _mm512_loadu_si512(acc + (size_t)(m + q) * N + n);
+                if (swap) transpose16x16(v);
+                for (int q = 0; q < 16; q++) {
+                    uint16_t *dst = swap ? out + (size_t)(n + q) * M + m : out + (size_t)(m + q) * N + n;
+                    _mm256_storeu_si256((__m256i *)dst,
+                                        (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v[q])));
+                }
+            }
     }
 }

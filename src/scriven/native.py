@@ -1,6 +1,6 @@
 """Native kernels (kernels.c), compiled on first use: int8 one-token-at-a-time generation,
-top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout, layer norm
-and attention over short sequences.
+top-k, and for training the cross-entropy gradient of bf16 logits, hashed dropout, layer norm,
+attention over short sequences and (on AMX) bf16 weight gradients.
 
 They need an x86-64 CPU with AVX-512 VNNI, Linux, and a C compiler (`$CC`, else `cc`); the
 shared library is built once into the cache folder and reused. Where any of that is missing,
@@ -103,7 +103,10 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_topk.restype = None
     lib.scriven_amx_init.argtypes = []
     if os.environ.get(AMX_ENV, "1") != "0" and _cpu_has("amx_tile", "amx_int8"):
-        lib.scriven_amx_init()  # batches of 8 rows or more then run on the tile units
+        # Batches of 8 rows or more then run on the tile units; so do bf16 weight gradients.
+        lib.amx_bf16 = bool(lib.scriven_amx_init()) and _cpu_has("amx_bf16", "avx512_bf16")
+    else:
+        lib.amx_bf16 = False
     lib.scriven_sample_top_k.argtypes = [p, i, i, i, ctypes.c_float, p, p, p, i]
     lib.scriven_sample_top_k.restype = None
     lib.scriven_xent_grad_bf16.argtypes = [p, i, i, p, p, ctypes.c_float, ctypes.c_float,
@@ -117,6 +120,10 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_layer_norm_fwd.restype = None
     lib.scriven_layer_norm_bwd.argtypes = [p, p, p, p, p, p, p, i64, i, i, i]
     lib.scriven_layer_norm_bwd.restype = None
+    lib.scriven_weight_grad_scratch.argtypes = [i, i, i]
+    lib.scriven_weight_grad_scratch.restype = i64
+    lib.scriven_weight_grad_bf16.argtypes = [p, i64, p, i64, i64, i, i, p, p, i]
+    lib.scriven_weight_grad_bf16.restype = None
     lib.scriven_attention_fwd.argtypes = [p, p, p, p, p, p, i64, i64, i, i, i, i, i, i, f, u32, f,
                                           u32, u32, i]
     lib.scriven_attention_bwd.argtypes = [p, p, p, p, p, p, i64, i64, p, p, p, i, i, i, i, i, i, f,
@@ -339,6 +346,21 @@ def layer_norm_backward(lib: ctypes.CDLL, x: Tensor, weight: Tensor, mean: Tenso
                                threads)
     sums = part.sum(0)
     return dx, sums[0], sums[1]
+
+
+def weight_grad_bf16(lib: ctypes.CDLL, grad: Tensor, x: Tensor) -> Tensor:
+    """gradᵀ · x (M, N) in bf16, for grad (T, M) and x (T, N) bf16 with unit column stride and
+    M, N multiples of 32: a linear layer's weight gradient, on the AMX tile units (only where
+    `lib.amx_bf16`)."""
+    (t, m), n = grad.shape, x.size(1)
+    assert grad.stride(1) == 1 and x.stride(1) == 1 and m % 32 == 0 and n % 32 == 0
+    threads = torch.get_num_threads()
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    scratch = torch.empty(lib.scriven_weight_grad_scratch(m, n, threads) + 64, dtype=torch.uint8)
+    aligned = _ptr(scratch) + (-_ptr(scratch)) % 64
+    lib.scriven_weight_grad_bf16(_ptr(grad), grad.stride(0), _ptr(x), x.stride(0), t, m, n,
+                                 _ptr(out), aligned, threads)
+    return out
 
 
 ATTENTION_MAX_HEAD_DIM = 256  # ATTN_MAX_D in kernels.c (keys: up to ATTN_MAX_T, also 256)

@@ -16,6 +16,7 @@ from ..attention import KVCache, MultiHeadAttention, causal_mask
 from ..config import check, check_float, check_positive_int
 from ..dropout import Dropout
 from ..layernorm import LayerNorm
+from ..linear import Linear
 from .transformer import sinusoidal_positions
 
 
@@ -71,7 +72,7 @@ class Block(nn.Module):
         self.norm1 = LayerNorm(c.d_model)
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, c.dropout)
         self.norm2 = LayerNorm(c.d_model)
-        self.ff = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.GELU(), nn.Linear(c.d_ff, c.d_model))
+        self.ff = nn.Sequential(Linear(c.d_model, c.d_ff), nn.GELU(), Linear(c.d_ff, c.d_model))
         self.drop = Dropout(c.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:

@@ -20,6 +20,7 @@ from ..config import check, check_float, check_positive_int, from_dict
 from ..dropout import Dropout
 from ..errors import ScrivenError
 from ..layernorm import LayerNorm
+from ..linear import Linear
 from ..losses import linear_cross_entropy
 
 ACTIVATIONS = ("relu", "gelu")
@@ -122,8 +123,8 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str,
                  bias: bool = True) -> None:
         super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
-        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.linear1 = Linear(d_model, d_ff, bias=bias)
+        self.linear2 = Linear(d_ff, d_model, bias=bias)
         self.dropout = Dropout(dropout)
         self.gelu = activation == "gelu"
 
