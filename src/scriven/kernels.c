@@ -966,27 +966,27 @@ void scriven_layer_norm_bwd(const void *x, const void *gamma, const float *mean,
 /* ---- Training: a linear layer's weight gradient on the AMX tile units ----
  * out (M, N) bf16 = aᵀ · b, summed over T rows: a (T, M) is the output gradient, b (T, N) the
  * input, each with its own row stride. oneDNN runs this transposed product at about 3/4 of the
- * speed of its plain ones (its first operand is strided); here both operands are repacked once
- * per chunk of WG_KC rows, which is cheap next to the product.
+ * speed of its plain ones (its first operand is strided); here both operands are repacked in
+ * chunks of WG_KC rows, which is cheap next to the product.
  *
  * A tile multiply adds A (16 rows × 32 k) · B (32 k × 16 columns) into 16 × 16 floats, with B
  * stored as pairs of k: row p of a B tile holds (b[2p][n], b[2p+1][n]) for 16 columns n. The
  * same pairing of a's rows, read as 32-bit values and transposed 16 × 16, is an A tile, so one
- * transposition per tile is the only extra work. The wider operand goes first (A) and is split
- * by columns between threads; each thread packs all of the narrower one itself, so no thread
- * ever waits for another. Each thread's 2 × 2 tile blocks accumulate over a chunk in tiles 0-3
- * (A in 4-5, B in 6-7) and are kept in float between chunks. */
+ * transposition per A tile is the only extra work. Threads split the rows, so each packs only
+ * its own rows (nothing twice, no waiting) into a partial product of its own; the partials are
+ * summed at the end. A thread's 2 × 2 tile blocks accumulate over a chunk in tiles 0-3 (A in 4-5,
+ * B in 6-7) and are kept in float between chunks. */
 #define WG_KC 512
 
-/* Rows r and r + 1 of x (16 bf16 from column c; zeros past row T) paired: 16 32-bit values. */
-static inline __m512i paired_rows(const uint16_t *x, int64_t ld, int64_t r, int64_t T, int c) {
+/* Rows r and r + 1 of x (16 bf16 from column c; zeros from row `end`) paired: 16 32-bit values. */
+static inline __m512i paired_rows(const uint16_t *x, int64_t ld, int64_t r, int64_t end, int c) {
     const __m512i pairs = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9,
                                            40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1,
                                            32, 0);
-    const __m256i lo = r < T ? _mm256_loadu_si256((const __m256i *)(x + r * ld + c))
-                             : _mm256_setzero_si256();
-    const __m256i hi = r + 1 < T ? _mm256_loadu_si256((const __m256i *)(x + (r + 1) * ld + c))
-                                 : _mm256_setzero_si256();
+    const __m256i lo = r < end ? _mm256_loadu_si256((const __m256i *)(x + r * ld + c))
+                               : _mm256_setzero_si256();
+    const __m256i hi = r + 1 < end ? _mm256_loadu_si256((const __m256i *)(x + (r + 1) * ld + c))
+                                   : _mm256_setzero_si256();
     return _mm512_permutex2var_epi16(_mm512_castsi256_si512(lo), pairs, _mm512_castsi256_si512(hi));
 }
 
@@ -1015,42 +1015,42 @@ static inline void transpose16x16(__m512i r[16]) {
     }
 }
 
-/* Bytes of scratch (64-byte aligned) that scriven_weight_grad_bf16 needs. */
-int64_t scriven_weight_grad_scratch(int M, int N, int threads) {
-    return (int64_t)M * N * 4 + (int64_t)threads * (M + N) * WG_KC * 2;
+/* Per thread: a partial product (M rows of N + 16 floats: a row stride off powers of two, so
+ * tile rows do not share cache sets) and the packed chunk of both operands. */
+static size_t weight_grad_part(int M, int N) {
+    return (size_t)M * (N + 16) * 4 + (size_t)(M + N) * WG_KC * 2;
 }
 
-/* M and N multiples of 32; threads drop to a count that splits the wider one into multiples of
- * 32. Needs scriven_amx_init() to have succeeded. */
+/* Bytes of scratch (64-byte aligned) that scriven_weight_grad_bf16 needs. */
+int64_t scriven_weight_grad_scratch(int M, int N, int threads) {
+    return (int64_t)threads * (int64_t)weight_grad_part(M, N);
+}
+
+/* M and N multiples of 32. Needs scriven_amx_init() to have succeeded. */
 __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
 void scriven_weight_grad_bf16(const uint16_t *a, int64_t lda, const uint16_t *b, int64_t ldb,
                               int64_t T, int M, int N, uint16_t *out, void *scratch, int threads) {
-    const int swap = M < N;  /* then compute outᵀ = bᵀ · a and write it back transposed */
-    if (swap) {
-        const uint16_t *p = a; a = b; b = p;
-        const int64_t l = lda; lda = ldb; ldb = l;
-        const int n = M; M = N; N = n;
-    }
-    while (threads > 1 && M % (32 * threads)) threads--;
-    const int Mt = M / threads, steps = WG_KC / 32;
-    float *acc = (float *)scratch;  /* (M, N) */
-    uint16_t *packs = (uint16_t *)(acc + (size_t)M * N);
+    const int64_t share = ((T + threads - 1) / threads + 31) / 32 * 32;  /* rows per thread */
+    threads = (int)((T + share - 1) / share);
+    const int ld = N + 16, steps = WG_KC / 32;
+    const size_t part = weight_grad_part(M, N);
     #pragma omp parallel num_threads(threads)
     {
-        const int m0 = thread_index() * Mt;
-        uint16_t *ap = packs + (size_t)thread_index() * (Mt + N) * WG_KC;  /* [Mt/16][steps][16][32] */
-        uint16_t *bp = ap + (size_t)Mt * WG_KC;                            /* [N/16][steps][16][32] */
+        float *acc = (float *)((char *)scratch + part * thread_index());  /* (M, ld) */
+        uint16_t *ap = (uint16_t *)(acc + (size_t)M * ld);  /* [M/16][steps][16][32] */
+        uint16_t *bp = ap + (size_t)M * WG_KC;              /* [N/16][steps][16][32] */
+        const int64_t first = share * thread_index(), end = first + share < T ? first + share : T;
         tile_config cfg = {0};
         cfg.palette = 1;
         for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
         _tile_loadconfig(&cfg);
-        for (int64_t k0 = 0; k0 < T; k0 += WG_KC) {
-            const int ks = (int)(((T - k0 < WG_KC ? T - k0 : WG_KC) + 31) / 32);
+        for (int64_t k0 = first; k0 < end; k0 += WG_KC) {
+            const int ks = (int)(((end - k0 < WG_KC ? end - k0 : WG_KC) + 31) / 32);
             for (int s = 0; s < ks; s++) {  /* rows in order: each row's columns read together */
                 const int64_t r = k0 + 32 * s;
-                for (int i = 0; i < Mt / 16; i++) {
+                for (int i = 0; i < M / 16; i++) {
                     __m512i v[16];
-                    for (int p = 0; p < 16; p++) v[p] = paired_rows(a, lda, r + 2 * p, T, m0 + 16 * i);
+                    for (int p = 0; p < 16; p++) v[p] = paired_rows(a, lda, r + 2 * p, end, 16 * i);
                     transpose16x16(v);
                     uint16_t *dst = ap + ((size_t)i * steps + s) * 512;
                     for (int m = 0; m < 16; m++) _mm512_store_si512(dst + 32 * m, v[m]);
@@ -1058,17 +1058,17 @@ void scriven_weight_grad_bf16(const uint16_t *a, int64_t lda, const uint16_t *b,
                 for (int j = 0; j < N / 16; j++) {
                     uint16_t *dst = bp + ((size_t)j * steps + s) * 512;
                     for (int p = 0; p < 16; p++)
-                        _mm512_store_si512(dst + 32 * p, paired_rows(b, ldb, r + 2 * p, T, 16 * j));
+                        _mm512_store_si512(dst + 32 * p, paired_rows(b, ldb, r + 2 * p, end, 16 * j));
                 }
             }
-            for (int i = 0; i < Mt / 16; i += 2)
+            for (int i = 0; i < M / 16; i += 2)
                 for (int j = 0; j < N / 16; j += 2) {
-                    float *c = acc + (size_t)(m0 + 16 * i) * N + 16 * j;
-                    if (k0 == 0) {
+                    float *c = acc + (size_t)16 * i * ld + 16 * j;
+                    if (k0 == first) {
                         _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     } else {
-                        _tile_loadd(0, c, N * 4); _tile_loadd(1, c + 16, N * 4);
-                        _tile_loadd(2, c + 16 * N, N * 4); _tile_loadd(3, c + 16 * N + 16, N * 4);
+                        _tile_loadd(0, c, ld * 4); _tile_loadd(1, c + 16, ld * 4);
+                        _tile_loadd(2, c + 16 * ld, ld * 4); _tile_loadd(3, c + 16 * ld + 16, ld * 4);
                     }
                     const uint16_t *a0 = ap + (size_t)i * steps * 512, *a1 = a0 + steps * 512;
                     const uint16_t *b0 = bp + (size_t)j * steps * 512, *b1 = b0 + steps * 512;
@@ -1082,22 +1082,21 @@ void scriven_weight_grad_bf16(const uint16_t *a, int64_t lda, const uint16_t *b,
                         _tile_dpbf16ps(2, 5, 6);
                         _tile_dpbf16ps(3, 5, 7);
                     }
-                    _tile_stored(0, c, N * 4); _tile_stored(1, c + 16, N * 4);
-                    _tile_stored(2, c + 16 * N, N * 4); _tile_stored(3, c + 16 * N + 16, N * 4);
+                    _tile_stored(0, c, ld * 4); _tile_stored(1, c + 16, ld * 4);
+                    _tile_stored(2, c + 16 * ld, ld * 4); _tile_stored(3, c + 16 * ld + 16, ld * 4);
                 }
         }
         _tile_release();
-        /* Round this thread's rows to bf16 (nearest even), transposing 16 × 16 blocks if swapped. */
-        for (int m = m0; m < m0 + Mt; m += 16)
+        #pragma omp barrier
+        /* Sum the partial products and round to bf16 (nearest even), rows split between threads. */
+        #pragma omp for schedule(static)
+        for (int m = 0; m < M; m++)
             for (int n = 0; n < N; n += 16) {
-                __m512i v[16];
-                for (int q = 0; q < 16; q++) v[q] = _mm512_loadu_si512(acc + (size_t)(m + q) * N + n);
-                if (swap) transpose16x16(v);
-                for (int q = 0; q < 16; q++) {
-                    uint16_t *dst = swap ? out + (size_t)(n + q) * M + m : out + (size_t)(m + q) * N + n;
-                    _mm256_storeu_si256((__m256i *)dst,
-                                        (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v[q])));
-                }
+                __m512 x = _mm512_loadu_ps((float *)scratch + (size_t)m * ld + n);
+                for (int t = 1; t < threads; t++)
+                    x = _mm512_add_ps(x, _mm512_loadu_ps((float *)((char *)scratch + part * t)
+                                                         + (size_t)m * ld + n));
+                _mm256_storeu_si256((__m256i *)(out + (size_t)m * N + n), (__m256i)_mm512_cvtneps_pbh(x));
             }
     }
 }

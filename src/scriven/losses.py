@@ -19,13 +19,17 @@ from . import native
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                         label_smoothing: float = 0.0, block_rows: int = 1024) -> Tensor:
+                         label_smoothing: float = 0.0, block_rows: int = 512) -> Tensor:
     """Mean over rows of the label-smoothed cross-entropy of `hidden @ weight.T + bias`.
 
     hidden (N, D), weight (V, D), bias (V,) or None, labels (N,) in [0, V) → scalar. Equals
     `F.cross_entropy(F.linear(hidden, weight, bias).float(), labels,
     label_smoothing=label_smoothing)` (tested). The matmuls run in the autocast dtype when
     autocast is on, else in `hidden`'s dtype; softmax and loss are computed in fp32.
+
+    Rows go `block_rows` at a time: 512 rows of 8,000 bf16 logits are 8 MB, and a translator
+    step ran 1.01-1.02x faster than with 1,024 (alternating steps in one process; 256 and 128
+    were slower: the products get too thin).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.size(1) != weight.size(1):
         raise ValueError(f"hidden (N, D) and weight (V, D) expected, got {tuple(hidden.shape)} "

@@ -354,6 +354,8 @@ def weight_grad_bf16(lib: ctypes.CDLL, grad: Tensor, x: Tensor) -> Tensor:
     `lib.amx_bf16`)."""
     (t, m), n = grad.shape, x.size(1)
     assert grad.stride(1) == 1 and x.stride(1) == 1 and m % 32 == 0 and n % 32 == 0
+    if t == 0:
+        return torch.zeros(m, n, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
     out = torch.empty(m, n, dtype=torch.bfloat16)
     scratch = torch.empty(lib.scriven_weight_grad_scratch(m, n, threads) + 64, dtype=torch.uint8)
