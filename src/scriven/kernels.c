@@ -153,6 +153,15 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
+/* Configure this thread's first n tiles as full 16 rows × 64 bytes. */
+__attribute__((target("amx-tile")))
+static void load_full_tiles(int n) {
+    tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < n; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+    _tile_loadconfig(&cfg);
+}
+
 __attribute__((target("amx-tile,amx-int8")))
 static void qmatmul_amx(const int8_t *W, const int32_t *rowsum, const float *wscale, const float *bias,
                         const uint8_t *q, const float *qscale, int B, int K1, int K2, int N,
@@ -161,10 +170,7 @@ static void qmatmul_amx(const int8_t *W, const int32_t *rowsum, const float *wsc
     const int groups = (N + 63) / 64, Np = groups * 64, Bp = (B + 15) / 16 * 16;
     #pragma omp parallel num_threads(threads)
     {
-        tile_config cfg = {0};
-        cfg.palette = 1;
-        for (int t = 0; t < 6; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-        _tile_loadconfig(&cfg);
+        load_full_tiles(6);
         int32_t dots[2][16][64];  /* [segment][input row][output row in the group] */
         #pragma omp for schedule(static)
         for (int g = 0; g < groups; g++) {
@@ -1040,10 +1046,7 @@ void scriven_weight_grad_bf16(const uint16_t *a, int64_t lda, const uint16_t *b,
         uint16_t *ap = (uint16_t *)(acc + (size_t)M * ld);  /* [M/16][steps][16][32] */
         uint16_t *bp = ap + (size_t)M * WG_KC;              /* [N/16][steps][16][32] */
         const int64_t first = share * thread_index(), end = first + share < T ? first + share : T;
-        tile_config cfg = {0};
-        cfg.palette = 1;
-        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
-        _tile_loadconfig(&cfg);
+        load_full_tiles(8);
         for (int64_t k0 = first; k0 < end; k0 += WG_KC) {
             const int ks = (int)(((end - k0 < WG_KC ? end - k0 : WG_KC) + 31) / 32);
             for (int s = 0; s < ks; s++) {  /* rows in order: each row's columns read together */
