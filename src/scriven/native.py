@@ -29,7 +29,7 @@ from torch import Tensor
 from .data import CACHE_ENV
 
 NATIVE_ENV = "SCRIVEN_NATIVE"
-AMX_ENV = "SCRIVEN_AMX"  # 0: keep batches on the VNNI kernels too (for tests and comparisons)
+AMX_ENV = "SCRIVEN_AMX"  # 0: no tile units (int8 batches on VNNI, weight gradients on PyTorch)
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
