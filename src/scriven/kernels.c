@@ -39,6 +39,14 @@ static inline int thread_index(void) {  /* this thread's number in its parallel 
 #endif
 }
 
+static inline int team_size(void) {  /* threads in this parallel region */
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
 /* Round n floats to bytes around 128; pad to `padded` with 128 (zero). Returns the scale. */
 static float quantize(const float *x, int n, int padded, uint8_t *q) {
     __m512 m = _mm512_setzero_ps();
@@ -971,8 +979,8 @@ void scriven_layer_norm_bwd(const void *x, const void *gamma, const float *mean,
 
 /* ---- Training: a linear layer's weight gradient on the AMX tile units ----
  * out (M, N) bf16 = aᵀ · b, summed over T rows: a (T, M) is the output gradient, b (T, N) the
- * input, each with its own row stride. oneDNN runs this transposed product at about 3/4 of the
- * speed of its plain ones (its first operand is strided); here both operands are repacked in
+ * input, each with its own row stride. oneDNN runs this transposed product at half to 3/4 of
+ * the speed of its plain ones (its first operand is strided); here both operands are repacked in
  * chunks of WG_KC rows, which is cheap next to the product.
  *
  * A tile multiply adds A (16 rows × 32 k) · B (32 k × 16 columns) into 16 × 16 floats, with B
@@ -1042,52 +1050,55 @@ void scriven_weight_grad_bf16(const uint16_t *a, int64_t lda, const uint16_t *b,
     const size_t part = weight_grad_part(M, N);
     #pragma omp parallel num_threads(threads)
     {
-        float *acc = (float *)((char *)scratch + part * thread_index());  /* (M, ld) */
-        uint16_t *ap = (uint16_t *)(acc + (size_t)M * ld);  /* [M/16][steps][16][32] */
-        uint16_t *bp = ap + (size_t)M * WG_KC;              /* [N/16][steps][16][32] */
-        const int64_t first = share * thread_index(), end = first + share < T ? first + share : T;
         load_full_tiles(8);
-        for (int64_t k0 = first; k0 < end; k0 += WG_KC) {
-            const int ks = (int)(((end - k0 < WG_KC ? end - k0 : WG_KC) + 31) / 32);
-            for (int s = 0; s < ks; s++) {  /* rows in order: each row's columns read together */
-                const int64_t r = k0 + 32 * s;
-                for (int i = 0; i < M / 16; i++) {
-                    __m512i v[16];
-                    for (int p = 0; p < 16; p++) v[p] = paired_rows(a, lda, r + 2 * p, end, 16 * i);
-                    transpose16x16(v);
-                    uint16_t *dst = ap + ((size_t)i * steps + s) * 512;
-                    for (int m = 0; m < 16; m++) _mm512_store_si512(dst + 32 * m, v[m]);
+        /* One share of rows each (more if OpenMP gave fewer threads than asked for). */
+        for (int sh = thread_index(); sh < threads; sh += team_size()) {
+            float *acc = (float *)((char *)scratch + part * sh);  /* (M, ld) */
+            uint16_t *ap = (uint16_t *)(acc + (size_t)M * ld);  /* [M/16][steps][16][32] */
+            uint16_t *bp = ap + (size_t)M * WG_KC;              /* [N/16][steps][16][32] */
+            const int64_t first = share * sh, end = first + share < T ? first + share : T;
+            for (int64_t k0 = first; k0 < end; k0 += WG_KC) {
+                const int ks = (int)(((end - k0 < WG_KC ? end - k0 : WG_KC) + 31) / 32);
+                for (int s = 0; s < ks; s++) {  /* rows in order: each row's columns read together */
+                    const int64_t r = k0 + 32 * s;
+                    for (int i = 0; i < M / 16; i++) {
+                        __m512i v[16];
+                        for (int p = 0; p < 16; p++) v[p] = paired_rows(a, lda, r + 2 * p, end, 16 * i);
+                        transpose16x16(v);
+                        uint16_t *dst = ap + ((size_t)i * steps + s) * 512;
+                        for (int m = 0; m < 16; m++) _mm512_store_si512(dst + 32 * m, v[m]);
+                    }
+                    for (int j = 0; j < N / 16; j++) {
+                        uint16_t *dst = bp + ((size_t)j * steps + s) * 512;
+                        for (int p = 0; p < 16; p++)
+                            _mm512_store_si512(dst + 32 * p, paired_rows(b, ldb, r + 2 * p, end, 16 * j));
+                    }
                 }
-                for (int j = 0; j < N / 16; j++) {
-                    uint16_t *dst = bp + ((size_t)j * steps + s) * 512;
-                    for (int p = 0; p < 16; p++)
-                        _mm512_store_si512(dst + 32 * p, paired_rows(b, ldb, r + 2 * p, end, 16 * j));
-                }
+                for (int i = 0; i < M / 16; i += 2)
+                    for (int j = 0; j < N / 16; j += 2) {
+                        float *c = acc + (size_t)16 * i * ld + 16 * j;
+                        if (k0 == first) {
+                            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                        } else {
+                            _tile_loadd(0, c, ld * 4); _tile_loadd(1, c + 16, ld * 4);
+                            _tile_loadd(2, c + 16 * ld, ld * 4); _tile_loadd(3, c + 16 * ld + 16, ld * 4);
+                        }
+                        const uint16_t *a0 = ap + (size_t)i * steps * 512, *a1 = a0 + steps * 512;
+                        const uint16_t *b0 = bp + (size_t)j * steps * 512, *b1 = b0 + steps * 512;
+                        for (int s = 0; s < ks; s++) {
+                            _tile_loadd(4, a0 + 512 * s, 64);
+                            _tile_loadd(6, b0 + 512 * s, 64);
+                            _tile_dpbf16ps(0, 4, 6);
+                            _tile_loadd(7, b1 + 512 * s, 64);
+                            _tile_dpbf16ps(1, 4, 7);
+                            _tile_loadd(5, a1 + 512 * s, 64);
+                            _tile_dpbf16ps(2, 5, 6);
+                            _tile_dpbf16ps(3, 5, 7);
+                        }
+                        _tile_stored(0, c, ld * 4); _tile_stored(1, c + 16, ld * 4);
+                        _tile_stored(2, c + 16 * ld, ld * 4); _tile_stored(3, c + 16 * ld + 16, ld * 4);
+                    }
             }
-            for (int i = 0; i < M / 16; i += 2)
-                for (int j = 0; j < N / 16; j += 2) {
-                    float *c = acc + (size_t)16 * i * ld + 16 * j;
-                    if (k0 == first) {
-                        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                    } else {
-                        _tile_loadd(0, c, ld * 4); _tile_loadd(1, c + 16, ld * 4);
-                        _tile_loadd(2, c + 16 * ld, ld * 4); _tile_loadd(3, c + 16 * ld + 16, ld * 4);
-                    }
-                    const uint16_t *a0 = ap + (size_t)i * steps * 512, *a1 = a0 + steps * 512;
-                    const uint16_t *b0 = bp + (size_t)j * steps * 512, *b1 = b0 + steps * 512;
-                    for (int s = 0; s < ks; s++) {
-                        _tile_loadd(4, a0 + 512 * s, 64);
-                        _tile_loadd(6, b0 + 512 * s, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_loadd(7, b1 + 512 * s, 64);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_loadd(5, a1 + 512 * s, 64);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, c, ld * 4); _tile_stored(1, c + 16, ld * 4);
-                    _tile_stored(2, c + 16 * ld, ld * 4); _tile_stored(3, c + 16 * ld + 16, ld * 4);
-                }
         }
         _tile_release();
         #pragma omp barrier
