@@ -35,12 +35,7 @@ class _AmxLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             lib = native.library()
             assert lib is not None
-            inputs = x.reshape(-1, x.size(-1))                   # (T, in)
-            if rows.stride(1) != 1:
-                rows = rows.contiguous()
-            if inputs.stride(1) != 1:
-                inputs = inputs.contiguous()
-            dweight = native.weight_grad_bf16(lib, rows, inputs)  # (out, in)
+            dweight = native.weight_grad_bf16(lib, rows, x.reshape(-1, x.size(-1)))  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = rows.sum(0, dtype=torch.float32).to(grad.dtype)
         return dx, dweight, dbias

@@ -349,11 +349,15 @@ def layer_norm_backward(lib: ctypes.CDLL, x: Tensor, weight: Tensor, mean: Tenso
 
 
 def weight_grad_bf16(lib: ctypes.CDLL, grad: Tensor, x: Tensor) -> Tensor:
-    """gradᵀ · x (M, N) in bf16, for grad (T, M) and x (T, N) bf16 with unit column stride and
-    M, N multiples of 32: a linear layer's weight gradient, on the AMX tile units (only where
-    `lib.amx_bf16`)."""
+    """gradᵀ · x (M, N) in bf16, for grad (T, M) and x (T, N) bf16 with M, N multiples of 32: a
+    linear layer's weight gradient, on the AMX tile units (only where `lib.amx_bf16`). Rows may
+    be strided (a column slice is read in place)."""
     (t, m), n = grad.shape, x.size(1)
-    assert grad.stride(1) == 1 and x.stride(1) == 1 and m % 32 == 0 and n % 32 == 0
+    assert m % 32 == 0 and n % 32 == 0
+    if grad.stride(1) != 1:
+        grad = grad.contiguous()
+    if x.stride(1) != 1:
+        x = x.contiguous()
     if t == 0:
         return torch.zeros(m, n, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
