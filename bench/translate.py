@@ -17,6 +17,8 @@ All figures come from one run on one machine, so ratios between them are meaning
 
     SCRIVEN_DATA_MIRROR=../shared/data python bench/translate.py            # 60 minutes of training
     SCRIVEN_DATA_MIRROR=../shared/data python bench/translate.py --quick    # a 2-minute smoke run
+    # on a GPU (training, peak probes of 8192³ there, and decoding):
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/translate.py --quick --device cuda
     # evaluate an earlier run again (its training figures taken from its JSON summary):
     python bench/translate.py --trained OUT/run --training-summary OUT.json
 """
@@ -38,7 +40,7 @@ from scriven import checkpoint as ckpt_io
 from scriven import native
 from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
-from scriven.train import training_precision
+from scriven.train import resolve_device, training_precision
 from scriven.translation import (
     LoadedTranslator,
     TranslationTask,
@@ -57,27 +59,37 @@ DECODING_GRID = [(beam, alpha) for beam in (4, 8) for alpha in (0.6, 1.0, 1.4, 2
 PROBES_AROUND_TRAINING = 3  # peak probes before training and again after it
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` n×n×n matmuls in `dtype` on this machine."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5,
+                device: torch.device | str = "cpu") -> float:
+    """FLOP/s of the best of `repeats` n×n×n matmuls in `dtype` on `device`."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         t = time.perf_counter()
         torch.matmul(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
 
-def probe_at_validations(probes: list[float]) -> None:
+def bf16_peak(device: torch.device) -> float:
+    """The MFU's peak probe: 4096³ on a CPU; 8192³ on a GPU, which 4096³ leaves part idle."""
+    return matmul_peak(torch.bfloat16, n=4096 if device.type == "cpu" else 8192, device=device)
+
+
+def probe_at_validations(probes: list[float], device: torch.device) -> None:
     """Also probe the peak at every validation (validation time is not step time), so that the
     probes span the whole run, not only its two ends."""
     evaluate = TranslationTask.evaluate
 
     def probing(self, model):
-        probes.append(matmul_peak(torch.bfloat16))
+        probes.append(bf16_peak(device))
         return evaluate(self, model)
 
     TranslationTask.evaluate = probing  # type: ignore[method-assign]
@@ -153,6 +165,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--speed-sentences", type=int, default=500)
     ap.add_argument("--book-sentences", type=int, default=200)
+    ap.add_argument("--device", default="cpu",
+                    help="cpu, or cuda[:N] to train, probe the peak and decode on a GPU")
     ap.add_argument("--out", default=None, help="where to keep the run (default: a temp dir)")
     ap.add_argument("--trained", default=None,
                     help="skip training: evaluate this run folder (an earlier --out's run/)")
@@ -170,13 +184,13 @@ def main() -> None:
     warnings.simplefilter("default")
     out = Path(args.trained) if args.trained else \
         Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-translate-")) / "run"
-    device = torch.device("cpu")
+    device = resolve_device(args.device)
     precision = training_precision("auto", device, pure_bf16=True)
 
     probes: list[float] = []
     if not args.trained:  # the MFU's peak is measured in the training run itself
-        probes += [matmul_peak(torch.bfloat16) for _ in range(PROBES_AROUND_TRAINING)]
-        peak_fp32 = matmul_peak(torch.float32, n=2048)
+        probes += [bf16_peak(device) for _ in range(PROBES_AROUND_TRAINING)]
+        peak_fp32 = matmul_peak(torch.float32, n=2048, device=device)
         print(f"matmul peak: bf16 {max(probes) / 1e9:.0f} GFLOP/s, fp32 {peak_fp32 / 1e9:.0f} "
               "GFLOP/s", file=sys.stderr, flush=True)
 
@@ -184,24 +198,24 @@ def main() -> None:
         earlier = json.loads(Path(args.training_summary).read_text())
         training, settings = earlier["training"], earlier["settings"]
     else:
-        probe_at_validations(probes)
+        probe_at_validations(probes, device)
         t0 = time.perf_counter()
         result = train_translate("eng-fra", out, preset="default", vocab_size=8000,
                                  minutes=args.minutes, max_tokens=args.max_tokens, lr=args.lr,
                                  warmup_steps=args.warmup_steps, label_smoothing=0.1,
                                  dropout=args.dropout, eval_every=args.eval_every, patience=0,
                                  bleu_sentences=500 if not args.quick else 100, amp="auto",
-                                 device="cpu", seed=0, progress=False)
+                                 device=str(device), seed=0, progress=False)
         wall_train = time.perf_counter() - t0
         print(f"[train] {result.steps} steps, {result.epochs_done:.2f} epochs, "
               f"{result.elapsed / 60:.1f} min of steps, {result.tokens_per_second:,.0f} tok/s, "
               f"{result.metrics}", file=sys.stderr, flush=True)
         tokens_per_second = result.tokens_per_second
-        probes += [matmul_peak(torch.bfloat16) for _ in range(PROBES_AROUND_TRAINING)]
+        probes += [bf16_peak(device) for _ in range(PROBES_AROUND_TRAINING)]
         print(f"matmul peak probes: {[round(p / 1e9) for p in probes]} GFLOP/s", file=sys.stderr,
               flush=True)
 
-    tr = LoadedTranslator.load(out, "cpu")  # best/: the highest validation BLEU
+    tr = LoadedTranslator.load(out, str(device))  # best/: the highest validation BLEU
     data = load_pairs("eng-fra")
     examples, _ = encode_pairs(tr.tokenizer, data.train, tr.max_len)
     src_tokens = sum(len(s) for s, _ in examples)
@@ -264,7 +278,9 @@ def main() -> None:
     summary = {
         "bench": "translate",
         "quick": args.quick,
-        "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                               else "cpu"),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "precision": precision, "native_kernels": native.library() is not None},
         "data": {**saved.config["data"]["pairs"], "vocab": tr.tokenizer.vocab_size,
                  "train_source_tokens": src_tokens, "train_target_tokens": tgt_tokens,

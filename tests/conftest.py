@@ -1,6 +1,8 @@
+import contextlib
 import random
 
 import pytest
+import torch
 
 
 def make_text(lines: int = 300, seed: int = 0) -> str:
@@ -39,3 +41,40 @@ def crash_after(monkeypatch, task_cls, steps: int):
 
     monkeypatch.setattr(task_cls, "loss", loss)
     return lambda: monkeypatch.setattr(task_cls, "loss", real)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared 2-core machine stays usable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+SUBJECTS = [("I", "Je", "see", "vois"), ("You", "Tu", "see", "vois"), ("He", "Il", "sees", "voit"),
+            ("She", "Elle", "sees", "voit"), ("We", "Nous", "see", "voyons"),
+            ("They", "Ils", "see", "voient"), ("My friends", "Mes amis", "see", "voient")]
+OBJECTS = [("the cat", "le chat"), ("the dog", "le chien"), ("the house", "la maison"),
+           ("the car", "la voiture"), ("a tree", "un arbre"), ("the sea", "la mer"),
+           ("the garden", "le jardin"), ("a bird", "un oiseau"), ("the moon", "la lune"),
+           ("the teacher", "le professeur"), ("my brother", "mon frère"), ("the school", "l'école")]
+WHEN = [("", ""), (" today", " aujourd'hui"), (" now", " maintenant"), (" again", " encore"),
+        (" every day", " tous les jours"), (" at night", " la nuit")]
+
+
+def make_pairs(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
+    """Distinct English→French pairs from a small grammar (accents and capitals included)."""
+    rng = random.Random(seed)
+    out: set[tuple[str, str]] = set()
+    while len(out) < n:
+        (se, sf, ve, vf), (oe, of), (we, wf) = rng.choice(SUBJECTS), rng.choice(OBJECTS), rng.choice(WHEN)
+        out.add((f"{se} {ve} {oe}{we}.", f"{sf} {vf} {of}{wf}."))
+    return sorted(out)
+
+
+def write_pairs(path, pairs) -> str:
+    path.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
+    return str(path)

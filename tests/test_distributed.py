@@ -10,6 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scriven.errors import ScrivenError
+from scriven.train import Distributed, resolve_device
+
 
 def losses(run):
     return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
@@ -21,7 +24,8 @@ def test_two_processes_match_one_process_at_double_batch(tiny_text, tmp_path, mo
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
     common = ["train", "lm", str(tiny_text), "--model", model, "--preset", "tiny", "--seq-len", "8",
-              "--log-every", "1", "--eval-every", "5", "--amp", "off", "--no-progress"]
+              "--log-every", "1", "--eval-every", "5", "--amp", "off", "--no-progress",
+              "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "scriven", *common, "--max-steps", "5", "--batch-size", "4",
                           "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
@@ -42,3 +46,17 @@ def test_two_processes_match_one_process_at_double_batch(tiny_text, tmp_path, mo
                           capture_output=True, text=True, env=env)
     assert more.returncode == 0, more.stderr
     assert json.loads(more.stdout)["steps"] == 7
+
+
+def test_a_bare_cuda_device_gets_an_index_and_each_process_its_own_gpu(monkeypatch):
+    """torch.cuda.set_device refuses a device without an index; torchrun processes each take
+    their own GPU, and more processes than GPUs on a machine is a clear error."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda:0")
+    assert resolve_device("auto") == torch.device("cuda:0")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cuda", Distributed(1, 2, 1)) == torch.device("cuda:1")
+    with pytest.raises(ScrivenError, match="process 2 has no GPU of its own: this machine has 2"):
+        resolve_device("cuda", Distributed(2, 3, 2))

@@ -21,7 +21,7 @@ def run(tmp_path_factory):
 
 def test_carried_state_equals_recomputing_the_whole_prefix(run):
     lm = LoadedLM.load(run)
-    prompt = torch.tensor([lm.tokenizer.encode("anna said to the")])
+    prompt = torch.tensor([lm.tokenizer.encode("anna said to the")], device=lm.device)
     ids = torch.cat([i[:, None] for i, _, _ in sample_ids(lm.model, prompt, 12, temperature=0)], 1)
     # Recompute: feed the whole sequence from scratch at every step and take the argmax.
     seq = prompt

@@ -3,7 +3,6 @@ answers is what the library computes."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import socket
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_text, one_thread
 
 from scriven.errors import ScrivenError
 from scriven.sampling import filter_logits
@@ -42,8 +42,6 @@ def make_pairs(n: int = 400, seed: int = 0) -> str:
 def trained_models(tmp_path_factory, translator_steps: int = 40) -> tuple[Path, Path]:
     """A tiny LSTM LM and a tiny translator, trained once per test session (a few seconds) and
     shared by the serve, browser and plot tests."""
-    from conftest import make_text
-
     from scriven.lm import train_lm
     from scriven.translation import train_translate
 
@@ -62,17 +60,6 @@ def trained_models(tmp_path_factory, translator_steps: int = 40) -> tuple[Path, 
                             progress=False)
         (base / "done").write_text("ok")
     return lm, tr
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared 2-core machine stays usable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -44,8 +44,8 @@ def test_same_seed_gives_the_same_weights(tiny_text, tmp_path):
 
 def test_resume_equals_uninterrupted_training(tiny_text, tmp_path, monkeypatch):
     # Dropout and a cosine schedule both make this a real test of RNG, optimizer and
-    # data-position restore.
-    args = dict(TINY, preset="seed", max_steps=17, dropout=0.3)
+    # data-position restore. On the CPU: cuDNN's LSTM dropout cannot resume exactly (test_cuda.py).
+    args = dict(TINY, preset="seed", max_steps=17, dropout=0.3, device="cpu")
     train_lm(str(tiny_text), tmp_path / "full", **args)
 
     restore = crash_after(monkeypatch, lm_module.LMTask, steps=10)  # the step-10 checkpoint is on disk

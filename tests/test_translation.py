@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import sys
 import warnings
 
 import pytest
 import torch
-from conftest import crash_after
+from conftest import crash_after, make_pairs, one_thread, write_pairs
 from safetensors.torch import load_file
-from test_serve import one_thread
 
 import scriven.translation as translate_module
 from scriven import checkpoint as ckpt_io
@@ -35,32 +33,6 @@ from scriven.translation import (
 
 TINY = dict(preset="tiny", vocab_size=300, max_tokens=512, lr=3e-3, warmup_steps=10,
             bleu_sentences=8, progress=False)
-
-SUBJECTS = [("I", "Je", "see", "vois"), ("You", "Tu", "see", "vois"), ("He", "Il", "sees", "voit"),
-            ("She", "Elle", "sees", "voit"), ("We", "Nous", "see", "voyons"),
-            ("They", "Ils", "see", "voient"), ("My friends", "Mes amis", "see", "voient")]
-OBJECTS = [("the cat", "le chat"), ("the dog", "le chien"), ("the house", "la maison"),
-           ("the car", "la voiture"), ("a tree", "un arbre"), ("the sea", "la mer"),
-           ("the garden", "le jardin"), ("a bird", "un oiseau"), ("the moon", "la lune"),
-           ("the teacher", "le professeur"), ("my brother", "mon frère"), ("the school", "l'école")]
-WHEN = [("", ""), (" today", " aujourd'hui"), (" now", " maintenant"), (" again", " encore"),
-        (" every day", " tous les jours"), (" at night", " la nuit")]
-
-
-def make_pairs(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
-    """Distinct English→French pairs from a small grammar (accents and capitals included)."""
-    rng = random.Random(seed)
-    out: set[tuple[str, str]] = set()
-    while len(out) < n:
-        (se, sf, ve, vf), (oe, of), (we, wf) = rng.choice(SUBJECTS), rng.choice(OBJECTS), rng.choice(WHEN)
-        out.add((f"{se} {ve} {oe}{we}.", f"{sf} {vf} {of}{wf}."))
-    return sorted(out)
-
-
-def write_pairs(path, pairs) -> str:
-    path.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
-    return str(path)
-
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():

@@ -150,8 +150,16 @@ def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ScrivenError(f"device {name!r} was asked for, but no CUDA GPU is available")
-        if name == "cuda" and dist is not None and dist.world > 1:
+        if name == "cuda" and dist is not None and dist.world > 1:  # one GPU per process
+            gpus = torch.cuda.device_count()
+            if dist.local_rank >= gpus:
+                raise ScrivenError(
+                    f"torchrun process {dist.local_rank} has no GPU of its own: this machine has "
+                    f"{gpus}; start at most {gpus} per machine (--nproc-per-node) or train with "
+                    "--device cpu")
             name = f"cuda:{dist.local_rank}"
+        elif name == "cuda":  # an index, which torch.cuda.set_device needs
+            name = f"cuda:{torch.cuda.current_device()}"
     return torch.device(name)
 
 
