@@ -407,16 +407,17 @@ static inline uint16_t float_to_bf16(float f) {
 /* For each row r of z (B, V) bf16 logits (plus bias (V,) when given): loss[r] = lse - keep·z[y]
  * - spread·Σz (label smoothing ε: keep = 1 - ε, spread = ε / V), and z[r] is overwritten with
  * d loss / d z = scale · (softmax(z) - keep·onehot(y) - spread). With bias_grad (threads, V)
- * each thread adds its rows' gradients into its own row of it. Returns the first row whose
- * label is out of range plus one, or 0. */
+ * each thread adds its rows' gradients into its own row of it; scratch (threads, V) is fp32
+ * work space. Returns the first row whose label is out of range plus one, or 0. */
 int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, const float *bias,
                            float keep, float spread, float scale, float *loss, float *bias_grad,
-                           int threads) {
+                           float *scratch, int threads) {
     int bad = 0;
     #pragma omp parallel num_threads(B > 1 ? threads : 1)
     {
         const int t = thread_index();
         float *bg = bias_grad ? bias_grad + (size_t)t * V : NULL;
+        float *ex_row = scratch + (size_t)t * V;
         #pragma omp for schedule(static)
         for (int r = 0; r < B; r++) {
             uint16_t *row = z + (size_t)r * V;
@@ -443,24 +444,31 @@ int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, con
             }
             const float top = fmaxf(_mm512_reduce_max_ps(m), mt);
             const float sum = _mm512_reduce_add_ps(s) + st;
+            /* exp(z - top) once per element, kept in fp32 for the gradient pass (a row of
+             * 8,000 is 32 KB: it stays in L1), which then needs no second exp. */
             __m512 e = _mm512_setzero_ps();
             float et = 0.0f;
             const __m512 topv = _mm512_set1_ps(top);
             for (i = 0; i + 16 <= V; i += 16) {
                 __m512 x = load_bf16(row + i);
                 if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + i));
-                e = _mm512_add_ps(e, exp16(_mm512_sub_ps(x, topv)));
+                const __m512 ex = exp16(_mm512_sub_ps(x, topv));
+                _mm512_storeu_ps(ex_row + i, ex);
+                e = _mm512_add_ps(e, ex);
             }
-            for (; i < V; i++) et += expf(bf16_to_float(row[i]) + (bias ? bias[i] : 0.0f) - top);
-            const float lse = top + logf(_mm512_reduce_add_ps(e) + et);
+            for (; i < V; i++) {
+                ex_row[i] = expf(bf16_to_float(row[i]) + (bias ? bias[i] : 0.0f) - top);
+                et += ex_row[i];
+            }
+            const float total = _mm512_reduce_add_ps(e) + et;
+            const float lse = top + logf(total);
             const float zy = bf16_to_float(row[y]) + (bias ? bias[y] : 0.0f);
             loss[r] = lse - keep * zy - spread * sum;
-            const __m512 lsev = _mm512_set1_ps(lse), sp = _mm512_set1_ps(spread),
-                         sc = _mm512_set1_ps(scale);
+            const __m512 sp = _mm512_set1_ps(spread), sc = _mm512_set1_ps(scale),
+                         inv = _mm512_set1_ps(1.0f / total);  /* softmax = exp(z - top) / total */
             for (i = 0; i + 16 <= V; i += 16) {
-                __m512 x = load_bf16(row + i);
-                if (bias) x = _mm512_add_ps(x, _mm512_loadu_ps(bias + i));
-                __m512 g = _mm512_mul_ps(_mm512_sub_ps(exp16(_mm512_sub_ps(x, lsev)), sp), sc);
+                __m512 p = _mm512_mul_ps(_mm512_loadu_ps(ex_row + i), inv);
+                __m512 g = _mm512_mul_ps(_mm512_sub_ps(p, sp), sc);
                 if (y >= i && y < i + 16) {
                     float tmp[16];
                     _mm512_storeu_ps(tmp, g);
@@ -471,8 +479,7 @@ int scriven_xent_grad_bf16(uint16_t *z, int B, int V, const int64_t *labels, con
                 store_bf16(row + i, g);
             }
             for (; i < V; i++) {
-                float x = bf16_to_float(row[i]) + (bias ? bias[i] : 0.0f);
-                float g = (expf(x - lse) - spread) * scale - (i == y ? keep * scale : 0.0f);
+                float g = (ex_row[i] / total - spread) * scale - (i == y ? keep * scale : 0.0f);
                 if (bg) bg[i] += g;
                 row[i] = float_to_bf16(g);
             }

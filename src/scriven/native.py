@@ -110,7 +110,7 @@ def library() -> ctypes.CDLL | None:
     lib.scriven_sample_top_k.argtypes = [p, i, i, i, ctypes.c_float, p, p, p, i]
     lib.scriven_sample_top_k.restype = None
     lib.scriven_xent_grad_bf16.argtypes = [p, i, i, p, p, ctypes.c_float, ctypes.c_float,
-                                           ctypes.c_float, p, p, i]
+                                           ctypes.c_float, p, p, p, i]
     u32, i64, f = ctypes.c_uint32, ctypes.c_int64, ctypes.c_float
     lib.scriven_dropout.argtypes = [p, p, p, i64, i, i, u32, f, u32, u32, i]
     lib.scriven_dropout.restype = None
@@ -283,10 +283,11 @@ def cross_entropy_grad_bf16(lib: ctypes.CDLL, logits: Tensor, labels: Tensor, bi
     loss = torch.empty(b)
     threads = torch.get_num_threads()
     assert bias_grad is None or tuple(bias_grad.shape) == (threads, v)
+    scratch = torch.empty(threads, v)  # fp32 exponentials of one row per thread
     bad = lib.scriven_xent_grad_bf16(_ptr(logits), b, v, _ptr(labels),
                                      _ptr(bias) if bias is not None else None, keep, spread, scale,
                                      _ptr(loss), _ptr(bias_grad) if bias_grad is not None else None,
-                                     threads)
+                                     _ptr(scratch), threads)
     if bad:
         raise IndexError(f"label {int(labels[bad - 1])} out of range 0..{v - 1}")
     return loss
