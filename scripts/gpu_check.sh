@@ -19,5 +19,5 @@ timeout 420 python3 bench/translate.py --quick --device cuda ${BENCH_ARGS:-} \
   >"$out/translate_gpu.json" 2>"$out/translate_gpu.err"
 echo "rc $?"; tail -5 "$out/translate_gpu.err"; head -c 3000 "$out/translate_gpu.json"
 echo "== whole suite"
-timeout "${SUITE_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider --durations=10 2>&1 \
+timeout "${SUITE_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider --durations=10 2>&1 \
   | tee "$out/suite.txt" | tail -40
