@@ -60,3 +60,5 @@ def test_a_bare_cuda_device_gets_an_index_and_each_process_its_own_gpu(monkeypat
     assert resolve_device("cuda", Distributed(1, 2, 1)) == torch.device("cuda:1")
     with pytest.raises(ScrivenError, match="process 2 has no GPU of its own: this machine has 2"):
         resolve_device("cuda", Distributed(2, 3, 2))
+    with pytest.raises(ScrivenError, match="'cuda:2' was asked for, but this machine has 2 GPU"):
+        resolve_device("cuda:2")

@@ -160,6 +160,11 @@ def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
             name = f"cuda:{dist.local_rank}"
         elif name == "cuda":  # an index, which torch.cuda.set_device needs
             name = f"cuda:{torch.cuda.current_device()}"
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ScrivenError(f"device {name!r} was asked for, but this machine has "
+                               f"{torch.cuda.device_count()} GPU(s): cuda:0 to "
+                               f"cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
