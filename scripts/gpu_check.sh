@@ -2,6 +2,7 @@
 # Checks for a machine with a CUDA GPU (CI has none): the CUDA tests, a short translator
 # benchmark trained and decoded on the GPU, then the whole suite, where device "auto" picks the
 # GPU. Writes its logs and the benchmark's JSON to OUT_DIR. Usage: bash scripts/gpu_check.sh OUT_DIR
+# (BENCH_ARGS: more options for the benchmark, e.g. "--max-tokens 16384"; SUITE_TIMEOUT: seconds, 400)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:?usage: gpu_check.sh OUT_DIR}"

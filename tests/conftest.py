@@ -3,6 +3,17 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
+
+# Training arguments for tiny runs (seconds on a CPU).
+TINY_LM = dict(preset="tiny", batch_size=4, seq_len=8, eval_every=5, progress=False)
+TINY_TRANSLATOR = dict(preset="tiny", vocab_size=300, max_tokens=512, lr=3e-3, warmup_steps=10,
+                       bleu_sentences=8, progress=False)
+
+
+def weights(run):
+    """The weights of a run's latest checkpoint."""
+    return load_file(str(run / "latest" / "model.safetensors"))
 
 
 def make_text(lines: int = 300, seed: int = 0) -> str:
@@ -78,3 +89,8 @@ def make_pairs(n: int = 300, seed: int = 0) -> list[tuple[str, str]]:
 def write_pairs(path, pairs) -> str:
     path.write_text("".join(f"{a}\t{b}\n" for a, b in pairs), encoding="utf-8")
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair_file(tmp_path_factory):
+    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.tsv", make_pairs())

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import crash_after, make_pairs, write_pairs
-from safetensors.torch import load_file
+from conftest import TINY_LM, crash_after, weights
+from conftest import TINY_TRANSLATOR as TINY_TR
 
 import scriven.lm as lm_module
 import scriven.translation as translate_module
@@ -24,18 +24,6 @@ from scriven.translation import LoadedTranslator, train_translate, translate
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 CUDA = torch.device("cuda")
-TINY_TR = dict(preset="tiny", vocab_size=300, max_tokens=512, lr=3e-3, warmup_steps=10,
-               bleu_sentences=8, progress=False)
-TINY_LM = dict(preset="tiny", batch_size=4, seq_len=8, eval_every=5, progress=False)
-
-
-def weights(run):
-    return load_file(str(run / "latest" / "model.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def pair_file(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.tsv", make_pairs())
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -169,7 +157,7 @@ def test_language_model_trains_and_generates_on_cuda(tiny_text, tmp_path, model)
 
 
 # cuDNN's LSTM draws its between-layer dropout masks from a generator of its own that no
-# checkpoint can hold, so the LSTM case runs without dropout (see README, "Resuming").
+# checkpoint can hold, so the LSTM case runs without dropout (README, "Checked on a GPU").
 @pytest.mark.parametrize("model, dropout", [("gpt", 0.3), ("lstm", 0.0)])
 def test_language_model_resume_on_cuda_equals_uninterrupted(tiny_text, tmp_path, monkeypatch,
                                                             model, dropout):

@@ -8,19 +8,13 @@ import time
 
 import pytest
 import torch
-from conftest import crash_after
-from safetensors.torch import load_file
+from conftest import TINY_LM as TINY
+from conftest import crash_after, weights
 
 import scriven.lm as lm_module
 from scriven.errors import ScrivenError
 from scriven.generation import generate
 from scriven.lm import evaluate_lm, train_lm
-
-TINY = dict(preset="tiny", batch_size=4, seq_len=8, eval_every=5, progress=False)
-
-
-def weights(run):
-    return load_file(str(run / "latest" / "model.safetensors"))
 
 
 def test_training_lowers_validation_perplexity_and_writes_a_checkpoint(tiny_text, tmp_path):

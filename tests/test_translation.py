@@ -11,7 +11,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import crash_after, make_pairs, one_thread, write_pairs
+from conftest import TINY_TRANSLATOR as TINY
+from conftest import crash_after, make_pairs, one_thread, weights, write_pairs
 from safetensors.torch import load_file
 
 import scriven.translation as translate_module
@@ -31,18 +32,11 @@ from scriven.translation import (
     translate,
 )
 
-TINY = dict(preset="tiny", vocab_size=300, max_tokens=512, lr=3e-3, warmup_steps=10,
-            bleu_sentences=8, progress=False)
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     with one_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def pair_file(tmp_path_factory):
-    return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.tsv", make_pairs())
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +49,6 @@ def run(pair_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tr(run):
     return LoadedTranslator.load(run, "cpu")
-
-
-def weights(run):
-    return load_file(str(run / "latest" / "model.safetensors"))
 
 
 def test_training_writes_a_checkpoint_and_lowers_validation_loss(run):
