@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from scriven import checkpoint as ckpt_io
-from scriven import native
+from scriven import accel
 from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.train import resolve_device, training_precision
@@ -281,7 +281,7 @@ def main() -> None:
         "machine": {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                else "cpu"),
                     "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "precision": precision, "native_kernels": native.library() is not None},
+                    "precision": precision, "native_kernels": accel.native_available()},
         "data": {**saved.config["data"]["pairs"], "vocab": tr.tokenizer.vocab_size,
                  "train_source_tokens": src_tokens, "train_target_tokens": tgt_tokens,
                  "split": "by source sentence, 90/5/5, seed 0",

@@ -1,4 +1,5 @@
 import contextlib
+import os
 import random
 
 import pytest
@@ -94,3 +95,23 @@ def write_pairs(path, pairs) -> str:
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.tsv", make_pairs())
+
+
+REQUIRE_NATIVE_ENV = "SCRIVEN_REQUIRE_NATIVE"
+
+
+def pytest_runtest_setup(item):
+    """Tests marked `native` (or `amx`) need scriven's native kernels (AMX: the tile units
+    too). Where those do not load they skip, saying why, unless SCRIVEN_REQUIRE_NATIVE=1, which
+    turns the skip into a failure so that a capable machine proves they ran."""
+    from scriven.accel import native
+
+    for mark, missing in (("native", lambda: native.library() is None),
+                          ("amx", lambda: not native.amx_bf16())):
+        if item.get_closest_marker(mark) is None or not missing():
+            continue
+        reason = (f"needs scriven's native kernels{' with AMX' if mark == 'amx' else ''} "
+                  f"({native.unavailable() or 'no AMX bf16 here'})")
+        if os.environ.get(REQUIRE_NATIVE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_NATIVE_ENV}=1, but this test {reason}")
+        pytest.skip(reason)

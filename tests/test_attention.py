@@ -197,13 +197,12 @@ def test_bad_head_count_is_a_user_error() -> None:
 
 # ---- The native kernel for short sequences (heads read in place, dropout hashed) ----
 
-native_lib = pytest.importorskip("scriven.native").library()
-needs_native = pytest.mark.skipif(native_lib is None, reason="no native kernels here")
+needs_native = pytest.mark.native
 
 
 def _reference(q, k, v, heads, mask, p=0.0, seeds=(0, 0)):
     """The general path's formula in float32 on (B, T, D) inputs, dropout by `keep_mask`."""
-    from scriven.dropout import keep_mask
+    from scriven.accel.dropout import keep_mask
 
     b, tq, d = q.shape
     tk, dh = k.size(1), d // heads
@@ -235,7 +234,7 @@ def _short_case(dtype, causal, seed=0, t=7, s=9):
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("lengths", [(7, 9), (19, 21)])  # the kernel's two ways to score keys
 def test_short_attention_and_its_gradients_equal_the_formula(dtype, causal, p, lengths):
-    from scriven.attention import short_attention
+    from scriven.accel.attention import short_attention
 
     q, k, v, mask = _short_case(dtype, causal, t=lengths[0], s=lengths[1])
     torch.manual_seed(3)
@@ -257,7 +256,7 @@ def test_short_attention_and_its_gradients_equal_the_formula(dtype, causal, p, l
 
 @needs_native
 def test_short_attention_dropout_keeps_the_expected_share_and_is_seeded():
-    from scriven.attention import short_attention
+    from scriven.accel.attention import short_attention
 
     q = k = v = torch.randn(8, 12, 64)
     torch.manual_seed(0)
@@ -273,8 +272,9 @@ def test_short_attention_dropout_keeps_the_expected_share_and_is_seeded():
     assert kept.std() > 0.1  # without dropout every output would be exactly 1
 
 
+@needs_native
 def test_short_attention_declines_what_it_cannot_do():
-    from scriven.attention import SHORT_MAX_LEN, short_attention
+    from scriven.accel.attention import SHORT_MAX_LEN, short_attention
 
     q = torch.randn(2, 3, 64)
     long = torch.randn(2, SHORT_MAX_LEN + 1, 64)
@@ -292,8 +292,6 @@ def test_short_attention_declines_what_it_cannot_do():
 @pytest.mark.parametrize("cross", [False, True])
 def test_multi_head_attention_gives_the_same_result_on_both_paths(cross, monkeypatch):
     """The module's output and parameter gradients do not depend on which path ran."""
-    import scriven.attention as attention
-
     torch.manual_seed(0)
     mha = MultiHeadAttention(64, 4).eval()
     x, memory = torch.randn(3, 5, 64), torch.randn(3, 7, 64)
@@ -306,13 +304,31 @@ def test_multi_head_attention_gives_the_same_result_on_both_paths(cross, monkeyp
         out.square().sum().backward()
         return out.detach(), [p.grad.clone() for p in mha.parameters()]
 
+    from scriven.accel.attention import short_attention
+
     calls = []
-    real = attention.short_attention
-    monkeypatch.setattr(attention, "short_attention", lambda *a: calls.append(1) or real(*a))
+    mha.kernel = lambda *a: calls.append(1) or short_attention(*a)
     native_out, native_grads = run()
     assert calls, "the native path did not run"
-    monkeypatch.setattr(attention, "short_attention", lambda *a: None)
+    mha.kernel = None
     general_out, general_grads = run()
     torch.testing.assert_close(native_out, general_out, atol=1e-5, rtol=1e-5)
     for a, b in zip(native_grads, general_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_projections_are_made_once_whichever_path_runs():
+    """A kernel that declines (returns None) hands its projections to SDPA: each projection
+    runs once per call either way."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4).eval()
+    counts = {"q": 0, "k": 0, "v": 0}
+    for name in counts:
+        getattr(mha, f"{name}_proj").register_forward_hook(
+            lambda *_, name=name: counts.__setitem__(name, counts[name] + 1))
+    x = torch.randn(2, 5, 32)
+    plain, _ = mha(x)
+    mha.kernel = lambda *a: None
+    declined, _ = mha(x)
+    assert counts == {"q": 2, "k": 2, "v": 2}
+    torch.testing.assert_close(plain, declined)

@@ -1,4 +1,4 @@
-"""scriven's Linear: its AMX weight-gradient kernel gives the exact product (up to bf16
+"""The accelerator's Linear: its AMX weight-gradient kernel gives the exact product (up to bf16
 rounding) for any number of rows, strides and thread counts, the module matches nn.Linear's
 gradients, and it keeps nn.Linear's parameters."""
 
@@ -6,10 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from scriven import native
-from scriven.linear import Linear, amx_weight_grads
+from scriven.accel import native
+from scriven.accel.linear import AmxLinear as Linear
+from scriven.accel.linear import fits
 
-needs_amx = pytest.mark.skipif(not amx_weight_grads(), reason="no AMX bf16 kernels here")
+needs_amx = pytest.mark.amx
 
 
 def _close_to_exact(got: torch.Tensor, exact: torch.Tensor) -> None:
@@ -32,7 +33,7 @@ def test_weight_grad_kernel_is_the_transposed_product(rows, m, n, threads):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = native.weight_grad_bf16(native.library(), grad, x)
+        got = native.weight_grad_bf16(grad, x)
     finally:
         torch.set_num_threads(old)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
@@ -64,7 +65,9 @@ def test_linear_gradients_match_nn_linear(bias, monkeypatch):
 
 
 def test_linear_falls_back_and_keeps_nn_linear_state():
-    """Float32, sizes off 32 and inference take nn.Linear's path; the state dict is the same."""
+    """Float32 and inference take nn.Linear's path; the state dict is the same; sizes off 32
+    are not swapped in."""
+    assert not fits(nn.Linear(20, 48)) and fits(nn.Linear(32, 64))
     torch.manual_seed(0)
     ours, ref = Linear(20, 48), nn.Linear(20, 48)
     ours.load_state_dict(ref.state_dict())

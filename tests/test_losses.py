@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scriven import native
-from scriven.losses import linear_cross_entropy
+from scriven.accel import native
+from scriven.accel.losses import linear_cross_entropy
 
 
 @pytest.fixture(params=["native", "pytorch"])
@@ -14,8 +14,11 @@ def path(request, monkeypatch):
     """Run a test with the native kernels (where this CPU has them) and without."""
     if request.param == "pytorch":
         monkeypatch.setenv(native.NATIVE_ENV, "0")
-    elif native.library() is None:
-        pytest.skip("no native kernels here")
+    else:
+        request.applymarker(pytest.mark.native)
+        native.library.cache_clear()
+        if native.library() is None:
+            pytest.skip("no native kernels here")
     native.library.cache_clear()
     yield request.param
     native.library.cache_clear()

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from scriven.errors import ScrivenError
-from scriven.models.lstm import LSTMConfig, LSTMLanguageModel, LSTMStepper
+from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
+from scriven.stepper import LSTMStepper
 
 
 def model(**overrides):

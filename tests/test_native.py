@@ -6,12 +6,13 @@ import os
 import pytest
 import torch
 
-from scriven import native
-from scriven.models.lstm import LSTMConfig, LSTMLanguageModel, LSTMStepper
+from scriven.accel import native
+from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.precision import quantize_int8
+from scriven.stepper import LSTMStepper
 
 lib = native.library()
-needs_kernels = pytest.mark.skipif(lib is None, reason="no AVX-512 VNNI CPU or C compiler here")
+needs_kernels = pytest.mark.native
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def emulated_linear(w, b, x, segments):
 def test_int8_linear_equals_its_integer_emulation(rows, n, k):
     g = torch.Generator().manual_seed(rows)
     w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(rows, k, generator=g)
-    y = native.linear_int8(lib, native.PackedInt8.pack(w, b, (k,)), x)
+    y = native.linear_int8(native.PackedInt8.pack(w, b, (k,)), x)
     assert y.shape == (rows, n)
     assert torch.allclose(y, emulated_linear(w, b, x, (k,)), rtol=1e-4, atol=1e-4)
     assert (y - (x @ w.T + b)).abs().max() <= 0.05 * (x @ w.T + b).abs().max()  # and near fp32
@@ -62,7 +63,7 @@ def test_lstm_layer_step_equals_its_emulation(rows, e, h):
     h_ref = o.sigmoid() * c_ref.tanh()
     packed = native.PackedInt8.pack(torch.cat([w_ih, w_hh], 1), bias, (e, h))
     h1, c1 = torch.empty(rows, h), torch.empty(rows, h)
-    native.lstm_step_int8(lib, packed, x, h0, c0, h1, c1)
+    native.lstm_step_int8(packed, x, h0, c0, h1, c1)
     assert torch.allclose(c1, c_ref, atol=1e-5) and torch.allclose(h1, h_ref, atol=1e-5)
 
 
@@ -88,7 +89,7 @@ def test_whole_int8_step_matches_the_stepper_without_kernels(monkeypatch):
 def test_top_k_equals_torch_topk(rows, vocab, k):
     x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(k))
     x[0, ::3] = float("-inf")
-    values, ids = native.top_k(lib, x, k)
+    values, ids = native.top_k(x, k)
     ref_values, ref_ids = torch.topk(x, k)
     assert torch.equal(values, ref_values)
     finite = ref_values > float("-inf")  # ties at -inf may come in any order
@@ -111,26 +112,93 @@ def test_disabled_by_environment(monkeypatch, fresh_library):
 
 
 @needs_kernels
-def test_a_compiler_that_fails_gives_a_warning_and_the_pytorch_path(monkeypatch, tmp_path, fresh_library):
+def test_a_compiler_that_fails_says_why_and_leaves_plain_pytorch(monkeypatch, tmp_path,
+                                                                fresh_library):
     monkeypatch.setenv("SCRIVEN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # exists, always fails
-    with pytest.warns(UserWarning, match="native kernels unavailable"):
-        assert native.library() is None
-    assert not list((tmp_path / "native").glob("*"))  # no half-written library left behind
+    assert native.library() is None
+    assert "could not be built" in native.unavailable()
+    assert not list((tmp_path / "native").glob("*.so"))  # no half-written library left behind
 
 
 @needs_kernels
-def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path, fresh_library):
+def test_the_library_is_built_once_into_a_private_cache(monkeypatch, tmp_path, fresh_library):
     monkeypatch.setenv("SCRIVEN_CACHE", str(tmp_path))
-    (tmp_path / "native").mkdir()
-    (tmp_path / "native" / "kernels-0000000000000000.so").write_bytes(b"an earlier build")
+    (tmp_path / "native").mkdir(mode=0o700)
+    other = tmp_path / "native" / "kernels-0000000000000000.so"
+    other.write_bytes(b"another scriven version's build")
     assert native.library() is not None
-    built = list((tmp_path / "native").glob("*"))  # the earlier build is gone
-    assert len(built) == 1 and built[0].suffix == ".so"
+    built = [p for p in (tmp_path / "native").glob("*.so") if p != other]
+    assert len(built) == 1 and other.exists()  # another version's library is left alone
+    assert built[0].stat().st_mode & 0o077 == 0
     stamp = os.stat(built[0]).st_mtime_ns
     native.library.cache_clear()
     assert native.library() is not None
     assert os.stat(built[0]).st_mtime_ns == stamp  # reused, not rebuilt
+
+
+@needs_kernels
+def test_a_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path, fresh_library):
+    monkeypatch.setenv("SCRIVEN_CACHE", str(tmp_path))
+    assert native.library() is not None
+    (built,) = (tmp_path / "native").glob("*.so")
+    damaged = built.with_suffix(".tmp")  # replaced, not rewritten: this process maps it
+    damaged.write_bytes(b"\x7fELF truncated")
+    os.replace(damaged, built)
+    native.library.cache_clear()
+    assert native.library() is not None  # loaded again after a rebuild
+    assert built.stat().st_size > 1000
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_cache_others_can_write_is_refused(monkeypatch, tmp_path, fresh_library, mode):
+    monkeypatch.setenv("SCRIVEN_CACHE", str(tmp_path))
+    (tmp_path / "native").mkdir()
+    os.chmod(tmp_path / "native", mode)
+    assert native.library() is None
+    assert "writable by group or others" in native.unavailable()
+
+
+@needs_kernels
+def test_a_library_others_can_write_is_refused(monkeypatch, tmp_path, fresh_library):
+    monkeypatch.setenv("SCRIVEN_CACHE", str(tmp_path))
+    assert native.library() is not None
+    (built,) = (tmp_path / "native").glob("*.so")
+    os.chmod(built, 0o766)
+    native.library.cache_clear()
+    assert native.library() is None
+    assert "writable by group or others" in native.unavailable()
+
+
+def test_the_kernels_compile_without_warnings(tmp_path):
+    """Built with -Werror here; the product builds with warnings on but not fatal."""
+    import shutil
+
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or not native.cpu_has("avx512f"):
+        pytest.skip("no C compiler, or a compiler that may not target AVX-512 here")
+    native.build(compiler, tmp_path / "k.so", ("-Werror",))
+
+
+@needs_kernels
+@pytest.mark.parametrize("call", [
+    lambda: native.top_k(torch.randn(2, 100), 0),
+    lambda: native.top_k(torch.randn(2, 10), 11),
+    lambda: native.top_k(torch.randn(2, 100).double(), 5),
+    lambda: native.layer_norm_forward(torch.randn(3, 2048), torch.ones(2048), torch.zeros(2048),
+                                      1e-5),
+    lambda: native.layer_norm_forward(torch.randn(3, 32).t(), torch.ones(3), torch.zeros(3), 1e-5),
+    lambda: native.dropout(torch.randn(10).double(), 1 << 30, 2.0, 1, 2),
+    lambda: native.cross_entropy_grad_bf16(torch.randn(4, 8).bfloat16(), torch.zeros(3).long(),
+                                           None, 1.0, 0.0, 1.0, None),
+    lambda: native.attention_forward(torch.randn(1, 3, 64), torch.randn(1, 300, 64),
+                                     torch.randn(1, 300, 64),
+                                     native.AttentionArgs(4, None, 0.25, 0, 1.0, 0, 0)),
+])
+def test_bindings_refuse_what_the_kernels_cannot_take(call):
+    with pytest.raises(ValueError, match="native kernel"):
+        call()
 
 
 @needs_kernels

@@ -7,16 +7,19 @@ Masks are boolean and say who MAY attend (True = allowed); they broadcast to (B,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
 from .config import check, check_float, check_positive_int
-from .dropout import drop_threshold
-from .linear import Linear
+
+# An attention kernel that the accelerator layer (`scriven.accel`) may give a layer: it takes
+# the projections unsplit, q (B, Tq, D), k and v (B, Tk, D), the head count, the mask and the
+# dropout probability, and returns (B, Tq, D), or None where it does not apply.
+AttentionKernel = Callable[[Tensor, Tensor, Tensor, int, "Tensor | None", float], "Tensor | None"]
 
 
 def scaled_dot_product_attention(
@@ -62,74 +65,6 @@ def scaled_dot_product_attention(
         weights = weights.masked_fill(empty_rows, 0.0)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
     return dropped @ value, weights  # (B, H, Tq, Dv), (B, H, Tq, Tk)
-
-
-class _ShortAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, args: native.AttentionArgs) -> Tensor:
-        lib = native.library()
-        assert lib is not None
-        out, lse = native.attention_forward(lib, q, k, v, args)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.args = args
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        lib = native.library()
-        assert lib is not None
-        q, k, v, lse = ctx.saved_tensors
-        return (*native.attention_backward(lib, q, k, v, lse, grad, ctx.args), None)
-
-
-# Longest key sequence sent to the native kernel: measured 3-4x faster than the general path
-# (forward + backward, bf16) at 10 keys and 1.3-2x at 32, but slower past about 100 keys
-# without a causal mask.
-SHORT_MAX_LEN = 64
-
-
-def short_attention(q: Tensor, k: Tensor, v: Tensor, heads: int, mask: Tensor | None,
-                    dropout_p: float) -> Tensor | None:
-    """Multi-head attention on the CPU's native kernel, for sequences of up to `SHORT_MAX_LEN`
-    keys: q (B, Tq, D), k and v (B, Tk, D) as the projections made them
-    (heads not split), mask as for `scaled_dot_product_attention` but the same for every head.
-    Returns (B, Tq, D), or None where the kernel does not apply (then use the general path):
-    not a CPU, not float32/bf16, head size not a multiple of 16, more than `SHORT_MAX_LEN` keys,
-    a mask that differs between heads, or no native kernels.
-
-    Sentences are short, so one task per (batch row, head) does scores, masking, softmax,
-    dropout and the weighted sum in one pass, where the general path runs a dozen batched
-    operations on (B, H, T, T) tensors and copies heads in and out of (B, H, T, Dh) twice.
-    Dropout draws the hashed mask of `dropout.py` over the (B, H, Tq, Tk) weights.
-    """
-    b, tq, d = q.shape
-    tk = k.size(1)
-    head_dim = d // heads
-    if (q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16)
-            or not (q.dtype == k.dtype == v.dtype) or d % heads or head_dim % 16
-            or head_dim > native.ATTENTION_MAX_HEAD_DIM or tk > SHORT_MAX_LEN
-            or not 0 < b * heads * tq * tk < 2**32):  # the dropout hash counts weights in 32 bits
-        return None
-    lib = native.library()
-    if lib is None:
-        return None
-    m: Tensor | None = None
-    if mask is not None:
-        if mask.dtype != torch.bool:
-            raise ValueError(
-                f"attention mask must be boolean (True = may attend), got {mask.dtype}")
-        m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)) if mask.dim() < 4 else mask
-        if m.dim() != 4 or m.size(1) != 1:
-            return None  # per-head masks: general path
-        m = m[:, 0].expand(m.size(0), m.size(2), tk)  # (B|1, Tq|1, Tk)
-        if m.stride(2) != 1:
-            m = m.contiguous()
-    seed_a, seed_b = (torch.randint(0, 2**32, (2,), dtype=torch.int64).tolist()
-                      if dropout_p > 0.0 else (0, 0))
-    args = native.AttentionArgs(heads, m, 1.0 / math.sqrt(head_dim),
-                                drop_threshold(dropout_p) if dropout_p > 0.0 else 0,
-                                1.0 / (1.0 - dropout_p), seed_a, seed_b)
-    return _ShortAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), args)
 
 
 def causal_mask(size: int, device: torch.device | str | None = None, past: int = 0) -> Tensor:
@@ -188,10 +123,12 @@ class MultiHeadAttention(nn.Module):
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout
-        self.q_proj = Linear(d_model, d_model, bias=bias)
-        self.k_proj = Linear(d_model, d_model, bias=bias)
-        self.v_proj = Linear(d_model, d_model, bias=bias)
-        self.out_proj = Linear(d_model, d_model, bias=bias)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        # The one switch for faster attention (see `AttentionKernel`); None: PyTorch's SDPA.
+        self.kernel: AttentionKernel | None = None
 
     def _split_heads(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape
@@ -214,29 +151,23 @@ class MultiHeadAttention(nn.Module):
         """
         b, t, _ = x.shape
         dropout_p = self.dropout if self.training else 0.0
-        if cache is None and not need_weights and x.device.type == "cpu":
+        q = self.q_proj(x)  # (B, Tq, D)
+        if memory is not None and cache is not None and cache.key is not None:
+            k, v = cache.key, cache.value  # (B, H, Tk, Dh), projected at the first step
+        else:
             source = x if memory is None else memory
-            out = short_attention(self.q_proj(x), self.k_proj(source), self.v_proj(source),
-                                  self.n_heads, mask, dropout_p)
-            if out is not None:
-                return self.out_proj(out), None
-        q = self._split_heads(self.q_proj(x))  # (B, H, Tq, Dh)
-        if memory is None:
-            k = self._split_heads(self.k_proj(x))  # (B, H, Tq, Dh)
-            v = self._split_heads(self.v_proj(x))
+            k, v = self.k_proj(source), self.v_proj(source)  # (B, Tk, D) each
+            if self.kernel is not None and cache is None and not need_weights:
+                out = self.kernel(q, k, v, self.n_heads, mask, dropout_p)
+                if out is not None:
+                    return self.out_proj(out), None
+            k, v = self._split_heads(k), self._split_heads(v)  # (B, H, Tk, Dh)
             if cache is not None:
-                if cache.key is not None and cache.value is not None:
+                if memory is None and cache.key is not None and cache.value is not None:
                     k = torch.cat([cache.key, k], dim=2)  # (B, H, past + Tq, Dh)
                     v = torch.cat([cache.value, v], dim=2)
                 cache.key, cache.value = k, v
-        elif cache is not None and cache.key is not None and cache.value is not None:
-            k, v = cache.key, cache.value  # (B, H, Tk, Dh), projected at the first step
-        else:
-            k = self._split_heads(self.k_proj(memory))  # (B, H, Tk, Dh)
-            v = self._split_heads(self.v_proj(memory))
-            if cache is not None:
-                cache.key, cache.value = k, v
-
+        q = self._split_heads(q)  # (B, H, Tq, Dh)
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, Tq, D)
         return self.out_proj(out), weights

@@ -11,12 +11,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import accel
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
-from .models.lstm import LSTMLanguageModel, LSTMStepper
+from .models.lstm import LSTMLanguageModel
 from .precision import check_precision
 from .sampling import filter_logits, repetition_penalty_filter, sample_with_probability, validate
+from .stepper import LSTMStepper
 from .tokenizers import Tokenizer, detokenize
 from .train import resolve_device
 
@@ -53,6 +55,7 @@ class LoadedLM:
         check_precision(precision)
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=LM_KINDS)
+        accel.apply(model, dev, "infer")
         stepper = None
         if isinstance(model, LSTMLanguageModel):
             stepper = LSTMStepper(model, precision)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import native
+from .accel import native
 from .errors import ScrivenError
 
 
@@ -59,7 +59,7 @@ def top_k_values(logits: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tens
     lib = native.library()
     if (lib is not None and logits.dim() == 2 and k <= native.MAX_TOP_K
             and logits.dtype == torch.float32 and logits.device.type == "cpu"):
-        return native.top_k(lib, logits, k)
+        return native.top_k(logits, k)
     if logits.dim() != 2 or logits.size(0) < 8 or logits.size(1) // block < 4 * k:
         return torch.topk(logits, k, dim=-1)  # few rows or blocks: plain top-k is quicker
     b, v = logits.shape
@@ -132,7 +132,7 @@ def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int
         if (lib is not None and top_p is None and top_k <= native.MAX_TOP_K
                 and logits.device.type == "cpu" and logits.dim() == 2):
             # The same steps and the same random number, in one native call.
-            return native.sample_top_k(lib, logits, top_k, temperature,
+            return native.sample_top_k(logits, top_k, temperature,
                                        uniform(logits.size(0), generator, logits.device))
         # Same distribution as top_k_filter, but softmax and top-p run over k values, not V.
         values, indices = top_k_values(logits, top_k)                        # (B, k)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import accel
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
 from .data import DATASETS, get_dataset, resolve_text_source
@@ -425,6 +426,7 @@ class LoadedTranslator:
     def load(cls, checkpoint: str | Path, device: str = "auto") -> LoadedTranslator:
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=(KIND,))
+        accel.apply(model, dev, "infer")
         return cls(model, tok, dev, ckpt.path, dict(ckpt.config.get("data") or {}))
 
     @property

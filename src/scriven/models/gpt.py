@@ -14,9 +14,6 @@ from torch import Tensor, nn
 
 from ..attention import KVCache, MultiHeadAttention, causal_mask
 from ..config import check, check_float, check_positive_int
-from ..dropout import Dropout
-from ..layernorm import LayerNorm
-from ..linear import Linear
 from .transformer import sinusoidal_positions
 
 
@@ -69,16 +66,16 @@ class GPTCache:
 class Block(nn.Module):
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
-        self.norm1 = LayerNorm(c.d_model)
+        self.norm1 = nn.LayerNorm(c.d_model)
         self.attn = MultiHeadAttention(c.d_model, c.n_heads, c.dropout)
-        self.norm2 = LayerNorm(c.d_model)
-        self.ff = nn.Sequential(Linear(c.d_model, c.d_ff), nn.GELU(), Linear(c.d_ff, c.d_model))
-        self.drop = Dropout(c.dropout)
+        self.norm2 = nn.LayerNorm(c.d_model)
+        self.ff = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.GELU(), nn.Linear(c.d_ff, c.d_model))
+        self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:
         a, _ = self.attn(self.norm1(x), mask=mask, cache=cache)      # (B, T, D)
-        x = self.drop(a, residual=x)                                  # x + dropout(a), one pass
-        return self.drop(self.ff(self.norm2(x)), residual=x)          # (B, T, D)
+        x = x + self.drop(a)
+        return x + self.drop(self.ff(self.norm2(x)))                  # (B, T, D)
 
 
 class GPT(nn.Module):
@@ -92,9 +89,9 @@ class GPT(nn.Module):
             self.pos = nn.Embedding(c.max_len, c.d_model)
         else:
             self.register_buffer("pos_table", sinusoidal_positions(c.max_len, c.d_model), persistent=False)
-        self.drop = Dropout(c.dropout)
+        self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
-        self.norm = LayerNorm(c.d_model)
+        self.norm = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.apply(self._init)
         if c.tie_embeddings:

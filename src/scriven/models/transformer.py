@@ -8,6 +8,7 @@ Shapes: B batch, S source length, T target length, D d_model, V target vocabular
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +18,7 @@ from torch import Tensor, nn
 
 from ..attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from ..config import check, check_float, check_positive_int, from_dict
-from ..dropout import Dropout
 from ..errors import ScrivenError
-from ..layernorm import LayerNorm
-from ..linear import Linear
-from ..losses import linear_cross_entropy
 
 ACTIVATIONS = ("relu", "gelu")
 POSITIONS = ("sinusoidal", "learned")
@@ -123,15 +120,13 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str,
                  bias: bool = True) -> None:
         super().__init__()
-        self.linear1 = Linear(d_model, d_ff, bias=bias)
-        self.linear2 = Linear(d_ff, d_model, bias=bias)
-        self.dropout = Dropout(dropout)
-        self.gelu = activation == "gelu"
+        self.linear1 = nn.Linear(d_model, d_ff, bias=bias)
+        self.linear2 = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self.activation = F.gelu if activation == "gelu" else F.relu
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.linear1(x)  # (B, T, F)
-        # ReLU and dropout in one pass (see dropout.py); GELU goes first on its own.
-        h = self.dropout(F.gelu(h)) if self.gelu else self.dropout(h, relu=True)
+        h = self.dropout(self.activation(self.linear1(x)))  # (B, T, F)
         return self.linear2(h)  # (B, T, D)
 
 
@@ -141,21 +136,21 @@ class EncoderLayer(nn.Module):
         self.norm_first = cfg.norm_first
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation, cfg.bias)
-        self.norm1 = LayerNorm(cfg.d_model)
-        self.norm2 = LayerNorm(cfg.d_model)
-        self.dropout = Dropout(cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None,
                 need_weights: bool = False) -> tuple[Tensor, Tensor | None]:
         """x (B, S, D), mask (B, 1, 1, S) → (B, S, D), weights (B, H, S, S) or None."""
         if self.norm_first:
             h, w = self.self_attn(self.norm1(x), mask=mask, need_weights=need_weights)
-            x = self.dropout(h, residual=x)  # x + dropout(h), one pass
-            x = self.dropout(self.ff(self.norm2(x)), residual=x)
+            x = x + self.dropout(h)
+            x = x + self.dropout(self.ff(self.norm2(x)))
         else:
             h, w = self.self_attn(x, mask=mask, need_weights=need_weights)
-            x = self.norm1(self.dropout(h, residual=x))
-            x = self.norm2(self.dropout(self.ff(x), residual=x))
+            x = self.norm1(x + self.dropout(h))
+            x = self.norm2(x + self.dropout(self.ff(x)))
         return x, w
 
 
@@ -180,10 +175,10 @@ class DecoderLayer(nn.Module):
         self.self_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias)
         self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout, cfg.bias)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout, cfg.activation, cfg.bias)
-        self.norm1 = LayerNorm(cfg.d_model)
-        self.norm2 = LayerNorm(cfg.d_model)
-        self.norm3 = LayerNorm(cfg.d_model)
-        self.dropout = Dropout(cfg.dropout)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.norm3 = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -200,19 +195,19 @@ class DecoderLayer(nn.Module):
         if self.norm_first:
             h, w_self = self.self_attn(self.norm1(x), mask=tgt_mask, cache=self_cache,
                                        need_weights=need_weights)
-            x = self.dropout(h, residual=x)
+            x = x + self.dropout(h)
             h, w_cross = self.cross_attn(self.norm2(x), memory=memory, mask=src_mask,
                                          cache=cross_cache, need_weights=need_weights)
-            x = self.dropout(h, residual=x)
-            x = self.dropout(self.ff(self.norm3(x)), residual=x)
+            x = x + self.dropout(h)
+            x = x + self.dropout(self.ff(self.norm3(x)))
         else:
             h, w_self = self.self_attn(x, mask=tgt_mask, cache=self_cache,
                                        need_weights=need_weights)
-            x = self.norm1(self.dropout(h, residual=x))
+            x = self.norm1(x + self.dropout(h))
             h, w_cross = self.cross_attn(x, memory=memory, mask=src_mask, cache=cross_cache,
                                          need_weights=need_weights)
-            x = self.norm2(self.dropout(h, residual=x))
-            x = self.norm3(self.dropout(self.ff(x), residual=x))
+            x = self.norm2(x + self.dropout(h))
+            x = self.norm3(x + self.dropout(self.ff(x)))
         return x, w_self, w_cross
 
 
@@ -238,13 +233,17 @@ class Transformer(nn.Module):
         # Not persistent: recomputed from the config, so it never goes into a checkpoint.
         self.register_buffer("sinusoids", sinusoidal_positions(cfg.max_len, cfg.d_model),
                              persistent=False)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         # Pre-norm leaves the residual stream un-normalised: one final norm per stack.
-        self.encoder_norm = LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.decoder_norm = LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.output = nn.Linear(cfg.d_model, cfg.tgt_vocab_size)
+        # The training loss's one switch: None computes logits, then `F.cross_entropy`; the
+        # accelerator layer may set a function of (hidden, weight, bias, labels, smoothing) that
+        # fuses the two (see `scriven.accel.losses`).
+        self.fused_loss: Callable[..., Tensor] | None = None
         self._init_weights()
         if cfg.share_embeddings:
             self.output.weight = self.tgt_embed.weight
@@ -362,7 +361,7 @@ class Transformer(nn.Module):
 
         With `labels` (N,), the targets at those positions, returns the training loss instead:
         the mean label-smoothed cross-entropy, with the vocabulary projection fused into it so
-        that the (N, V) logits never exist whole (see `losses.py`)."""
+        that the (N, V) logits never exist whole where the accelerator layer set `fused_loss`."""
         src_mask = padding_mask(src, self.config.pad_id)  # (B, 1, 1, S)
         memory = self.encode(src, src_mask)
         if labels is None:
@@ -371,8 +370,10 @@ class Transformer(nn.Module):
             raise ValueError("labels need the positions `at` they belong to")
         x, _ = self._decode_states(tgt, memory, src_mask, None, False)  # (B, T, D)
         x = x.flatten(0, 1).index_select(0, at)                         # (N, D)
-        return linear_cross_entropy(x, self.output.weight, self.output.bias, labels,
-                                    label_smoothing)
+        if self.fused_loss is not None:
+            return self.fused_loss(x, self.output.weight, self.output.bias, labels,
+                                   label_smoothing)
+        return F.cross_entropy(self.output(x).float(), labels, label_smoothing=label_smoothing)
 
     @torch.no_grad()
     def attention_maps(self, src: Tensor, tgt: Tensor) -> AttentionMaps:

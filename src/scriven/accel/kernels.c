@@ -347,6 +347,7 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
 
 /* torch.topk(x (B, V), k) (up to the order of ties). */
 void scriven_topk(const float *x, int B, int V, int k, float *values, int64_t *indices, int threads) {
+    if (k < 1 || k > 64 || k > V) return;  /* the binding refuses these first */
     #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
     for (int b = 0; b < B; b++)
         topk_row(x + (size_t)b * V, V, k, values + (size_t)b * k, indices + (size_t)b * k);
@@ -357,9 +358,10 @@ void scriven_topk(const float *x, int B, int V, int k, float *values, int64_t *i
  * passes uniform[b] · total. Writes the token ids (B,) and their probabilities (B,). */
 void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature,
                           const float *uniform, int64_t *ids, float *probs, int threads) {
+    if (k < 1 || k > 64 || k > V) return;  /* the binding refuses these first */
     #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
     for (int b = 0; b < B; b++) {
-        float val[64], cdf[64];
+        float val[64], cdf[64] = {0};  /* zeroed: the compiler cannot see k >= 1 here */
         int64_t idx[64];
         topk_row(x + (size_t)b * V, V, k, val, idx);
         const float top = val[0] / temperature;
@@ -573,27 +575,6 @@ void scriven_dropout(const void *x, const void *residual, void *out, int64_t n, 
                 if (residual) v += load1(residual, j, is_bf16);
                 store1(out, j, v, is_bf16);
             }
-        }
-    }
-}
-
-/* The backward pass of relu-then-dropout from its output y: grad_in[i] = grad[i] · scale where
- * y[i] > 0 (the input was positive and kept), else 0. grad_in may be grad. */
-void scriven_relu_dropout_bwd(const void *grad, const void *y, void *grad_in, int64_t n,
-                              int is_bf16, float scale, int threads) {
-    const int64_t blocks = (n + 15) / 16;
-    #pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
-    for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t i = blk * 16;
-        if (i + 16 <= n) {
-            const __mmask16 pos = _mm512_cmp_ps_mask(load16(y, i, is_bf16), _mm512_setzero_ps(),
-                                                     _CMP_GT_OQ);
-            store16(grad_in, i, _mm512_maskz_mul_ps(pos, load16(grad, i, is_bf16),
-                                                    _mm512_set1_ps(scale)), is_bf16);
-        } else {
-            for (int64_t j = i; j < n; j++)
-                store1(grad_in, j, load1(y, j, is_bf16) > 0.0f ? load1(grad, j, is_bf16) * scale
-                                                                : 0.0f, is_bf16);
         }
     }
 }

@@ -1,4 +1,5 @@
-"""Label-smoothed cross-entropy fused with the output projection.
+"""Label-smoothed cross-entropy fused with the output projection (the accelerated form of
+`F.cross_entropy(output(hidden).float(), labels)`, which the plain models compute).
 
 Training a translator on a CPU spends much of each step around the vocabulary: the (N, V)
 logits are written, cast to fp32, turned into log-probabilities, and read and written again in
@@ -81,8 +82,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype).contiguous()                   # (V, D)
         wt = w.t().contiguous()                             # (D, V)
         b = bias.float().contiguous() if bias is not None else None
-        lib = native.library() if h.device.type == "cpu" and dtype == torch.bfloat16 else None
-        threads = torch.get_num_threads() if lib is not None else 1
+        use_native = (h.device.type == "cpu" and dtype == torch.bfloat16
+                      and native.library() is not None)
+        threads = torch.get_num_threads() if use_native else 1
         bias_grad = (torch.zeros(threads, v, device=h.device) if b is not None
                      and ctx.needs_input_grad[2] else None)
         grad_hidden = torch.empty_like(h)                   # (N, D)
@@ -98,8 +100,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + block_rows)
             hb = h[rows]                                    # (c, D)
             z = hb @ wt                                     # (c, V) logits → gradient
-            if lib is not None:
-                losses.append(native.cross_entropy_grad_bf16(lib, z, labels[rows], b, keep,
+            if use_native:
+                losses.append(native.cross_entropy_grad_bf16(z, labels[rows], b, keep,
                                                              spread, scale, bias_grad))
             else:
                 if int(labels[rows].min()) < 0 or int(labels[rows].max()) >= v:
