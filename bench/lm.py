@@ -31,8 +31,8 @@ from scriven.generation import sample_ids
 from scriven.lm import LMTask, chars_per_token, lm_metrics, stream_nll
 from scriven.models.gpt import GPT, GPTConfig
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
-from scriven.stepper import LSTMStepper
 from scriven.precision import PRECISIONS
+from scriven.stepper import LSTMStepper
 from scriven.tokenizers import WordTokenizer, split_words
 from scriven.train import CheckpointSpec, TrainConfig, fit
 

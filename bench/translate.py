@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from scriven import checkpoint as ckpt_io
 from scriven import accel
+from scriven import checkpoint as ckpt_io
 from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.train import resolve_device, training_precision

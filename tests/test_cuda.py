@@ -13,10 +13,10 @@ from conftest import TINY_TRANSLATOR as TINY_TR
 
 import scriven.lm as lm_module
 import scriven.translation as translate_module
+from scriven.accel.losses import linear_cross_entropy
 from scriven.attention import KVCache, MultiHeadAttention, causal_mask, padding_mask
 from scriven.generation import LoadedLM, generate
 from scriven.lm import train_lm
-from scriven.accel.losses import linear_cross_entropy
 from scriven.models.transformer import Transformer, TransformerConfig
 from scriven.search import beam_search, greedy_search, recompute_greedy
 from scriven.translation import LoadedTranslator, train_translate, translate
