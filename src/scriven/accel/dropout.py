@@ -1,7 +1,7 @@
 """Dropout for CPU training whose mask costs almost nothing.
 
-PyTorch draws a dropout mask on the CPU one random number at a time (about 7 ns an element:
-dropout 0.1 made a translator's training step about 1.7x slower). Here element i of a call is
+PyTorch draws a dropout mask on the CPU one random number at a time, which costs more than the
+arithmetic around it (docs/benchmarks.md has the measurements). Here element i of a call is
 kept when mix(i · m + a) is at least p · 2^32, where mix is a 32-bit xor-shift-multiply mixer and
 the offset a and odd multiplier m are drawn per call (the multiplier keeps two calls' masks from
 being shifted copies of one sequence); the native kernel computes it sixteen elements at a time.

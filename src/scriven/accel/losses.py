@@ -28,9 +28,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias: Tensor | None, la
     label_smoothing=label_smoothing)` (tested). The matmuls run in the autocast dtype when
     autocast is on, else in `hidden`'s dtype; softmax and loss are computed in fp32.
 
-    Rows go `block_rows` at a time: 512 rows of 8,000 bf16 logits are 8 MB, and a translator
-    step ran 1.01-1.02x faster than with 1,024 (alternating steps in one process; 256 and 128
-    were slower: the products get too thin).
+    Rows go `block_rows` at a time: big enough for efficient products, small enough that a
+    block of logits stays in cache (the measured choice is in docs/benchmarks.md).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.size(1) != weight.size(1):
         raise ValueError(f"hidden (N, D) and weight (V, D) expected, got {tuple(hidden.shape)} "
