@@ -29,40 +29,46 @@ def scaled_dot_product_attention(
     mask: Tensor | None = None,
     dropout_p: float = 0.0,
     need_weights: bool = False,
+    is_causal: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """softmax(Q Kᵀ / √d_k) V.
 
     query (B, H, Tq, Dh), key (B, H, Tk, Dh), value (B, H, Tk, Dv); `mask` boolean, broadcastable
-    to (B, H, Tq, Tk), True where attending is allowed. Returns the output (B, H, Tq, Dv) and, if
-    `need_weights`, the attention weights (B, H, Tq, Tk) before dropout (else None).
+    to (B, H, Tq, Tk), True where attending is allowed; or `is_causal` (no mask, Tq = Tk): query
+    i sees keys 0..i, which lets PyTorch's fused kernels skip the masked blocks. Returns the
+    output (B, H, Tq, Dv) and, if `need_weights`, the attention weights (B, H, Tq, Tk) before
+    dropout (else None).
 
     A query row whose keys are all masked gets zero weights and a zero output instead of NaN
     (softmax over nothing is undefined; zero is what padding queries should contribute).
     """
-    empty_rows: Tensor | None = None  # (..., Tq, 1) True where a query may attend to nothing
+    if is_causal:
+        if mask is not None or query.size(-2) != key.size(-2):
+            raise ValueError("is_causal takes no mask and as many queries as keys")
+        if need_weights:
+            mask = causal_mask(query.size(-2), query.device)
+    allowed: Tensor | None = None  # (..., Tq, 1) False where a query may attend to nothing
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(
                 f"attention mask must be boolean (True = may attend), got {mask.dtype}")
-        any_allowed = mask.any(dim=-1, keepdim=True)
-        if not bool(any_allowed.all()):
-            empty_rows = ~any_allowed
-            # Let empty rows attend everywhere (finite softmax), then zero them below.
-            mask = mask | empty_rows
+        # Rows with nothing allowed attend everywhere (a finite softmax) and are zeroed below;
+        # done unconditionally, since asking whether any row is empty would wait for a GPU.
+        allowed = mask.any(dim=-1, keepdim=True)
+        mask = mask | ~allowed
 
     if not need_weights:
         # The fused kernel never materialises the (Tq, Tk) weights: faster and leaner.
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
-        if empty_rows is not None:
-            out = out.masked_fill(empty_rows, 0.0)
-        return out, None
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask,
+                                             dropout_p=dropout_p, is_causal=is_causal)
+        return (out if allowed is None else out.masked_fill(~allowed, 0.0)), None
 
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, Tq, Tk)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: exactly zero weight
     weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
-    if empty_rows is not None:
-        weights = weights.masked_fill(empty_rows, 0.0)
+    if allowed is not None:
+        weights = weights.masked_fill(~allowed, 0.0)
     dropped = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
     return dropped @ value, weights  # (B, H, Tq, Dv), (B, H, Tq, Tk)
 
@@ -141,9 +147,11 @@ class MultiHeadAttention(nn.Module):
         mask: Tensor | None = None,
         cache: KVCache | None = None,
         need_weights: bool = False,
+        is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, Tq, D); memory (B, Tk, D) or None; mask broadcastable to (B, H, Tq, Tk), where
-        for cached self-attention Tk counts the cached positions too.
+        for cached self-attention Tk counts the cached positions too; or `is_causal` for
+        self-attention over an empty cache (each position sees itself and those before it).
 
         Returns (output (B, Tq, D), weights (B, H, Tq, Tk) or None). With `cache`, self-attention
         appends this call's keys/values to it; cross-attention projects `memory` only when the
@@ -158,7 +166,8 @@ class MultiHeadAttention(nn.Module):
             source = x if memory is None else memory
             k, v = self.k_proj(source), self.v_proj(source)  # (B, Tk, D) each
             if self.kernel is not None and cache is None and not need_weights:
-                out = self.kernel(q, k, v, self.n_heads, mask, dropout_p)
+                kernel_mask = causal_mask(t, x.device) if is_causal else mask
+                out = self.kernel(q, k, v, self.n_heads, kernel_mask, dropout_p)
                 if out is not None:
                     return self.out_proj(out), None
             k, v = self._split_heads(k), self._split_heads(v)  # (B, H, Tk, Dh)
@@ -168,6 +177,7 @@ class MultiHeadAttention(nn.Module):
                     v = torch.cat([cache.value, v], dim=2)
                 cache.key, cache.value = k, v
         q = self._split_heads(q)  # (B, H, Tq, Dh)
-        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights)
+        out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights,
+                                                    is_causal)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, Tq, D)
         return self.out_proj(out), weights

@@ -72,8 +72,9 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.GELU(), nn.Linear(c.d_ff, c.d_model))
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:
-        a, _ = self.attn(self.norm1(x), mask=mask, cache=cache)      # (B, T, D)
+    def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache,
+                is_causal: bool = False) -> Tensor:
+        a, _ = self.attn(self.norm1(x), mask=mask, cache=cache, is_causal=is_causal)  # (B, T, D)
         x = x + self.drop(a)
         return x + self.drop(self.ff(self.norm2(x)))                  # (B, T, D)
 
@@ -116,7 +117,10 @@ class GPT(nn.Module):
         positions = torch.arange(past, past + t, device=ids.device)
         pos = self.pos(positions) if self.config.positions == "learned" else self.pos_table[positions]
         x = self.drop(self.embed(ids) + pos)                          # (B, T, D)
-        mask = causal_mask(t, ids.device, past=past) if t > 1 else None
+        # A fresh window: plain causal attention (the fused kernels skip masked blocks). After a
+        # cache, new positions see all of it and each other causally: an explicit mask.
+        is_causal = past == 0 and t > 1
+        mask = causal_mask(t, ids.device, past=past) if past > 0 and t > 1 else None
         for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, mask, layer_cache)
+            x = block(x, mask, layer_cache, is_causal)
         return self.head(self.norm(x)), cache                        # (B, T, V)

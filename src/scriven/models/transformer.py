@@ -189,12 +189,13 @@ class DecoderLayer(nn.Module):
         self_cache: KVCache | None = None,
         cross_cache: KVCache | None = None,
         need_weights: bool = False,
+        is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """x (B, T, D), memory (B, S, D) → (B, T, D), self weights (B, H, T, past+T) and cross
         weights (B, H, T, S) (None unless asked)."""
         if self.norm_first:
             h, w_self = self.self_attn(self.norm1(x), mask=tgt_mask, cache=self_cache,
-                                       need_weights=need_weights)
+                                       need_weights=need_weights, is_causal=is_causal)
             x = x + self.dropout(h)
             h, w_cross = self.cross_attn(self.norm2(x), memory=memory, mask=src_mask,
                                          cache=cross_cache, need_weights=need_weights)
@@ -202,7 +203,7 @@ class DecoderLayer(nn.Module):
             x = x + self.dropout(self.ff(self.norm3(x)))
         else:
             h, w_self = self.self_attn(x, mask=tgt_mask, cache=self_cache,
-                                       need_weights=need_weights)
+                                       need_weights=need_weights, is_causal=is_causal)
             x = self.norm1(x + self.dropout(h))
             h, w_cross = self.cross_attn(x, memory=memory, mask=src_mask, cache=cross_cache,
                                          need_weights=need_weights)
@@ -328,8 +329,10 @@ class Transformer(nn.Module):
         past = cache.position if cache is not None else 0
         t = tgt.size(1)
         x = self._embed(tgt, self.tgt_embed, self.tgt_pos, offset=past)  # (B, T, D)
-        # One new token may see every cached position: no mask, the fused kernel's fast path.
-        tgt_mask = None if (past > 0 and t == 1) else causal_mask(t, tgt.device, past=past)
+        # Without a cache: plain causal attention (the fused kernels skip masked blocks). One new
+        # token after a cache sees all of it: no mask. A chunk after a cache: an explicit mask.
+        is_causal = past == 0 and t > 1
+        tgt_mask = causal_mask(t, tgt.device, past=past) if past > 0 and t > 1 else None
         self_maps: list[Tensor] = []
         cross_maps: list[Tensor] = []
         for i, layer in enumerate(self.decoder):
@@ -337,7 +340,7 @@ class Transformer(nn.Module):
                 x, memory, tgt_mask, src_mask,
                 self_cache=cache.self_attn[i] if cache is not None else None,
                 cross_cache=cache.cross_attn[i] if cache is not None else None,
-                need_weights=need_weights,
+                need_weights=need_weights, is_causal=is_causal,
             )
             if w_self is not None and w_cross is not None:
                 self_maps.append(w_self)
