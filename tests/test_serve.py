@@ -20,8 +20,8 @@ from scriven.sampling import filter_logits
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from scriven.sampling import sample_rows  # noqa: E402
 from scriven.serve import ServeLimits, create_app  # noqa: E402
-from scriven.serve.batching import sample_rows  # noqa: E402
 
 
 def make_pairs(n: int = 400, seed: int = 0) -> str:

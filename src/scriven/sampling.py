@@ -1,4 +1,5 @@
-"""Decoding rules as small pure functions on logits, composed in a fixed order by `sample_next`.
+"""Decoding rules as small pure functions on logits, composed in a fixed order by `sample_rows`
+(one batched sampler, each row with its own settings; `sample_next` is its scalar form).
 
 Every filter takes logits (..., V) and returns logits of the same shape, with removed tokens at
 -inf, so each can be tested alone: top-k of 1 equals argmax, top-p of 1 changes nothing,
@@ -8,11 +9,11 @@ temperature 0 means greedy.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from . import native
 from .errors import ScrivenError
 
 
@@ -54,12 +55,7 @@ def top_k_values(logits: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tens
     `torch.topk` returns (up to the order of ties), faster for a batch of rows over a large
     vocabulary. The row is cut into blocks; the k best values lie in the k blocks with the best
     maxima (any other block's maximum has k larger values above it), so a full-row top-k is
-    replaced by a cheap max per block and a top-k over k blocks. Where the native kernels run
-    (`scriven.native`), a small k takes one pass over each row instead."""
-    lib = native.library()
-    if (lib is not None and logits.dim() == 2 and k <= native.MAX_TOP_K
-            and logits.dtype == torch.float32 and logits.device.type == "cpu"):
-        return native.top_k(lib, logits, k)
+    replaced by a cheap max per block and a top-k over k blocks."""
     if logits.dim() != 2 or logits.size(0) < 8 or logits.size(1) // block < 4 * k:
         return torch.topk(logits, k, dim=-1)  # few rows or blocks: plain top-k is quicker
     b, v = logits.shape
@@ -99,6 +95,20 @@ def repetition_penalty_filter(logits: Tensor, previous: Tensor, penalty: float) 
     return logits.scatter(-1, previous, seen)
 
 
+def penalize_rows(logits: Tensor, histories: Sequence[Sequence[int]],
+                  penalties: Sequence[float]) -> Tensor:
+    """`repetition_penalty_filter` for each row of logits (R, V) with its own token history
+    and penalty (rows' histories differ in length, so they are penalised one by one)."""
+    rows = [i for i, penalty in enumerate(penalties) if penalty != 1.0]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        previous = torch.tensor([list(histories[i])], dtype=torch.long, device=logits.device)
+        logits[i:i + 1] = repetition_penalty_filter(logits[i:i + 1], previous, penalties[i])
+    return logits
+
+
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> Tensor:
     """Temperature, then top-k, then top-p: the order Hugging Face `generate` uses too."""
@@ -121,34 +131,71 @@ def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int
                             top_p: float | None = None, generator: torch.Generator | None = None
                             ) -> tuple[Tensor, Tensor]:
     """Like `sample_next`, and also the probability (B,) each pick had in the distribution it
-    was drawn from (for greedy: the plain softmax)."""
+    was drawn from (for greedy: the plain softmax). The same settings for every row:
+    `sample_rows` with one random number per row from `generator`."""
+    return sample_rows(logits, *row_settings(logits, temperature, top_k, top_p),
+                       uniform(logits.size(0), generator, logits.device))[:2]
+
+
+def row_settings(logits: Tensor, temperature: float, top_k: int | None,
+                 top_p: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Scalar settings as the per-row tensors (R,) `sample_rows` takes: top-k None is the
+    vocabulary size and top-p None is 1 (both off)."""
+    r, v = logits.shape
+    return (torch.full((r,), float(temperature), device=logits.device),
+            torch.full((r,), top_k or v, dtype=torch.long, device=logits.device),
+            torch.full((r,), float(top_p or 1.0), device=logits.device))
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                uniform: Tensor, alternatives: int = 0
+                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """Sample one token per row of `logits` (R, V), each row with its own settings: the rule of
+    `filter_logits` (temperature, then top-k, then top-p) in one batched pass. temperature (R,)
+    with 0 = greedy; top_k (R,) long, V = off; top_p (R,), 1 = off; uniform (R,) in [0, 1), one
+    random number per row (inverse-CDF sampling over the tokens sorted by probability, so a
+    row's pick depends only on its own logits, settings and number, not on the other rows).
+
+    Returns ids (R,), their probabilities (R,) under the distribution they were drawn from
+    (the plain softmax for greedy rows), and the `alternatives` most likely tokens
+    (probabilities (R, A), ids (R, A)) of that distribution."""
     logits = logits.float()
-    if temperature == 0:
-        ids = logits.argmax(dim=-1)                                          # (B,)
-        best = logits.gather(-1, ids[:, None]).squeeze(-1)
-        return ids, torch.exp(best - torch.logsumexp(logits, dim=-1))
-    if top_k is not None and top_k < logits.size(-1):
-        lib = native.library()
-        if (lib is not None and top_p is None and top_k <= native.MAX_TOP_K
-                and logits.device.type == "cpu" and logits.dim() == 2):
-            # The same steps and the same random number, in one native call.
-            return native.sample_top_k(lib, logits, top_k, temperature,
-                                       uniform(logits.size(0), generator, logits.device))
-        # Same distribution as top_k_filter, but softmax and top-p run over k values, not V.
-        values, indices = top_k_values(logits, top_k)                        # (B, k)
-        probs = torch.softmax(filter_logits(values, temperature, None, top_p), dim=-1)
-        choice = draw(probs, generator)                                      # (B, 1)
-        return indices.gather(-1, choice).squeeze(-1), probs.gather(-1, choice).squeeze(-1)
-    probs = torch.softmax(filter_logits(logits, temperature, None, top_p), dim=-1)
-    choice = draw(probs, generator)
-    return choice.squeeze(-1), probs.gather(-1, choice).squeeze(-1)
-
-
-def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One index (B, 1) per row of probs (B, K), each with its probability: inverse-CDF
-    sampling, which costs less than torch.multinomial and is what the server's batched
-    sampler does too."""
-    return inverse_cdf(probs, uniform(probs.size(0), generator, probs.device))
+    r, v = logits.shape
+    greedy = temperature == 0                                               # (R,)
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scaled = logits / scale[:, None]                                        # (R, V)
+    # Only the K best tokens of any row can be drawn (greedy rows need 1): a top-K selection is
+    # much cheaper than sorting the whole vocabulary for every row at every step.
+    needed = torch.where(greedy, torch.ones_like(top_k), top_k)
+    width = min(v, max(int(needed.max()), alternatives, 1))
+    if width < v:
+        ordered, order = top_k_values(scaled, width)                        # (R, K), sorted
+    else:
+        ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    rank = torch.arange(width, device=logits.device)                        # (K,)
+    k = torch.where(greedy, torch.full_like(top_k, width), top_k)
+    ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
+    # Greedy rows report the plain softmax over the whole vocabulary; a pass over the whole
+    # vocabulary that sampled rows do not need, so it runs only when one is greedy.
+    any_greedy = bool(greedy.any())
+    norm = torch.logsumexp(ordered, dim=-1)                                 # (R,)
+    if any_greedy:
+        norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), norm)
+    probs = torch.exp(ordered - norm[:, None])                              # (R, K)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    nucleus = (top_p < 1) & ~greedy
+    drop = nucleus[:, None] & (mass_before >= top_p[:, None])               # top-p
+    kept = ordered.masked_fill(drop, float("-inf"))
+    norm = torch.where(greedy, norm, torch.logsumexp(kept, dim=-1))
+    probs = torch.exp(kept - norm[:, None])                                 # (R, K) sorted
+    position = inverse_cdf(probs, uniform)                                  # (R, 1)
+    position = torch.where(greedy[:, None], torch.zeros_like(position), position)
+    ids = order.gather(-1, position).squeeze(-1)
+    if any_greedy:
+        ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
+    chosen = probs.gather(-1, position).squeeze(-1)
+    a = min(alternatives, width)
+    return ids, chosen, (probs[:, :a], order[:, :a])
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:

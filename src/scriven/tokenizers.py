@@ -360,7 +360,6 @@ def _close_cost(tokens: Sequence[str], k: int) -> float:
     return 0.0
 
 
-_FIRST_LETTER_RE = re.compile(r"^(\W*)([^\W\d_])")
 _SENTENCE_RE = re.compile(r"([.!?])([^\w\s]*)(\s+[^\w\s]*)([^\W\d_]\w*)")
 # 'he said, "hello' -> 'he said, "Hello': a quotation introduced by , or : starts a sentence.
 _QUOTATION_RE = re.compile(r"([,:]\s+[\"\u201c]['\u2018]?)([^\W\d_])")
@@ -382,7 +381,10 @@ def _sentence_case(text: str) -> str:
     hidden = [(token, chr(0xE000 + k)) for k, token in enumerate(SPECIAL_TOKENS) if token in text]
     for token, mark in hidden:
         text = text.replace(token, mark)
-    text = _FIRST_LETTER_RE.sub(lambda m: m.group(1) + m.group(2).upper(), text, count=1)
+    # A shown <unk> stands for a word: when the text starts with one, that word is the start.
+    unk = dict(hidden).get(UNK, "")
+    text = re.sub(rf"^([^\w{unk}]*)([^\W\d_])", lambda m: m.group(1) + m.group(2).upper(),
+                  text, count=1)
     text = _SENTENCE_RE.sub(_capitalise_sentence, text)
     text = _QUOTATION_RE.sub(lambda m: m.group(1) + m.group(2).upper(), text)
     text = _I_RE.sub("I", text)

@@ -36,9 +36,9 @@ from torch import Tensor
 
 from ..attention import padding_mask
 from ..errors import ScrivenError
-from ..generation import LoadedLM, _stop_at, next_piece
+from ..generation import LoadedLM, next_piece, stop_at
 from ..pairs import pad_sequences
-from ..sampling import inverse_cdf, repetition_penalty_filter, top_k_values
+from ..sampling import penalize_rows, sample_rows
 from ..search import beam_search
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
 from ..translation import CrossAttention, LoadedTranslator, default_max_len, detokenize
@@ -187,55 +187,6 @@ class _Worker:
 # Generation
 
 
-def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                uniform: Tensor, alternatives: int = 0
-                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """Sample one token per row of `logits` (R, V), each row with its own settings: the same
-    rule as `sampling.filter_logits` + `sample_next` (temperature, then top-k, then top-p), in
-    one batched pass. temperature (R,) with 0 = greedy; top_k (R,) long, V = off; top_p (R,),
-    1 = off; uniform (R,) in [0, 1) drawn from each request's generator (inverse-CDF sampling).
-
-    Returns ids (R,), their probabilities (R,) under the distribution they were drawn from
-    (the plain softmax for greedy rows, as `generate` reports), and the `alternatives` most
-    likely tokens (probabilities (R, A), ids (R, A))."""
-    r, v = logits.shape
-    greedy = temperature == 0                                               # (R,)
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = logits / scale[:, None]                                        # (R, V)
-    # Only the K best tokens of any row can be drawn (greedy rows need 1): a top-K selection is
-    # much cheaper than sorting the whole vocabulary for every row at every step.
-    needed = torch.where(greedy, torch.ones_like(top_k), top_k)
-    width = min(v, max(int(needed.max()), alternatives, 1))
-    if width < v:
-        ordered, order = top_k_values(scaled, width)                        # (R, K), sorted
-    else:
-        ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    rank = torch.arange(width, device=logits.device)                        # (K,)
-    k = torch.where(greedy, torch.full_like(top_k, width), top_k)
-    ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
-    # Greedy rows report the plain softmax over the whole vocabulary, as `generate` does; a pass
-    # over the whole vocabulary that sampled rows do not need, so it runs only when one is greedy.
-    any_greedy = bool(greedy.any())
-    norm = torch.logsumexp(ordered, dim=-1)                                 # (R,)
-    if any_greedy:
-        norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), norm)
-    probs = torch.exp(ordered - norm[:, None])                              # (R, K)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    nucleus = (top_p < 1) & ~greedy
-    drop = nucleus[:, None] & (mass_before >= top_p[:, None])               # top-p
-    kept = ordered.masked_fill(drop, float("-inf"))
-    norm = torch.where(greedy, norm, torch.logsumexp(kept, dim=-1))
-    probs = torch.exp(kept - norm[:, None])                                 # (R, K) sorted
-    position = inverse_cdf(probs, uniform)                                  # (R, 1)
-    position = torch.where(greedy[:, None], torch.zeros_like(position), position)
-    ids = order.gather(-1, position).squeeze(-1)
-    if any_greedy:
-        ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
-    chosen = probs.gather(-1, position).squeeze(-1)
-    a = min(alternatives, width)
-    return ids, chosen, (probs[:, :a], order[:, :a])
-
-
 @dataclass
 class GenerationJob:
     """One generation request, validated: prompt ids and sampling settings."""
@@ -366,14 +317,9 @@ class GenerationWorker(_Worker):
         device, v = logits.device, logits.size(-1)
         self.peak_rows = max(self.peak_rows, len(rows))
         jobs = list({id(row.job): row.job for row in rows}.values())
-        penalised = [i for i, row in enumerate(rows) if row.job.repetition_penalty != 1.0]
-        if penalised:
-            logits = logits.clone()
-            for i in penalised:
-                job = rows[i].job
-                history = torch.tensor([job.prompt_ids + rows[i].generated], device=logits.device)
-                logits[i:i + 1] = repetition_penalty_filter(logits[i:i + 1], history,
-                                                            job.repetition_penalty)
+        if any(row.job.repetition_penalty != 1.0 for row in rows):
+            logits = penalize_rows(logits, [row.job.prompt_ids + row.generated for row in rows],
+                                   [row.job.repetition_penalty for row in rows])
         temperature = torch.tensor([row.job.temperature for row in rows], device=device)
         top_k = torch.tensor([row.job.top_k or v for row in rows], device=device)
         top_p = torch.tensor([row.job.top_p or 1.0 for row in rows], device=device)
@@ -406,7 +352,7 @@ class GenerationWorker(_Worker):
             piece, row.held = next_piece(tok, job.prompt_ids, row.generated, row.text, row.held,
                                          last=len(row.generated) >= job.max_new_tokens)
             row.text += piece
-            cut = _stop_at(row.text, piece, list(job.stop))
+            cut = stop_at(row.text, piece, job.stop)
             if cut is not None:
                 piece = piece[: len(piece) - (len(row.text) - cut)]
                 row.finish = "stop"
