@@ -27,13 +27,12 @@ from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
-from .data import DATASETS, get_dataset, resolve_text_source
+from .data import DATASETS, get_dataset, normalize_text, resolve_text_source
 from .errors import ScrivenError
 from .models.transformer import PRESETS, Transformer, TransformerConfig
 from .pairs import (
     Batch,
     Pair,
-    normalize_text,
     pad_sequences,
     read_pairs,
     split_pairs,
@@ -439,7 +438,7 @@ class LoadedTranslator:
             where = names[i] if names is not None else f"text[{i}]"
             if not isinstance(text, str):
                 raise ScrivenError(f"{where} must be a string, got {type(text).__name__}")
-            clean = normalize_text(text)
+            clean = normalize_text(text, sentence=True)
             if not clean:
                 raise ScrivenError(f"{where} is empty: nothing to translate")
             normalised.append(clean)
