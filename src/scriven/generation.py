@@ -14,13 +14,14 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
+from .models import kinds_for
 from .models.lstm import LSTMLanguageModel, LSTMStepper
 from .precision import check_precision
 from .sampling import repetition_penalty_filter, row_settings, sample_rows, uniform, validate
 from .tokenizers import SPECIAL_TOKENS, Tokenizer, detokenize
 from .train import resolve_device
 
-LM_KINDS = ("lstm", "gpt")
+LM_KINDS = kinds_for("lm")
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from torch import Tensor  # noqa: E402
 from . import checkpoint as ckpt_io  # noqa: E402
 from .config import check_positive_int  # noqa: E402
 from .errors import ScrivenError  # noqa: E402
+from .models import KINDS  # noqa: E402
 from .models.transformer import sinusoidal_positions  # noqa: E402
 from .sampling import filter_logits, validate  # noqa: E402
 from .tokenizers import SPECIAL_TOKENS  # noqa: E402
@@ -285,7 +286,7 @@ def _embedding_model(checkpoint: Any, device: str):
         model, tok = checkpoint.model, checkpoint.tokenizer
     else:
         model, tok, _ = ckpt_io.load_model(checkpoint, resolve_device(device),
-                                           kinds=("lstm", "transformer", "gpt"))
+                                           kinds=tuple(KINDS))
     table = model.src_embed if hasattr(model, "src_embed") else model.embed
     return table.weight.detach().float().cpu(), tok
 

@@ -29,6 +29,7 @@ from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
 from .data import DATASETS, get_dataset, normalize_text, resolve_text_source
 from .errors import ScrivenError
+from .models import kinds_for
 from .models.transformer import PRESETS, Transformer, TransformerConfig
 from .pairs import (
     Batch,
@@ -42,7 +43,7 @@ from .search import beam_search, greedy_search
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
 from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
 
-KIND = "transformer"
+(KIND,) = kinds_for("translate")  # the checkpoint kind a translator is saved as
 # The split is part of the data, not of a run: fixed, so every run (and `evaluate_translation`)
 # sees the same test sentences.
 SPLIT = {"valid_fraction": 0.05, "test_fraction": 0.05, "seed": 0}
