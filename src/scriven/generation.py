@@ -17,7 +17,7 @@ from .errors import ScrivenError
 from .models import kinds_for
 from .models.lstm import LSTMLanguageModel, LSTMStepper
 from .precision import check_precision
-from .sampling import repetition_penalty_filter, row_settings, sample_rows, uniform, validate
+from .sampling import repetition_penalty_filter, sample_shared, uniform, validate
 from .tokenizers import SPECIAL_TOKENS, Tokenizer, detokenize
 from .train import resolve_device
 
@@ -123,12 +123,11 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
         steps = _transformer_steps(model, prompt_ids)
     history = prompt_ids
     last = next(steps)                                                    # (B, V)
-    settings = row_settings(last, temperature, top_k, top_p)
     for step in range(max_new_tokens):
         if repetition_penalty != 1.0:
             last = repetition_penalty_filter(last, history, repetition_penalty)
-        ids, probs, top = sample_rows(last, *settings,
-                                      uniform(last.size(0), generator, last.device), alternatives)
+        u = uniform(last.size(0), generator, last.device) if temperature else None
+        ids, probs, top = sample_shared(last, temperature, top_k, top_p, u, alternatives)
         yield ids, probs, top if alternatives else None
         if repetition_penalty != 1.0:
             history = torch.cat([history, ids[:, None]], dim=1)

@@ -9,7 +9,7 @@ temperature 0 means greedy.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -131,10 +131,10 @@ def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int
                             top_p: float | None = None, generator: torch.Generator | None = None
                             ) -> tuple[Tensor, Tensor]:
     """Like `sample_next`, and also the probability (B,) each pick had in the distribution it
-    was drawn from (for greedy: the plain softmax). The same settings for every row:
-    `sample_rows` with one random number per row from `generator`."""
-    return sample_rows(logits, *row_settings(logits, temperature, top_k, top_p),
-                       uniform(logits.size(0), generator, logits.device))[:2]
+    was drawn from (for greedy: the plain softmax): `sample_shared` with one random number per
+    row from `generator`."""
+    u = uniform(logits.size(0), generator, logits.device) if temperature else None
+    return sample_shared(logits, temperature, top_k, top_p, u)[:2]
 
 
 def row_settings(logits: Tensor, temperature: float, top_k: int | None,
@@ -147,55 +147,109 @@ def row_settings(logits: Tensor, temperature: float, top_k: int | None,
             torch.full((r,), float(top_p or 1.0), device=logits.device))
 
 
+Sampled = tuple[Tensor, Tensor, tuple[Tensor, Tensor]]  # ids, probabilities, alternatives
+
+
+def sample_shared(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                  uniform: Tensor | None, alternatives: int = 0) -> Sampled:
+    """`sample_rows` for settings every row shares (generation's batch of samples): the same
+    passes and the same picks, the pass chosen once from the settings. Greedy (temperature 0)
+    needs no random numbers: `uniform` may then be None."""
+    logits = logits.float()
+    v = logits.size(-1)
+    kind = _GREEDY if temperature == 0 else (
+        _FILTERED if (top_k or v) < v or (top_p or 1.0) < 1 else _PLAIN)
+    return _PASSES[kind](logits, *row_settings(logits, temperature, top_k, top_p), uniform,
+                         min(alternatives, v))
+
+
 def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                uniform: Tensor, alternatives: int = 0
-                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+                uniform: Tensor, alternatives: int = 0) -> Sampled:
     """Sample one token per row of `logits` (R, V), each row with its own settings: the rule of
-    `filter_logits` (temperature, then top-k, then top-p) in one batched pass. temperature (R,)
-    with 0 = greedy; top_k (R,) long, V = off; top_p (R,), 1 = off; uniform (R,) in [0, 1), one
-    random number per row (inverse-CDF sampling over the tokens sorted by probability, so a
-    row's pick depends only on its own logits, settings and number, not on the other rows).
+    `filter_logits` (temperature, then top-k, then top-p). temperature (R,) with 0 = greedy;
+    top_k (R,) long, V = off; top_p (R,), 1 = off; uniform (R,) in [0, 1), one random number
+    per row (inverse-CDF sampling). A row's pick depends only on its own logits, settings and
+    number, never on the other rows, so a seeded request gives the same text in any batch.
 
     Returns ids (R,), their probabilities (R,) under the distribution they were drawn from
     (the plain softmax for greedy rows), and the `alternatives` most likely tokens
-    (probabilities (R, A), ids (R, A)) of that distribution."""
+    (probabilities (R, A), ids (R, A)) of that distribution, most likely first."""
     logits = logits.float()
     r, v = logits.shape
-    greedy = temperature == 0                                               # (R,)
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = logits / scale[:, None]                                        # (R, V)
-    # Only the K best tokens of any row can be drawn (greedy rows need 1): a top-K selection is
-    # much cheaper than sorting the whole vocabulary for every row at every step.
-    needed = torch.where(greedy, torch.ones_like(top_k), top_k)
-    width = min(v, max(int(needed.max()), alternatives, 1))
+    alternatives = min(alternatives, v)
+    # Each kind of row has its own cheapest pass: filtered rows need their best tokens sorted,
+    # the others do not (a sort of the whole vocabulary per row costs some 70 softmaxes).
+    kinds = torch.where(temperature == 0, _GREEDY,
+                        torch.where((top_k < v) | (top_p < 1), _FILTERED, _PLAIN))  # (R,)
+    counts = torch.bincount(kinds, minlength=len(_PASSES)).tolist()
+    if max(counts) == r:  # one kind of row: no gathering
+        return _PASSES[counts.index(r)](logits, temperature, top_k, top_p, uniform, alternatives)
+    ids = torch.empty(r, dtype=torch.long, device=logits.device)
+    probs = torch.empty(r, device=logits.device)
+    alt_p = torch.empty(r, alternatives, device=logits.device)
+    alt_i = torch.empty(r, alternatives, dtype=torch.long, device=logits.device)
+    for kind, count in enumerate(counts):
+        if count:
+            i = (kinds == kind).nonzero().squeeze(1)
+            ids[i], probs[i], (alt_p[i], alt_i[i]) = _PASSES[kind](
+                logits[i], temperature[i], top_k[i], top_p[i], uniform[i], alternatives)
+    return ids, probs, (alt_p, alt_i)
+
+
+def _greedy_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                 uniform: Tensor | None, alternatives: int) -> Sampled:
+    """Argmax, with its probability under the plain softmax (the settings do not matter)."""
+    ids = logits.argmax(dim=-1)                                             # (R,)
+    best = logits.gather(-1, ids[:, None]).squeeze(-1)
+    chosen = torch.exp(best - torch.logsumexp(logits, dim=-1))
+    return ids, chosen, _top(lambda: torch.softmax(logits, dim=-1), alternatives, ids)
+
+
+def _plain_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                uniform: Tensor, alternatives: int) -> Sampled:
+    """Temperature only: the whole vocabulary, in its own order."""
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)            # (R, V)
+    ids = inverse_cdf(probs, uniform)                                       # (R, 1)
+    return ids.squeeze(-1), probs.gather(-1, ids).squeeze(-1), \
+        _top(lambda: probs, alternatives, ids.squeeze(-1))
+
+
+def _filtered_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                   uniform: Tensor, alternatives: int) -> Sampled:
+    """Top-k and/or top-p: over each row's best tokens, sorted by probability (only the K best
+    of any row can be drawn, and a top-K selection is much cheaper than a sort of all V).
+    Temperature keeps the order, so it scales the K kept logits, not all V."""
+    v = logits.size(-1)
+    width = min(v, max(int(top_k.max()), alternatives, 1))
     if width < v:
-        ordered, order = top_k_values(scaled, width)                        # (R, K), sorted
+        ordered, order = top_k_values(logits, width)                        # (R, K), sorted
     else:
-        ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    rank = torch.arange(width, device=logits.device)                        # (K,)
-    k = torch.where(greedy, torch.full_like(top_k, width), top_k)
-    ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
-    # Greedy rows report the plain softmax over the whole vocabulary; a pass over the whole
-    # vocabulary that sampled rows do not need, so it runs only when one is greedy.
-    any_greedy = bool(greedy.any())
-    norm = torch.logsumexp(ordered, dim=-1)                                 # (R,)
-    if any_greedy:
-        norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), norm)
-    probs = torch.exp(ordered - norm[:, None])                              # (R, K)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    nucleus = (top_p < 1) & ~greedy
-    drop = nucleus[:, None] & (mass_before >= top_p[:, None])               # top-p
-    kept = ordered.masked_fill(drop, float("-inf"))
-    norm = torch.where(greedy, norm, torch.logsumexp(kept, dim=-1))
-    probs = torch.exp(kept - norm[:, None])                                 # (R, K) sorted
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+    ordered = ordered / temperature[:, None]
+    if bool((top_k < width).any()):
+        rank = torch.arange(width, device=logits.device)                    # (K,)
+        ordered = ordered.masked_fill(rank[None] >= top_k[:, None], float("-inf"))  # top-k
+    probs = torch.softmax(ordered, dim=-1)                                  # (R, K)
+    if bool((top_p < 1).any()):
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = mass_before >= top_p[:, None]                                # top-p
+        probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
     position = inverse_cdf(probs, uniform)                                  # (R, 1)
-    position = torch.where(greedy[:, None], torch.zeros_like(position), position)
-    ids = order.gather(-1, position).squeeze(-1)
-    if any_greedy:
-        ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
-    chosen = probs.gather(-1, position).squeeze(-1)
     a = min(alternatives, width)
-    return ids, chosen, (probs[:, :a], order[:, :a])
+    return (order.gather(-1, position).squeeze(-1), probs.gather(-1, position).squeeze(-1),
+            (probs[:, :a], order[:, :a]))
+
+
+_GREEDY, _PLAIN, _FILTERED = 0, 1, 2
+_PASSES = (_greedy_rows, _plain_rows, _filtered_rows)
+
+
+def _top(probs: Callable[[], Tensor], count: int, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The `count` most likely tokens (probabilities (R, A), ids (R, A)); the distribution is
+    computed only when some are asked for."""
+    if not count:
+        return ids.new_empty(ids.size(0), 0, dtype=torch.float), ids.new_empty(ids.size(0), 0)
+    return torch.topk(probs(), count, dim=-1)
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
