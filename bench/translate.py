@@ -38,7 +38,6 @@ import torch
 
 from scriven import accel
 from scriven import checkpoint as ckpt_io
-from scriven.search import recompute_greedy
 from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.train import resolve_device, training_precision
 from scriven.translation import (
@@ -145,13 +144,15 @@ def rate(fn, count: int) -> tuple[float, object]:
 def book_decoding(tr: LoadedTranslator, sources: list[str]) -> tuple[float, list[str]]:
     """The book's loop: one sentence at a time, every step re-running the decoder on the whole
     prefix. Same limit per sentence as scriven's default."""
-    from scriven.translation import detokenize
+    from recompute import recompute_greedy  # bench/recompute.py, next to this script
+
+    from scriven.translation import translation_text
     ids, _ = tr.encode_sources(sources)
     t = time.perf_counter()
     outs = [recompute_greedy(tr.model, torch.tensor(x, device=tr.device), BOS_ID, EOS_ID,
                              default_max_len(tr.model, len(x))) for x in ids]
     seconds = time.perf_counter() - t
-    return len(sources) / seconds, [detokenize(tr.tokenizer, o) for o in outs]
+    return len(sources) / seconds, [translation_text(tr.tokenizer, o) for o in outs]
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from scriven.attention import KVCache, MultiHeadAttention, causal_mask, padding_
 from scriven.generation import LoadedLM, generate
 from scriven.lm import train_lm
 from scriven.models.transformer import Transformer, TransformerConfig
-from scriven.search import beam_search, greedy_search, recompute_greedy
+from scriven.search import beam_search, greedy_search
 from scriven.translation import LoadedTranslator, train_translate, translate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -90,6 +90,10 @@ def tiny_transformer() -> Transformer:
 
 
 def test_search_on_cuda_cached_equals_recomputed_and_beam_one_equals_greedy():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from recompute import recompute_greedy  # the benchmark baseline
     model = tiny_transformer()
     sentences = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [4]]
     src = torch.tensor([s + [0] * (6 - len(s)) for s in sentences], device=CUDA)

@@ -64,6 +64,25 @@ def test_max_new_tokens_zero_returns_the_prompt(run):
     assert generate(run, "anna said", max_new_tokens=0) == ["Anna said"]
 
 
+def test_cli_with_max_new_tokens_zero_prints_the_prompt(run, capsys):
+    from scriven.cli import main
+    main(["generate", str(run), "anna said", "--max-new-tokens", "0"])
+    assert capsys.readouterr().out == "Anna said\n"
+
+
+@pytest.mark.parametrize("prompt", ["zorblax quuxified flimflam", "anna said flimflam"])
+def test_text_after_an_unknown_last_word_is_spaced_and_cased_as_after_a_known_one(run, prompt):
+    from scriven.tokenizers import detokenize
+    lm = LoadedLM.load(run)
+    with pytest.warns(UserWarning, match="flimflam"):
+        events = list(generate_stream(lm, prompt, max_new_tokens=8, temperature=0))
+        text = generate(lm, prompt, max_new_tokens=8, temperature=0)[0]
+    words = prompt.split() + [lm.tokenizer.id_to_token(e.token_id) for e in events
+                              if e.token_id >= 4]
+    assert text == detokenize(words, sentence_case=True)
+    assert text.startswith(detokenize(prompt.split(), sentence_case=True) + " ")
+
+
 def test_unknown_words_and_emoji_warn_and_still_generate(run):
     with pytest.warns(UserWarning, match="zebra"):
         out = generate(run, "zebra 🙂 said", max_new_tokens=5, seed=0)

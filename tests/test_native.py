@@ -202,25 +202,6 @@ def test_bindings_refuse_what_the_kernels_cannot_take(call):
 
 
 @needs_kernels
-def test_native_top_k_sampling_draws_what_the_pytorch_path_draws(monkeypatch, fresh_library):
-    from scriven.sampling import sample_with_probability
-
-    x = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1)) * 3
-
-    def draws():
-        g = torch.Generator().manual_seed(5)
-        return [sample_with_probability(x, 0.7, 10, None, g) for _ in range(20)]
-
-    fast = draws()
-    monkeypatch.setenv(native.NATIVE_ENV, "0")
-    native.library.cache_clear()
-    slow = draws()
-    for (ids, probs), (ref_ids, ref_probs) in zip(fast, slow):
-        assert torch.equal(ids, ref_ids)
-        assert torch.allclose(probs, ref_probs, atol=1e-6)
-
-
-@needs_kernels
 def test_native_step_rejects_an_id_outside_the_vocabulary():
     m = LSTMLanguageModel(LSTMConfig(vocab_size=50, embed_dim=8, hidden_dim=8, num_layers=1)).eval()
     stepper = LSTMStepper(m, "int8")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from scriven.data import normalize_text
 from scriven.errors import ScrivenError
 from scriven.pairs import (
     Pair,
-    normalize_text,
     pad_sequences,
     read_pairs,
     split_pairs,
@@ -28,11 +28,14 @@ def write(tmp_path: Path, name: str, data: str | bytes) -> Path:
     return path
 
 
-def test_normalize_text() -> None:
-    assert normalize_text("Va\u202f!") == "Va !"
-    assert normalize_text("Qu\u2019est-ce\u00a0que c\u2019est\u2009?") == "Qu'est-ce que c'est ?"
-    assert normalize_text("  zero\u200bwidth  \t spaces ") == "zerowidth spaces"
-    assert normalize_text("e\u0301te\u0301") == "été"  # decomposed accents compose
+@pytest.mark.parametrize("text, sentence", [
+    ("Va\u202f!", "Va !"),
+    ("Qu\u2019est-ce\u00a0que c\u2019est\u2009?", "Qu'est-ce que c'est ?"),
+    ("  zero\u200bwidth  \t spaces ", "zerowidth spaces"),
+    ("e\u0301te\u0301", "été"),  # decomposed accents compose
+])
+def test_normalize_text_as_a_sentence(text: str, sentence: str) -> None:
+    assert normalize_text(text, sentence=True) == sentence
 
 
 def test_reads_tatoeba_tsv_with_attribution(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from scriven.sampling import (
     filter_logits,
     repetition_penalty_filter,
     sample_next,
+    sample_rows,
+    sample_with_probability,
     top_k_filter,
     top_k_values,
     top_p_filter,
@@ -118,3 +120,31 @@ def test_blockwise_top_k_with_ties_returns_a_valid_top_k():
     values, ids = top_k_values(logits, 8)
     assert torch.equal(values, torch.topk(logits, 8).values)
     assert torch.equal(logits.gather(1, ids), values)
+
+
+SETTINGS = [(1.0, None, None), (0.7, 10, None), (1.3, None, 0.9), (0.0, None, None), (0.8, 5, 0.5)]
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+def test_one_row_of_the_batched_sampler_equals_the_scalar_path(temperature, top_k, top_p):
+    x = logits(batch=4, vocab=300, seed=3)
+    ids, probs = sample_with_probability(x, temperature, top_k, top_p,
+                                         torch.Generator().manual_seed(9))
+    u = torch.rand(4, generator=torch.Generator().manual_seed(9))  # the numbers it drew
+    for r in range(4):
+        one_id, one_prob, _ = sample_rows(x[r:r + 1], torch.tensor([temperature]),
+                                          torch.tensor([top_k or 300]),
+                                          torch.tensor([top_p or 1.0]), u[r:r + 1])
+        assert int(one_id) == int(ids[r]) and float(one_prob) == pytest.approx(float(probs[r]))
+
+
+def test_a_row_draws_the_same_whatever_the_other_rows_ask():
+    x = logits(batch=len(SETTINGS), vocab=300, seed=4)
+    temperature, top_k, top_p = (torch.tensor([s[i] or d for s in SETTINGS])
+                                 for i, d in ((0, 0.0), (1, 300), (2, 1.0)))
+    u = torch.rand(len(SETTINGS), generator=torch.Generator().manual_seed(2))
+    ids, probs, _ = sample_rows(x, temperature, top_k, top_p, u)
+    for r in range(len(SETTINGS)):
+        alone = sample_rows(x[r:r + 1], temperature[r:r + 1], top_k[r:r + 1], top_p[r:r + 1],
+                            u[r:r + 1])
+        assert int(alone[0]) == int(ids[r]) and float(alone[1]) == pytest.approx(float(probs[r]))

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from scriven.errors import ScrivenError
 from scriven.models.transformer import Transformer, TransformerConfig
-from scriven.search import beam_search, greedy_search, length_penalty_gnmt, recompute_greedy
+from scriven.search import BeamStep, GreedyStep, beam_search, greedy_search, length_penalty_gnmt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from recompute import recompute_greedy  # noqa: E402  (a benchmark baseline, not the library)
 
 BOS, EOS, V = 2, 3, 17
 SENTENCES = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [4], [7, 7, 8]]
@@ -114,3 +120,58 @@ def test_bad_search_parameters_are_user_errors() -> None:
         greedy_search(model, src, BOS, EOS, max_len=100)
     with pytest.raises(ScrivenError, match="length_penalty"):
         beam_search(model, src, 2, BOS, EOS, max_len=5, length_penalty=-1.0)
+
+
+def test_per_sentence_limits_cut_each_output_as_its_own_limit_would() -> None:
+    model = tiny(2)
+    limits = [3, 12, 1, 7, 5]
+    got = greedy_search(model, padded(SENTENCES), BOS, EOS, max_len=limits)
+    for sentence, limit, out in zip(SENTENCES, limits, got, strict=True):
+        assert out == greedy_search(model, padded([sentence]), BOS, EOS, max_len=limit)[0]
+
+
+def test_greedy_hook_sees_every_token_and_can_stop_sentences() -> None:
+    model = tiny(0)
+    full = greedy_search(model, padded(SENTENCES), BOS, EOS, max_len=12)
+    streamed: list[list[int]] = [[] for _ in SENTENCES]
+    finished: list[int] = []
+
+    def on_step(state: GreedyStep) -> set[int]:
+        for row, token in zip(state.sentences, state.tokens, strict=True):
+            if token != EOS:
+                streamed[row].append(token)
+            assert state.outputs[row] == streamed[row]
+        finished.extend(state.finished)
+        return {1} if state.step == 2 else set()  # sentence 1 is cancelled after two tokens
+
+    got = greedy_search(model, padded(SENTENCES), BOS, EOS, max_len=12, on_step=on_step)
+    assert got[1] == full[1][:2] and streamed[1] == got[1] and 1 not in finished
+    assert [got[i] for i in (0, 2, 3, 4)] == [full[i] for i in (0, 2, 3, 4)]
+    assert sorted(finished) == [0, 2, 3, 4] and streamed == got
+
+
+def test_a_hook_answering_true_stops_the_search_at_once() -> None:
+    model, steps = tiny(0), []
+    got = greedy_search(model, padded(SENTENCES), BOS, EOS, max_len=12,
+                        on_step=lambda state: steps.append(state.step) or True)
+    assert steps == [1] and all(len(out) <= 1 for out in got)
+    beams = beam_search(model, padded(SENTENCES), 3, BOS, EOS, 12,
+                        on_step=lambda state: isinstance(state, BeamStep))
+    assert all(len(h) < 3 for h in beams)  # stopped after one step: few or no hypotheses
+
+
+def test_beam_hook_can_cancel_one_sentence_and_leave_the_others_alone() -> None:
+    model = tiny(1)
+    full = beam_search(model, padded(SENTENCES), 3, BOS, EOS, 12, n_best=2)
+    seen: list[BeamStep] = []
+
+    def on_step(state: BeamStep) -> list[int]:
+        seen.append(state)
+        return [2]
+
+    got = beam_search(model, padded(SENTENCES), 3, BOS, EOS, 12, n_best=2, on_step=on_step)
+    assert [got[i] for i in (0, 1, 3, 4)] == [full[i] for i in (0, 1, 3, 4)]
+    assert seen[0].step == 1 and all(2 not in state.sentences for state in seen[1:])
+    with pytest.raises(KeyboardInterrupt):  # what the hook raises leaves the search
+        beam_search(model, padded(SENTENCES), 3, BOS, EOS, 12,
+                    on_step=lambda state: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -20,8 +20,8 @@ from scriven.sampling import filter_logits
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from scriven.sampling import sample_rows  # noqa: E402
 from scriven.serve import ServeLimits, create_app  # noqa: E402
-from scriven.serve.batching import sample_rows  # noqa: E402
 
 
 def make_pairs(n: int = 400, seed: int = 0) -> str:
@@ -130,6 +130,18 @@ def test_greedy_generation_equals_the_library(client, models):
     # Greedy: the chosen token is the most likely one.
     assert all(t["alternatives"][0][0] == t["token"] for t in tokens)
     assert all(t["alternatives"][0][1] == pytest.approx(t["probability"]) for t in tokens)
+
+
+@pytest.mark.parametrize("settings", [{"temperature": 0.9, "top_k": 10},
+                                      {"temperature": 1.2, "top_p": 0.8},
+                                      {"temperature": 1.0, "repetition_penalty": 1.3}])
+def test_seeded_sampling_equals_the_library(client, models, settings):
+    from scriven.generation import generate
+    body = client.post("/v1/generate", json={"prompt": "the prince", "max_new_tokens": 12,
+                                             "seed": 11, "num_samples": 2, **settings}).json()
+    expected = generate(models[0], "the prince", max_new_tokens=12, seed=11, num_samples=2,
+                        **settings)
+    assert [body["prompt"] + s["generated"] for s in body["samples"]] == expected
 
 
 def test_streaming_yields_the_same_text_as_the_plain_answer(client):
@@ -304,6 +316,44 @@ def test_translation_equals_the_library_and_attention_is_its_own(client, models)
     expected = translate(models[1], sentences[0], beam=3, n_best=2)
     assert [(h["text"], pytest.approx(h["score"], abs=1e-4)) for h in beams["hypotheses"]] == \
         [(text, score) for text, score in expected]
+
+
+def test_greedy_translation_of_several_sentences_equals_the_library(client, models):
+    from scriven.translation import translate
+    sentences = ["the big dog sleeps.", "a cat.", "the old red car runs and the child reads."]
+    got = client.post("/v1/translate", json={"text": sentences, "max_len": 6}).json()
+    assert [t["text"] for t in got["translations"]] == translate(models[1], sentences, max_len=6)
+
+
+def test_attention_for_too_many_numbers_is_refused_with_413(models):
+    app = create_app([f"fr={models[1]}"])
+    worker = app.state.models["fr"].worker
+    with TestClient(app) as c:
+        request = {"text": ["the big dog sleeps.", "the old cat eats a book."], "attention": True}
+        assert c.post("/v1/translate", json=request).status_code == 200
+        worker.max_attention_floats = 1000
+        refused = c.post("/v1/translate", json=request)
+        assert refused.status_code == 413 and "attention" in refused.json()["detail"]
+        assert c.post("/v1/translate", json={**request, "attention": False}).status_code == 200
+
+
+def test_a_beam_search_stops_when_its_request_times_out(models, monkeypatch):
+    from scriven.tokenizers import EOS_ID
+    app = create_app([f"fr={models[1]}"], limits=ServeLimits(request_timeout=0.25))
+    model = app.state.models["fr"].loaded.model
+    steps, decode_step = [], model.decode_step
+
+    def slow_endless_step(*args, **kwargs):  # 0.1 s a step, and never <eos>
+        steps.append(1)
+        time.sleep(0.1)
+        return decode_step(*args, **kwargs).index_fill(-1, torch.tensor([EOS_ID]), -1e9)
+
+    monkeypatch.setattr(model, "decode_step", slow_endless_step)
+    with TestClient(app) as c:
+        request = {"text": "the old cat eats a book.", "beam": 4, "max_len": 30}
+        assert c.post("/v1/translate", json=request).status_code == 504
+        time.sleep(0.3)  # the worker's last step
+    assert len(steps) <= 5  # of the 30 it would have taken
 
 
 def test_translation_streams_tokens_then_the_sentence(client):

@@ -338,3 +338,9 @@ def test_duplicate_tokens_are_rejected():
     with pytest.raises(ScrivenError, match="must start with"):
         CharTokenizer(["a", *SPECIAL_TOKENS])
     assert UNK == "<unk>"
+
+
+def test_bpe_normalises_as_the_data_reader_does(bpe):
+    from scriven.data import normalize_text
+    messy = "l\u2019homme\u00a0dit\u202f: \u201cVa\u201d\r\nzero\u200bwidth e\u0301te\u0301\u2028fin"
+    assert bpe.tokenize(messy) == bpe.tokenize(normalize_text(messy))

@@ -101,6 +101,8 @@ def _cmd_generate(a: argparse.Namespace) -> None:
                 print(prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt)), end="")
                 first = False
             print(event.text, end="", flush=True)
+        if first:  # --max-new-tokens 0: no event came, and the output is the prompt alone
+            print(prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt)), end="")
         print()
         return
     texts: dict[int, str] = {}

@@ -240,15 +240,31 @@ _CHAR_MAP: dict[str, str] = {
 _CHAR_RE = re.compile("[" + "".join(_CHAR_MAP) + "]")
 
 
-def normalize_text(text: str) -> str:
-    """The normalisation `read_text` applies: LF line ends, NFC, plain spaces and ASCII quotes,
-    no zero-width characters. Use it on prompts too, so they match the training text."""
+_SPACES = re.compile(r"\s+")  # Python's \s covers the Unicode spaces too
+
+
+def normalize_text(text: str, sentence: bool = False) -> str:
+    """The one text normalisation (what `read_text` applies): LF line ends, NFC, plain spaces
+    and ASCII quotes, no zero-width characters. Use it on prompts too, so they match the
+    training text. `sentence`: also every run of whitespace one space, trimmed, so that one
+    sentence typed two ways becomes one string (sentence pairs, translator input)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CHAR_RE.sub(lambda m: _CHAR_MAP[m.group()], text)
     if not unicodedata.is_normalized("NFC", text):
         # Decomposed accents ("e" + U+0301) would otherwise split words at the accent.
         text = unicodedata.normalize("NFC", text)
-    return text
+    return _SPACES.sub(" ", text).strip() if sentence else text
+
+
+def normalization_steps() -> list[tuple[str, str]]:
+    """`normalize_text`'s replacements as (regex, replacement), in its order, for a tokenizer
+    that must carry the same normalisation inside itself (the BPE tokenizer's saved
+    normalizer); NFC comes after them."""
+    groups: dict[str, list[str]] = {}
+    for char, replacement in _CHAR_MAP.items():
+        groups.setdefault(replacement, []).append(char)
+    return [("\r\n?", "\n")] + [("[" + "".join(chars) + "]", replacement)
+                                for replacement, chars in groups.items()]
 
 
 def read_text(path: str | os.PathLike[str]) -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt_io
 from .errors import ScrivenError
+from .models import kinds_for
 
 
 def evaluate(checkpoint: str | Path, text: str, device: str = "auto", beam: int = 1,
@@ -15,7 +16,7 @@ def evaluate(checkpoint: str | Path, text: str, device: str = "auto", beam: int 
     `length_penalty`, on the held-out `split` (test or valid) when the pair file is the
     translator's own training data."""
     kind = ckpt_io.load(checkpoint).kind
-    if kind == "transformer":
+    if kind in kinds_for("translate"):
         from .translation import evaluate_translation
         return evaluate_translation(checkpoint, text, device=device, beam=beam,
                                     length_penalty=length_penalty, split=split)

@@ -4,7 +4,7 @@ state (or key/value cache) is carried, so each new token costs one model step.""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +15,15 @@ from . import accel
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
+from .models import kinds_for
 from .models.lstm import LSTMLanguageModel
 from .precision import check_precision
-from .sampling import filter_logits, repetition_penalty_filter, sample_with_probability, validate
+from .sampling import repetition_penalty_filter, sample_shared, uniform, validate
 from .stepper import LSTMStepper
-from .tokenizers import Tokenizer, detokenize
+from .tokenizers import SPECIAL_TOKENS, Tokenizer, detokenize
 from .train import resolve_device
 
-LM_KINDS = ("lstm", "gpt")
+LM_KINDS = kinds_for("lm")
 
 
 @dataclass(frozen=True)
@@ -120,60 +121,47 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
     if isinstance(model, LSTMLanguageModel):
         model = LSTMStepper(model)
     if isinstance(model, LSTMStepper):
-        yield from _sample_steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
-                                 repetition_penalty, generator, alternatives)
-        return
-    # A Transformer's context is bounded: when its cache is full, re-read the newest half of the
-    # text into a fresh cache. That costs one prompt-sized step every max_len/2 tokens.
+        steps = _recurrent_steps(model, prompt_ids)
+    else:
+        steps = _transformer_steps(model, prompt_ids)
+    history = prompt_ids
+    last = next(steps)                                                    # (B, V)
+    for step in range(max_new_tokens):
+        if repetition_penalty != 1.0:
+            last = repetition_penalty_filter(last, history, repetition_penalty)
+        u = uniform(last.size(0), generator, last.device) if temperature else None
+        ids, probs, top = sample_shared(last, temperature, top_k, top_p, u, alternatives)
+        yield ids, probs, top if alternatives else None
+        if repetition_penalty != 1.0:
+            history = torch.cat([history, ids[:, None]], dim=1)
+        if step + 1 < max_new_tokens:
+            last = steps.send(ids)
+
+
+def _recurrent_steps(stepper: LSTMStepper, prompt_ids: Tensor) -> Iterator[Tensor]:
+    """Next-token logits (B, V) for the prompt, then for each id (B,) sent: a recurrent state
+    summarises the whole past, so nothing but the newest token is fed."""
+    last, state = stepper.read(prompt_ids)                                # (B, V)
+    while True:
+        ids = yield last
+        last, state = stepper.step(ids, state)
+
+
+def _transformer_steps(model: nn.Module, prompt_ids: Tensor) -> Iterator[Tensor]:
+    """Like `_recurrent_steps` for a GPT. Its context is bounded: when the cache is full, the
+    newest half of the text is re-read into a fresh cache. That costs one prompt-sized step
+    every max_len/2 tokens."""
     limit = model.config.max_len
     history = prompt_ids[:, -limit:]
     logits, state = model(history)                                        # (B, T, V)
-    last = logits[:, -1].float()                                          # (B, V)
-    for _ in range(max_new_tokens):
-        if repetition_penalty != 1.0:
-            last = repetition_penalty_filter(last, history, repetition_penalty)
-        ids, probs = sample_with_probability(last, temperature, top_k, top_p, generator)  # (B,)
-        yield ids, probs, _alternatives(last, temperature, top_k, top_p, alternatives)
+    while True:
+        ids = yield logits[:, -1].float()                                 # (B, V)
         history = torch.cat([history, ids[:, None]], dim=1)
         if state.length >= limit:
             history = history[:, -(limit // 2):]
             logits, state = model(history)
         else:
             logits, state = model(ids[:, None], state)                    # (B, 1, V)
-        last = logits[:, -1].float()
-
-
-def _sample_steps(stepper: LSTMStepper, prompt_ids: Tensor, max_new_tokens: int,
-                  temperature: float, top_k: int | None, top_p: float | None,
-                  repetition_penalty: float, generator: torch.Generator | None,
-                  alternatives: int) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
-    """sample_ids for a recurrent model: its state summarises the whole past, so nothing but the
-    newest token is fed (and the history is kept only for the repetition penalty)."""
-    history = prompt_ids
-    last, state = stepper.read(prompt_ids)                                # (B, V)
-    for _ in range(max_new_tokens):
-        if repetition_penalty != 1.0:
-            last = repetition_penalty_filter(last, history, repetition_penalty)
-        ids, probs = sample_with_probability(last, temperature, top_k, top_p, generator)  # (B,)
-        yield ids, probs, _alternatives(last, temperature, top_k, top_p, alternatives)
-        if repetition_penalty != 1.0:
-            history = torch.cat([history, ids[:, None]], dim=1)
-        last, state = stepper.step(ids, state)
-
-
-def _alternatives(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                  count: int) -> tuple[Tensor, Tensor] | None:
-    if not count:
-        return None
-    return torch.topk(_distribution(logits, temperature, top_k, top_p), count, dim=-1)
-
-
-def _distribution(logits: Tensor, temperature: float, top_k: int | None,
-                  top_p: float | None) -> Tensor:
-    """The distribution a token is drawn from (the plain softmax when greedy)."""
-    if temperature == 0:
-        return torch.softmax(logits, dim=-1)
-    return torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
 
 
 def generate_stream(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int = 200,
@@ -215,7 +203,7 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
             piece, held[s] = next_piece(tok, prompt_ids, generated[s], texts[s], held[s],
                                         last=step == max_new_tokens - 1)
             texts[s] += piece
-            cut = _stop_at(texts[s], piece, stops)
+            cut = stop_at(texts[s], piece, stops)
             if cut is not None:
                 piece = piece[: len(piece) - (len(texts[s]) - cut)]
                 done[s] = True
@@ -245,17 +233,33 @@ _MAX_HELD = 8  # a run of quote marks is shown after this many, whatever follows
 def _new_text(tok: Tokenizer, prompt_ids: list[int], generated: list[int], so_far: str,
               count: int = 1, window: int = 24) -> str:
     """The text the last `count` tokens add. Decoding a short tail keeps this constant-time;
-    the tail's text before and after those tokens differ only in what they added."""
-    tail = (prompt_ids + generated)[-(window + count - 1):]
-    before, after = tok.decode(tail[:-count]), tok.decode(tail)
+    the tail's text before and after those tokens differ only in what they added.
+
+    The prompt's <unk> ids stay in the tail as "<unk>": they stand for words the user wrote,
+    so what follows them is spaced and cased as after a word (dropped, a continuation of an
+    unknown last word was glued to it and capitalised as if it started the text). Generated
+    special tokens add no text and are left out."""
+    context = prompt_ids + _readable(generated[:-count])
+    new = _readable(generated[-count:])
+    if not new:
+        return ""
+    tail = (context + new)[-(window + len(new) - 1):]
+    before = tok.decode(tail[:-len(new)], skip_special=False)
+    after = tok.decode(tail, skip_special=False)
     if after.startswith(before):
         return after[len(before):]
-    piece = tok.decode(tail[-count:])
+    piece = tok.decode(new)
     return piece if not so_far or not piece or piece[0] in " ,.;:!?)'" else " " + piece
 
 
-def _stop_at(text: str, piece: str, stops: list[str]) -> int | None:
-    """Where `text` must end if a stop string has just appeared in it (the stop string is cut)."""
+def _readable(ids: list[int]) -> list[int]:
+    """`ids` without special tokens (their ids come first in every vocabulary)."""
+    return [i for i in ids if i >= len(SPECIAL_TOKENS)]
+
+
+def stop_at(text: str, piece: str, stops: Sequence[str]) -> int | None:
+    """Where `text` must end if a stop string has just appeared in it, `piece` being the text
+    just added (the stop string is cut); None if none has."""
     for s in stops:
         at = text.find(s, max(0, len(text) - len(piece) - len(s)))
         if at != -1:

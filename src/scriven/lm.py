@@ -17,6 +17,7 @@ from . import checkpoint as ckpt_io
 from .config import check, from_dict, to_dict
 from .data import read_text, resolve_text_source
 from .errors import ScrivenError
+from .models import kinds_for
 from .models.gpt import GPT, GPT_PRESETS, GPTConfig
 from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
 from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
@@ -258,7 +259,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
     """Perplexity and bits per character of a checkpoint on any text (a file or dataset name)."""
     dev = resolve_device(device)
-    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=tuple(MODELS))
+    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=kinds_for("lm"))
     content = read_text(resolve_text_source(text))
     ids = torch.tensor(tok.encode(content), dtype=torch.long)
     if ids.numel() < 2:

@@ -7,7 +7,6 @@ import csv
 import hashlib
 import io
 import random
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,21 +15,10 @@ import torch
 from torch import Tensor
 
 from .config import check, check_float, check_positive_int
-from .data import normalize_text as normalize_document
+from .data import normalize_text
 from .errors import ScrivenError
 
 FORMATS = ("tsv", "csv")
-
-# Python's \s covers the Unicode spaces: U+00A0, U+202F (French « : » spacing), U+2009, ...
-_SPACES = re.compile(r"\s+")
-
-
-def normalize_text(text: str) -> str:
-    """A sentence as `data.normalize_text` reads text (NFC, plain spaces, ASCII apostrophes
-    and quotes, no zero-width characters), with every run of whitespace one space, trimmed.
-    The same sentence typed two ways becomes one string, so it tokenizes and splits the same."""
-    return _SPACES.sub(" ", normalize_document(text)).strip()
-
 
 @dataclass(frozen=True)
 class Pair:
@@ -112,7 +100,7 @@ def read_pairs(
     """Read sentence pairs: column 1 = source, column 2 = target, further columns = metadata.
 
     `fmt` is "tsv" or "csv" (None: "csv" for *.csv files, else "tsv"). Text is normalised with
-    `normalize_text`. Records with fewer than two fields or an empty side are malformed:
+    `data.normalize_text` (as sentences). Records with fewer than two fields or an empty side are malformed:
     skipped and reported, or with `strict` the first one raises ScrivenError naming file and
     line. Pairs where either side has more than `max_words` words are dropped and reported.
     `header` skips the first record. Raises ScrivenError when the file is missing, empty, not
@@ -136,7 +124,7 @@ def read_pairs(
         if len(fields) < 2:
             problem = "fewer than 2 fields"
         else:
-            source, target = normalize_text(fields[0]), normalize_text(fields[1])
+            source, target = normalize_text(fields[0], sentence=True), normalize_text(fields[1], sentence=True)
             problem = "empty source" if not source else "empty target" if not target else ""
         if problem:
             if strict:
@@ -162,7 +150,7 @@ class Splits:
 
 def split_key(source: str) -> str:
     """What counts as "the same source sentence" for splitting: normalised and case-folded."""
-    return normalize_text(source).casefold()
+    return normalize_text(source, sentence=True).casefold()
 
 
 def split_pairs(

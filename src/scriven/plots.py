@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,10 +20,12 @@ from torch import Tensor  # noqa: E402
 from . import checkpoint as ckpt_io  # noqa: E402
 from .config import check_positive_int  # noqa: E402
 from .errors import ScrivenError  # noqa: E402
+from .models import KINDS  # noqa: E402
 from .models.transformer import sinusoidal_positions  # noqa: E402
 from .sampling import filter_logits, validate  # noqa: E402
 from .tokenizers import SPECIAL_TOKENS  # noqa: E402
 from .train import resolve_device  # noqa: E402
+from .translation import ATTENTION_KINDS, LoadedTranslator, all_attention  # noqa: E402
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -74,7 +75,6 @@ def plot_training_curves(metrics: str | Path, out: str | Path) -> dict[str, list
 # ---------------------------------------------------------------------------------------------
 # Attention of a translation
 
-ATTENTION_KINDS = ("encoder_self", "decoder_self", "cross")
 _ATTENTION_TITLES = {
     "encoder_self": ("encoder self-attention", "source (key)", "source (query)"),
     "decoder_self": ("decoder masked self-attention", "decoder input (key)",
@@ -83,8 +83,7 @@ _ATTENTION_TITLES = {
 }
 
 
-def _loaded_translator(checkpoint: Any, device: str):  # -> LoadedTranslator
-    from .translation import LoadedTranslator
+def _loaded_translator(checkpoint: Any, device: str) -> LoadedTranslator:
     if isinstance(checkpoint, LoadedTranslator):
         return checkpoint
     return LoadedTranslator.load(checkpoint, device)
@@ -93,36 +92,13 @@ def _loaded_translator(checkpoint: Any, device: str):  # -> LoadedTranslator
 def translation_attention(checkpoint: Any, source: str, target: str | None = None,
                           device: str = "auto") -> dict[str, Any]:
     """Every attention map of one translation: the model's greedy translation of `source`, or
-    `target` teacher-forced. Returns tokens and {kind: [(H, Tq, Tk)] per layer} for kinds
-    encoder_self (source × source), decoder_self (decoder input × decoder input, masked) and
-    cross (predicted token × source); rows sum to 1."""
-    from .search import greedy_search
-    from .tokenizers import BOS_ID, EOS_ID
-    from .translation import default_max_len
-    from .translation import detokenize as detok
-
-    tr = _loaded_translator(checkpoint, device)
-    (src,), cut = tr.encode_sources([source], ["source"])
-    if cut:
-        warnings.warn(f"source is longer than the model's max_len ({tr.max_len} tokens); "
-                      "it was cut", stacklevel=2)
-    src_t = torch.tensor([src], device=tr.device)                           # (1, S)
-    if target is None:
-        tgt = greedy_search(tr.model, src_t, BOS_ID, EOS_ID,
-                            default_max_len(tr.model, len(src)))[0]
-    else:
-        (tgt,), _ = tr.encode_sources([target], ["target"])
-    tgt = tgt[: tr.max_len - 1]  # <bos> takes one position
-    tgt_in = torch.tensor([[BOS_ID, *tgt]], device=tr.device)               # (1, T)
-    maps = tr.model.attention_maps(src_t, tgt_in)
-    tok = tr.tokenizer
-    return {
-        "source_tokens": [tok.id_to_token(i) for i in src],
-        "decoder_tokens": [tok.id_to_token(i) for i in [BOS_ID, *tgt]],
-        "target_tokens": [tok.id_to_token(i) for i in [*tgt, EOS_ID]],
-        "translation": detok(tok, tgt),
-        "maps": {k: [m[0].float().cpu() for m in maps[k]] for k in ATTENTION_KINDS},
-    }
+    `target` teacher-forced (`translation.all_attention`). Returns tokens and {kind: [(H, Tq,
+    Tk)] per layer} for kinds encoder_self (source × source), decoder_self (decoder input ×
+    decoder input, masked) and cross (predicted token × source); rows sum to 1."""
+    found = all_attention(_loaded_translator(checkpoint, device), source, target)
+    return {"source_tokens": found.source_tokens, "decoder_tokens": found.decoder_tokens,
+            "target_tokens": found.target_tokens, "translation": found.translation,
+            "maps": found.maps}
 
 
 def _heatmap(ax, weights: Tensor, cols: list[str], rows: list[str], title: str,
@@ -310,7 +286,7 @@ def _embedding_model(checkpoint: Any, device: str):
         model, tok = checkpoint.model, checkpoint.tokenizer
     else:
         model, tok, _ = ckpt_io.load_model(checkpoint, resolve_device(device),
-                                           kinds=("lstm", "transformer", "gpt"))
+                                           kinds=tuple(KINDS))
     table = model.src_embed if hasattr(model, "src_embed") else model.embed
     return table.weight.detach().float().cpu(), tok
 

@@ -7,7 +7,7 @@ fast weights come from memory, and a batch by the matrix units:
         where it has them, which is what a batch of streams wants;
   int8  one signed byte per weight with one scale per output row (symmetric, absmax / 127):
         a quarter of the bytes. Here (PyTorch's kernels) multiplied with bf16 activations; an
-        LSTM's int8 step on scriven's native kernels (`scriven.native`) also rounds each
+        LSTM's int8 step on scriven's native kernels (`scriven.accel`) also rounds each
         layer's input to 8 bits.
 Activations stay float32 between matmuls.
 """

@@ -1,4 +1,5 @@
-"""Decoding rules as small pure functions on logits, composed in a fixed order by `sample_next`.
+"""Decoding rules as small pure functions on logits, composed in a fixed order by `sample_rows`
+(one batched sampler, each row with its own settings; `sample_next` is its scalar form).
 
 Every filter takes logits (..., V) and returns logits of the same shape, with removed tokens at
 -inf, so each can be tested alone: top-k of 1 equals argmax, top-p of 1 changes nothing,
@@ -8,11 +9,11 @@ temperature 0 means greedy.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .accel import native
 from .errors import ScrivenError
 
 
@@ -54,12 +55,7 @@ def top_k_values(logits: Tensor, k: int, block: int = 128) -> tuple[Tensor, Tens
     `torch.topk` returns (up to the order of ties), faster for a batch of rows over a large
     vocabulary. The row is cut into blocks; the k best values lie in the k blocks with the best
     maxima (any other block's maximum has k larger values above it), so a full-row top-k is
-    replaced by a cheap max per block and a top-k over k blocks. Where the native kernels run
-    (`scriven.native`), a small k takes one pass over each row instead."""
-    lib = native.library()
-    if (lib is not None and logits.dim() == 2 and k <= native.MAX_TOP_K
-            and logits.dtype == torch.float32 and logits.device.type == "cpu"):
-        return native.top_k(logits, k)
+    replaced by a cheap max per block and a top-k over k blocks."""
     if logits.dim() != 2 or logits.size(0) < 8 or logits.size(1) // block < 4 * k:
         return torch.topk(logits, k, dim=-1)  # few rows or blocks: plain top-k is quicker
     b, v = logits.shape
@@ -99,6 +95,20 @@ def repetition_penalty_filter(logits: Tensor, previous: Tensor, penalty: float) 
     return logits.scatter(-1, previous, seen)
 
 
+def penalize_rows(logits: Tensor, histories: Sequence[Sequence[int]],
+                  penalties: Sequence[float]) -> Tensor:
+    """`repetition_penalty_filter` for each row of logits (R, V) with its own token history
+    and penalty (rows' histories differ in length, so they are penalised one by one)."""
+    rows = [i for i, penalty in enumerate(penalties) if penalty != 1.0]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        previous = torch.tensor([list(histories[i])], dtype=torch.long, device=logits.device)
+        logits[i:i + 1] = repetition_penalty_filter(logits[i:i + 1], previous, penalties[i])
+    return logits
+
+
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> Tensor:
     """Temperature, then top-k, then top-p: the order Hugging Face `generate` uses too."""
@@ -121,34 +131,125 @@ def sample_with_probability(logits: Tensor, temperature: float = 1.0, top_k: int
                             top_p: float | None = None, generator: torch.Generator | None = None
                             ) -> tuple[Tensor, Tensor]:
     """Like `sample_next`, and also the probability (B,) each pick had in the distribution it
-    was drawn from (for greedy: the plain softmax)."""
+    was drawn from (for greedy: the plain softmax): `sample_shared` with one random number per
+    row from `generator`."""
+    u = uniform(logits.size(0), generator, logits.device) if temperature else None
+    return sample_shared(logits, temperature, top_k, top_p, u)[:2]
+
+
+def row_settings(logits: Tensor, temperature: float, top_k: int | None,
+                 top_p: float | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Scalar settings as the per-row tensors (R,) `sample_rows` takes: top-k None is the
+    vocabulary size and top-p None is 1 (both off)."""
+    r, v = logits.shape
+    return (torch.full((r,), float(temperature), device=logits.device),
+            torch.full((r,), top_k or v, dtype=torch.long, device=logits.device),
+            torch.full((r,), float(top_p or 1.0), device=logits.device))
+
+
+Sampled = tuple[Tensor, Tensor, tuple[Tensor, Tensor]]  # ids, probabilities, alternatives
+
+
+def sample_shared(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                  uniform: Tensor | None, alternatives: int = 0) -> Sampled:
+    """`sample_rows` for settings every row shares (generation's batch of samples): the same
+    passes and the same picks, the pass chosen once from the settings. Greedy (temperature 0)
+    needs no random numbers: `uniform` may then be None."""
     logits = logits.float()
-    if temperature == 0:
-        ids = logits.argmax(dim=-1)                                          # (B,)
-        best = logits.gather(-1, ids[:, None]).squeeze(-1)
-        return ids, torch.exp(best - torch.logsumexp(logits, dim=-1))
-    if top_k is not None and top_k < logits.size(-1):
-        lib = native.library()
-        if (lib is not None and top_p is None and top_k <= native.MAX_TOP_K
-                and logits.device.type == "cpu" and logits.dim() == 2):
-            # The same steps and the same random number, in one native call.
-            return native.sample_top_k(logits, top_k, temperature,
-                                       uniform(logits.size(0), generator, logits.device))
-        # Same distribution as top_k_filter, but softmax and top-p run over k values, not V.
-        values, indices = top_k_values(logits, top_k)                        # (B, k)
-        probs = torch.softmax(filter_logits(values, temperature, None, top_p), dim=-1)
-        choice = draw(probs, generator)                                      # (B, 1)
-        return indices.gather(-1, choice).squeeze(-1), probs.gather(-1, choice).squeeze(-1)
-    probs = torch.softmax(filter_logits(logits, temperature, None, top_p), dim=-1)
-    choice = draw(probs, generator)
-    return choice.squeeze(-1), probs.gather(-1, choice).squeeze(-1)
+    v = logits.size(-1)
+    kind = _GREEDY if temperature == 0 else (
+        _FILTERED if (top_k or v) < v or (top_p or 1.0) < 1 else _PLAIN)
+    return _PASSES[kind](logits, *row_settings(logits, temperature, top_k, top_p), uniform,
+                         min(alternatives, v))
 
 
-def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """One index (B, 1) per row of probs (B, K), each with its probability: inverse-CDF
-    sampling, which costs less than torch.multinomial and is what the server's batched
-    sampler does too."""
-    return inverse_cdf(probs, uniform(probs.size(0), generator, probs.device))
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                uniform: Tensor, alternatives: int = 0) -> Sampled:
+    """Sample one token per row of `logits` (R, V), each row with its own settings: the rule of
+    `filter_logits` (temperature, then top-k, then top-p). temperature (R,) with 0 = greedy;
+    top_k (R,) long, V = off; top_p (R,), 1 = off; uniform (R,) in [0, 1), one random number
+    per row (inverse-CDF sampling). A row's pick depends only on its own logits, settings and
+    number, never on the other rows, so a seeded request gives the same text in any batch.
+
+    Returns ids (R,), their probabilities (R,) under the distribution they were drawn from
+    (the plain softmax for greedy rows), and the `alternatives` most likely tokens
+    (probabilities (R, A), ids (R, A)) of that distribution, most likely first."""
+    logits = logits.float()
+    r, v = logits.shape
+    alternatives = min(alternatives, v)
+    # Each kind of row has its own cheapest pass: filtered rows need their best tokens sorted,
+    # the others do not (a sort of the whole vocabulary per row costs some 70 softmaxes).
+    kinds = torch.where(temperature == 0, _GREEDY,
+                        torch.where((top_k < v) | (top_p < 1), _FILTERED, _PLAIN))  # (R,)
+    counts = torch.bincount(kinds, minlength=len(_PASSES)).tolist()
+    if max(counts) == r:  # one kind of row: no gathering
+        return _PASSES[counts.index(r)](logits, temperature, top_k, top_p, uniform, alternatives)
+    ids = torch.empty(r, dtype=torch.long, device=logits.device)
+    probs = torch.empty(r, device=logits.device)
+    alt_p = torch.empty(r, alternatives, device=logits.device)
+    alt_i = torch.empty(r, alternatives, dtype=torch.long, device=logits.device)
+    for kind, count in enumerate(counts):
+        if count:
+            i = (kinds == kind).nonzero().squeeze(1)
+            ids[i], probs[i], (alt_p[i], alt_i[i]) = _PASSES[kind](
+                logits[i], temperature[i], top_k[i], top_p[i], uniform[i], alternatives)
+    return ids, probs, (alt_p, alt_i)
+
+
+def _greedy_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                 uniform: Tensor | None, alternatives: int) -> Sampled:
+    """Argmax, with its probability under the plain softmax (the settings do not matter)."""
+    ids = logits.argmax(dim=-1)                                             # (R,)
+    best = logits.gather(-1, ids[:, None]).squeeze(-1)
+    chosen = torch.exp(best - torch.logsumexp(logits, dim=-1))
+    return ids, chosen, _top(lambda: torch.softmax(logits, dim=-1), alternatives, ids)
+
+
+def _plain_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                uniform: Tensor, alternatives: int) -> Sampled:
+    """Temperature only: the whole vocabulary, in its own order."""
+    probs = torch.softmax(logits / temperature[:, None], dim=-1)            # (R, V)
+    ids = inverse_cdf(probs, uniform)                                       # (R, 1)
+    return ids.squeeze(-1), probs.gather(-1, ids).squeeze(-1), \
+        _top(lambda: probs, alternatives, ids.squeeze(-1))
+
+
+def _filtered_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
+                   uniform: Tensor, alternatives: int) -> Sampled:
+    """Top-k and/or top-p: over each row's best tokens, sorted by probability (only the K best
+    of any row can be drawn, and a top-K selection is much cheaper than a sort of all V).
+    Temperature keeps the order, so it scales the K kept logits, not all V."""
+    v = logits.size(-1)
+    width = min(v, max(int(top_k.max()), alternatives, 1))
+    if width < v:
+        ordered, order = top_k_values(logits, width)                        # (R, K), sorted
+    else:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)
+    ordered = ordered / temperature[:, None]
+    if bool((top_k < width).any()):
+        rank = torch.arange(width, device=logits.device)                    # (K,)
+        ordered = ordered.masked_fill(rank[None] >= top_k[:, None], float("-inf"))  # top-k
+    probs = torch.softmax(ordered, dim=-1)                                  # (R, K)
+    if bool((top_p < 1).any()):
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        drop = mass_before >= top_p[:, None]                                # top-p
+        probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)
+    position = inverse_cdf(probs, uniform)                                  # (R, 1)
+    a = min(alternatives, width)
+    return (order.gather(-1, position).squeeze(-1), probs.gather(-1, position).squeeze(-1),
+            (probs[:, :a], order[:, :a]))
+
+
+_GREEDY, _PLAIN, _FILTERED = 0, 1, 2
+_PASSES = (_greedy_rows, _plain_rows, _filtered_rows)
+
+
+def _top(probs: Callable[[], Tensor], count: int, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """The `count` most likely tokens (probabilities (R, A), ids (R, A)); the distribution is
+    computed only when some are asked for."""
+    if not count:
+        return ids.new_empty(ids.size(0), 0, dtype=torch.float), ids.new_empty(ids.size(0), 0)
+    return torch.topk(probs(), count, dim=-1)
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:

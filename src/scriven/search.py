@@ -1,5 +1,6 @@
 """Decoding a `Transformer`: batched greedy and beam search over the KV cache (one decoder step
-per new token), and the book's prefix-recomputing greedy loop kept for benchmarks.
+per new token), each with a per-step hook for streaming and cancellation. (The book's
+prefix-recomputing loop, a benchmark baseline, lives in bench/recompute.py.)
 
 Outputs are token ids without <bos> and <eos>. Each function switches the model to eval mode
 (no dropout) for the call and restores its previous mode afterwards.
@@ -8,7 +9,9 @@ Outputs are token ids without <bos> and <eos>. Each function switches the model 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,21 +48,61 @@ def _source(model: Transformer, src: Tensor, src_mask: Tensor | None) -> tuple[T
     return src, src_mask
 
 
+@dataclass(frozen=True)
+class GreedyStep:
+    """What one step of `greedy_search` decided, for its `on_step` hook."""
+
+    step: int                 # tokens decoded so far per sentence, this one included
+    sentences: list[int]      # batch index of each sentence that took a token at this step
+    tokens: list[int]         # the token each of them took (eos_id: it ended)
+    finished: list[int]       # sentences done after this step: <eos> or their length limit
+    outputs: list[list[int]]  # every sentence's tokens so far, without <bos> and <eos>
+
+
+@dataclass(frozen=True)
+class BeamStep:
+    """What one step of `beam_search` decided, for its `on_step` hook."""
+
+    step: int             # tokens decoded so far per hypothesis, this one included
+    sentences: list[int]  # batch index of each sentence still searching
+    finished: list[int]   # sentences whose search ended at this step
+
+
+# Called after each step with its GreedyStep or BeamStep. True stops the whole search; a
+# collection of sentence indices stops those sentences (each keeps what it had found); None or
+# False goes on. An exception it raises leaves the search (the model's mode is restored).
+StepHook = Callable[[Any], "bool | Collection[int] | None"]
+
+
+def _ask(on_step: StepHook | None, state: Any) -> bool | set[int]:
+    """The hook's answer: True (stop everything) or the set of sentences to stop."""
+    if on_step is None:
+        return set()
+    answer = on_step(state)
+    return True if answer is True else set(answer or ())
+
+
 def greedy_search(
     model: Transformer,
     src: Tensor,
     bos_id: int,
     eos_id: int,
-    max_len: int,
+    max_len: int | Sequence[int],
     src_mask: Tensor | None = None,
+    on_step: StepHook | None = None,
 ) -> list[list[int]]:
     """Most likely next token at every step, for a padded batch `src` (B, S).
 
     `src_mask` (B, 1, 1, S) defaults to the non-pad positions. At most `max_len` tokens are
-    generated per sentence (<eos> included); finished sentences leave the batch, so the
-    remaining ones decode faster.
+    generated per sentence (<eos> included): one limit for all, or one per sentence.
+    Finished sentences leave the batch, so the remaining ones decode faster. `on_step` (see
+    `StepHook`) sees each step's `GreedyStep`: to stream tokens, or to stop sentences early.
     """
-    _check_max_len(model, max_len)
+    limits = [max_len] * src.size(0) if isinstance(max_len, int) else list(max_len)
+    check(len(limits) == src.size(0), "max_len",
+          f"needs one limit per sentence ({src.size(0)}), got {len(limits)}")
+    for limit in set(limits):
+        _check_max_len(model, limit)
     with _eval_mode(model):
         src, src_mask = _source(model, src, src_mask)
         memory = model.encode(src, src_mask)  # (B, S, D)
@@ -67,47 +110,29 @@ def greedy_search(
         results: list[list[int]] = [[] for _ in range(src.size(0))]
         alive = list(range(src.size(0)))  # original sentence index of each batch row
         tokens = src.new_full((src.size(0),), bos_id)  # (A,)
-        for _ in range(max_len):
+        for step in range(max(limits, default=0)):
             logits = model.decode_step(tokens, memory, src_mask, cache)  # (A, V)
             tokens = logits.argmax(dim=-1)  # (A,)
-            for row, token in zip(alive, tokens.tolist(), strict=True):
+            chosen = tokens.tolist()
+            finished = []
+            for row, token in zip(alive, chosen, strict=True):
                 if token != eos_id:
                     results[row].append(token)
-            keep = (tokens != eos_id).nonzero().squeeze(1)  # (A',)
-            if keep.numel() == 0:
+                if token == eos_id or step + 1 >= limits[row]:
+                    finished.append(row)
+            stop = _ask(on_step, GreedyStep(step + 1, alive, chosen, finished, results))
+            if stop is True:
                 break
-            if keep.numel() < len(alive):
-                alive, tokens = [alive[i] for i in keep.tolist()], tokens[keep]
-                memory, src_mask = memory.index_select(0, keep), src_mask.index_select(0, keep)
-                cache.reorder(keep)
+            leaving = stop.union(finished)
+            keep = [i for i, row in enumerate(alive) if row not in leaving]
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                index = torch.tensor(keep, device=tokens.device)
+                alive, tokens = [alive[i] for i in keep], tokens.index_select(0, index)
+                memory, src_mask = memory.index_select(0, index), src_mask.index_select(0, index)
+                cache.reorder(index)
         return results
-
-
-def recompute_greedy(
-    model: Transformer,
-    src: Sequence[int] | Tensor,
-    bos_id: int,
-    eos_id: int,
-    max_len: int,
-) -> list[int]:
-    """The book's decoding loop: one sentence, and at every step the whole target prefix runs
-    through the decoder again (quadratic work). Same output as `greedy_search`; kept only to
-    measure what the cache saves."""
-    _check_max_len(model, max_len)
-    with _eval_mode(model):
-        device = next(model.parameters()).device
-        src_t = torch.as_tensor(src, dtype=torch.long, device=device).reshape(1, -1)  # (1, S)
-        src_mask = padding_mask(src_t, model.config.pad_id)
-        memory = model.encode(src_t, src_mask)  # (1, S, D)
-        out = [bos_id]
-        for _ in range(max_len):
-            tgt = torch.tensor([out], device=device)
-            logits, _ = model.decode(tgt, memory, src_mask)  # (1, t, V)
-            token = int(logits[0, -1].argmax())
-            if token == eos_id:
-                break
-            out.append(token)
-        return out[1:]
 
 
 def length_penalty_gnmt(length: int, alpha: float) -> float:
@@ -127,6 +152,7 @@ def beam_search(
     length_penalty: float = 1.0,
     n_best: int = 1,
     src_mask: Tensor | None = None,
+    on_step: StepHook | None = None,
 ) -> list[list[tuple[list[int], float]]]:
     """Beam search for a padded batch `src` (B, S): per sentence the `n_best` hypotheses, best
     first, as (token ids, score), score = log P(tokens + <eos>) / lp(length) with the GNMT
@@ -136,7 +162,9 @@ def beam_search(
     those ending in <eos> that rank within the top `beam_size` to the sentence's finished list,
     and continues with the `beam_size` best others (as in fairseq). A sentence is done once it
     has `beam_size` finished hypotheses; beams still open after `max_len` tokens are scored
-    without an <eos>. With beam_size 1 this is exactly greedy search.
+    without an <eos>. With beam_size 1 this is exactly greedy search. `on_step` (see
+    `StepHook`) sees each step's `BeamStep` and can stop the search or some sentences; a stopped
+    sentence returns the hypotheses it had finished (perhaps none).
     """
     check_positive_int(beam_size, "beam_size")
     check_positive_int(n_best, "n_best")
@@ -188,7 +216,12 @@ def beam_search(
             history = torch.cat([history.index_select(0, rows), tokens[:, None]], dim=1)
             cache.reorder(rows)
 
-            keep = [i for i, s in enumerate(alive) if len(finished[s]) < k]
+            done = [s for s in alive if len(finished[s]) >= k]
+            stop = _ask(on_step, BeamStep(step + 1, [s for s in alive if len(finished[s]) < k],
+                                          done))
+            if stop is True:
+                break
+            keep = [i for i, s in enumerate(alive) if len(finished[s]) < k and s not in stop]
             if not keep:
                 break
             if len(keep) < a:  # drop finished sentences from the batch

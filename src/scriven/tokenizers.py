@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from .config import check, check_positive_int
-from .data import write_text_atomic
+from .data import normalization_steps, write_text_atomic
 from .errors import ScrivenError
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -360,7 +360,6 @@ def _close_cost(tokens: Sequence[str], k: int) -> float:
     return 0.0
 
 
-_FIRST_LETTER_RE = re.compile(r"^(\W*)([^\W\d_])")
 _SENTENCE_RE = re.compile(r"([.!?])([^\w\s]*)(\s+[^\w\s]*)([^\W\d_]\w*)")
 # 'he said, "hello' -> 'he said, "Hello': a quotation introduced by , or : starts a sentence.
 _QUOTATION_RE = re.compile(r"([,:]\s+[\"\u201c]['\u2018]?)([^\W\d_])")
@@ -382,7 +381,10 @@ def _sentence_case(text: str) -> str:
     hidden = [(token, chr(0xE000 + k)) for k, token in enumerate(SPECIAL_TOKENS) if token in text]
     for token, mark in hidden:
         text = text.replace(token, mark)
-    text = _FIRST_LETTER_RE.sub(lambda m: m.group(1) + m.group(2).upper(), text, count=1)
+    # A shown <unk> stands for a word: when the text starts with one, that word is the start.
+    unk = dict(hidden).get(UNK, "")
+    text = re.sub(rf"^([^\w{unk}]*)([^\W\d_])", lambda m: m.group(1) + m.group(2).upper(),
+                  text, count=1)
     text = _SENTENCE_RE.sub(_capitalise_sentence, text)
     text = _QUOTATION_RE.sub(lambda m: m.group(1) + m.group(2).upper(), text)
     text = _I_RE.sub("I", text)
@@ -422,13 +424,6 @@ class CharTokenizer(_VocabTokenizer):
 
 _BYTE_TOKENS = tuple(f"<0x{b:02X}>" for b in range(256))
 BPE_MIN_VOCAB = 300
-# Same normalisation as scriven.data.normalize_text, inside the tokenizer so that it travels
-# with the checkpoint and applies to prompts: "Cours\u202f!" -> "Cours !", "l’homme" -> "l'homme".
-_BPE_SPACES = "[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]"
-_BPE_INVISIBLE = "[\u200b\u2060\ufeff\u00ad]"
-_BPE_SINGLE_QUOTES = "[\u2018\u2019\u201a\u201b\u02bc]"
-_BPE_DOUBLE_QUOTES = "[\u201c\u201d\u201e\u201f]"
-
 
 class BPETokenizer(Tokenizer):
     """Byte-pair encoding via HF `tokenizers`: NFC and space/quote normalisation, Metaspace
@@ -468,13 +463,11 @@ class BPETokenizer(Tokenizer):
               f"must be at least {BPE_MIN_VOCAB} (4 special and 256 byte tokens come first), "
               f"got {vocab_size}")
         check_positive_int(min_frequency, "min_frequency")
-        steps = [
-            normalizers.NFC(),
-            normalizers.Replace(Regex(_BPE_SPACES), " "),
-            normalizers.Replace(Regex(_BPE_INVISIBLE), ""),
-            normalizers.Replace(Regex(_BPE_SINGLE_QUOTES), "'"),
-            normalizers.Replace(Regex(_BPE_DOUBLE_QUOTES), '"'),
-        ]
+        # scriven.data.normalize_text, inside the tokenizer so that it travels with the
+        # checkpoint and applies to prompts: "Cours\u202f!" -> "Cours !", "l’homme" -> "l'homme".
+        steps = [normalizers.Replace(Regex(pattern), replacement)
+                 for pattern, replacement in normalization_steps()]
+        steps.append(normalizers.NFC())
         if lowercase:
             steps.append(normalizers.Lowercase())
         # Prepend the space marker in the normalizer (not the pre-tokenizer) so that leading

@@ -28,13 +28,13 @@ from torch import Tensor, nn
 from . import accel
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
-from .data import DATASETS, get_dataset, resolve_text_source
+from .data import DATASETS, get_dataset, normalize_text, resolve_text_source
 from .errors import ScrivenError
+from .models import kinds_for
 from .models.transformer import PRESETS, Transformer, TransformerConfig
 from .pairs import (
     Batch,
     Pair,
-    normalize_text,
     pad_sequences,
     read_pairs,
     split_pairs,
@@ -44,7 +44,7 @@ from .search import beam_search, greedy_search
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
 from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
 
-KIND = "transformer"
+(KIND,) = kinds_for("translate")  # the checkpoint kind a translator is saved as
 # The split is part of the data, not of a run: fixed, so every run (and `evaluate_translation`)
 # sees the same test sentences.
 SPLIT = {"valid_fraction": 0.05, "test_fraction": 0.05, "seed": 0}
@@ -163,9 +163,8 @@ def search_ids(model: Transformer, sources: Sequence[Sequence[int]], beam: int =
     """Decode many sources: sorted by length into batches of `batch_size` sentences (little
     padding), greedy for beam 1, else beam search; results in input order.
 
-    Each sentence gets what it would get alone: greedy runs to the longest limit in the batch
-    and cuts each output to its own limit (a greedy prefix does not depend on the limit); beam
-    search, whose result does depend on it, only batches sentences that share a limit."""
+    Each sentence gets what it would get alone: greedy stops each sentence at its own limit;
+    beam search, whose result depends on the limit, only batches sentences that share one."""
     device = next(model.parameters()).device
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     limits = [max_len or default_max_len(model, len(s)) for s in sources]
@@ -179,10 +178,10 @@ def search_ids(model: Transformer, sources: Sequence[Sequence[int]], beam: int =
     results: list[Hypotheses] = [[] for _ in sources]
     for rows in batches:
         src = pad_sequences([sources[i] for i in rows], PAD_ID).to(device)  # (B, S)
-        limit = max(limits[i] for i in rows)
+        limit = limits[rows[0]]  # beam batches share it
         if beam == 1:
-            found: list[Hypotheses] = [[(ids[: limits[i]], None)] for i, ids in
-                                       zip(rows, greedy_search(model, src, BOS_ID, EOS_ID, limit))]
+            found: list[Hypotheses] = [[(ids, None)] for ids in greedy_search(
+                model, src, BOS_ID, EOS_ID, [limits[i] for i in rows])]
         else:
             found = [list(h) for h in beam_search(model, src, beam, BOS_ID, EOS_ID, limit,
                                                   length_penalty, n_best)]
@@ -191,9 +190,9 @@ def search_ids(model: Transformer, sources: Sequence[Sequence[int]], beam: int =
     return results
 
 
-def detokenize(tok: Tokenizer, ids: Sequence[int]) -> str:
-    """Natural text for output ids: specials and <unk> dropped, and any stray byte pieces that
-    do not form a character (the replacement character) removed."""
+def translation_text(tok: Tokenizer, ids: Sequence[int]) -> str:
+    """Natural text for a translation's output ids: specials and <unk> dropped, and any stray
+    byte pieces that do not form a character (the replacement character) removed."""
     text = tok.decode([i for i in ids if i != UNK_ID])
     return text.replace("\ufffd", "").strip()
 
@@ -312,7 +311,7 @@ class TranslationTask:
         mine = list(range(r, len(self.bleu_sources), w))
         found = search_ids(model, [self.bleu_sources[i] for i in mine],
                            batch_size=self.decode_batch_size)
-        hyps = {i: detokenize(self.tokenizer, h[0][0]) for i, h in zip(mine, found)}
+        hyps = {i: translation_text(self.tokenizer, h[0][0]) for i, h in zip(mine, found)}
         if w > 1:
             sums = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(sums)
@@ -442,7 +441,7 @@ class LoadedTranslator:
             where = names[i] if names is not None else f"text[{i}]"
             if not isinstance(text, str):
                 raise ScrivenError(f"{where} must be a string, got {type(text).__name__}")
-            clean = normalize_text(text)
+            clean = normalize_text(text, sentence=True)
             if not clean:
                 raise ScrivenError(f"{where} is empty: nothing to translate")
             normalised.append(clean)
@@ -511,11 +510,47 @@ def translate(checkpoint: str | Path | LoadedTranslator, text: str | Sequence[st
     _warn_cut(tr, cut, names)
     found = search_ids(tr.model, ids, beam, n_best, length_penalty, max_len, batch_size)
     if n_best == 1:
-        out: list[Any] = [detokenize(tr.tokenizer, h[0][0]) for h in found]
+        out: list[Any] = [translation_text(tr.tokenizer, h[0][0]) for h in found]
     else:
-        out = [[(detokenize(tr.tokenizer, ids_), float(score or 0.0)) for ids_, score in h]
+        out = [[(translation_text(tr.tokenizer, ids_), float(score or 0.0)) for ids_, score in h]
                for h in found]
     return out[0] if single else out
+
+
+ATTENTION_KINDS = ("encoder_self", "decoder_self", "cross")
+
+
+@dataclass
+class Attention:
+    """Every attention map of one translation (see `read_attention`)."""
+
+    source_tokens: list[str]
+    decoder_tokens: list[str]  # <bos> + target: what the decoder reads
+    target_tokens: list[str]   # target + <eos>: what each decoder position predicts
+    translation: str
+    maps: dict[str, list[Tensor]]  # kind -> per layer (heads, queries, keys), rows sum to 1
+    cut: bool = False              # the target was cut to fit the model's max_len
+
+
+def read_attention(tr: LoadedTranslator, src: Sequence[int], tgt: Sequence[int]) -> Attention:
+    """The attention maps of the model reading source ids `src` and, teacher-forced, target
+    ids `tgt` (without <bos>/<eos>), for each of `ATTENTION_KINDS`: encoder_self (source ×
+    source), decoder_self (decoder input × decoder input, masked) and cross (predicted token ×
+    source). The one truncation rule: a target longer than max_len - 1 tokens is cut to that
+    (<bos> takes one position) and `cut` says so; sources come cut by `encode_sources`."""
+    tgt = list(tgt)
+    cut = len(tgt) > tr.max_len - 1
+    tgt = tgt[: tr.max_len - 1]
+    src_t = torch.tensor([list(src)], device=tr.device)                    # (1, S)
+    tgt_in = torch.tensor([[BOS_ID, *tgt]], device=tr.device)               # (1, T)
+    with torch.inference_mode():
+        maps = tr.model.attention_maps(src_t, tgt_in)
+    tok = tr.tokenizer
+    return Attention([tok.id_to_token(i) for i in src],
+                     [tok.id_to_token(i) for i in [BOS_ID, *tgt]],
+                     [tok.id_to_token(i) for i in [*tgt, EOS_ID]],
+                     translation_text(tok, tgt),
+                     {k: [m[0].float().cpu() for m in maps[k]] for k in ATTENTION_KINDS}, cut)
 
 
 @dataclass
@@ -529,6 +564,11 @@ class CrossAttention:
     translation: str
     cross: Tensor  # (layers, heads, target, source)
 
+    @classmethod
+    def of(cls, found: Attention) -> CrossAttention:
+        return cls(found.source_tokens, found.target_tokens, found.translation,
+                   torch.stack(found.maps["cross"]))                        # (L, H, T, S)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: maps as nested lists [layer][head][target][source]."""
         return {"source_tokens": self.source_tokens, "target_tokens": self.target_tokens,
@@ -539,26 +579,29 @@ def attention(checkpoint: str | Path | LoadedTranslator, source: str, target: st
               device: str = "auto") -> CrossAttention:
     """Tokens and per-layer, per-head cross-attention for translating `source`: into the
     model's own greedy translation when `target` is None, else into `target` (teacher forced).
-    Both are cut to the model's max_len tokens, with a warning."""
+    Both are cut to fit the model's max_len (see `read_attention`), with a warning."""
+    return CrossAttention.of(all_attention(checkpoint, source, target, device))
+
+
+def all_attention(checkpoint: str | Path | LoadedTranslator, source: str,
+                  target: str | None = None, device: str = "auto") -> Attention:
+    """Every attention map (`read_attention`) for translating `source`, into the model's own
+    greedy translation or into `target`, with a warning for whatever was cut."""
     tr = _resolve(checkpoint, device)
     (src,), cut = tr.encode_sources([source], ["source"])
-    _warn_cut(tr, cut, ["source"])
+    if cut:
+        warnings.warn(f"source is longer than the model's max_len ({tr.max_len} tokens); "
+                      "it was cut", stacklevel=3)
     if target is None:
         tgt = search_ids(tr.model, [src])[0][0][0]
     else:
-        (tgt,), cut = tr.encode_sources([target], ["target"])
-        if len(tgt) + 1 > tr.max_len:
-            warnings.warn(f"target is longer than the model's max_len ({tr.max_len} tokens); "
-                          "it was cut", stacklevel=2)
-            tgt = tgt[: tr.max_len - 1]
-    src_t = torch.tensor([src], device=tr.device)                           # (1, S)
-    tgt_in = torch.tensor([[BOS_ID, *tgt]], device=tr.device)               # (1, T)
-    maps = tr.model.attention_maps(src_t, tgt_in)
-    cross = torch.stack([m[0] for m in maps["cross"]]).float().cpu()       # (L, H, T, S)
-    tok = tr.tokenizer
-    return CrossAttention([tok.id_to_token(i) for i in src],
-                          [tok.id_to_token(i) for i in [*tgt, EOS_ID]],
-                          detokenize(tok, tgt), cross)
+        (tgt,), _ = tr.encode_sources([target], ["target"])
+    found = read_attention(tr, src, tgt)
+    if found.cut:
+        warnings.warn(f"{'target' if target is not None else 'the translation'} is longer than "
+                      f"the model's max_len ({tr.max_len} tokens) allows; it was cut",
+                      stacklevel=3)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,7 +659,7 @@ def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
     found = search_ids(tr.model, ids, beam=beam, length_penalty=length_penalty,
                        batch_size=batch_size)
     seconds = time.perf_counter() - start
-    output = {s: detokenize(tr.tokenizer, h[0][0]) for s, h in zip(sources, found)}
+    output = {s: translation_text(tr.tokenizer, h[0][0]) for s, h in zip(sources, found)}
     single = _corpus_scores([output[p.source] for p in pairs], [[p.target for p in pairs]])
     n_refs = max(len(references[s]) for s in sources)
     streams = [[references[s][k] if k < len(references[s]) else None for s in sources]

@@ -12,7 +12,11 @@ text whatever else is running (up to float rounding in batches of different size
 
 Translation: micro-batching. The requests that arrived while a batch was decoding form the next
 batch; sentences with the same search settings decode together, greedy ones in one batched
-KV-cache loop that streams each token as it comes, beam ones with `search.beam_search`.
+KV-cache loop that streams each token as it comes (`search.greedy_search`), beam ones with
+`search.beam_search`; each search checks at every step whether a request has been cancelled or
+has timed out, and drops its sentences. A request with "attention": true whose maps could hold
+more than `MAX_ATTENTION_FLOATS` numbers is answered 413 before any decoding, with a detail
+that says so.
 
 The event loop and a worker talk through a `Ticket`: the worker sends events, collected per
 step and handed to the loop in one call; the loop sets `cancelled` when the client leaves, and
@@ -34,14 +38,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..attention import padding_mask
 from ..errors import ScrivenError
-from ..generation import LoadedLM, _stop_at, next_piece
+from ..generation import LoadedLM, next_piece, stop_at
 from ..pairs import pad_sequences
-from ..sampling import inverse_cdf, repetition_penalty_filter, top_k_values
-from ..search import beam_search
+from ..sampling import penalize_rows, sample_rows
+from ..search import GreedyStep, beam_search, greedy_search
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
-from ..translation import CrossAttention, LoadedTranslator, default_max_len, detokenize
+from ..translation import (
+    CrossAttention,
+    LoadedTranslator,
+    default_max_len,
+    read_attention,
+    translation_text,
+)
 
 log = logging.getLogger("scriven.serve")
 
@@ -187,55 +196,6 @@ class _Worker:
 # Generation
 
 
-def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
-                uniform: Tensor, alternatives: int = 0
-                ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-    """Sample one token per row of `logits` (R, V), each row with its own settings: the same
-    rule as `sampling.filter_logits` + `sample_next` (temperature, then top-k, then top-p), in
-    one batched pass. temperature (R,) with 0 = greedy; top_k (R,) long, V = off; top_p (R,),
-    1 = off; uniform (R,) in [0, 1) drawn from each request's generator (inverse-CDF sampling).
-
-    Returns ids (R,), their probabilities (R,) under the distribution they were drawn from
-    (the plain softmax for greedy rows, as `generate` reports), and the `alternatives` most
-    likely tokens (probabilities (R, A), ids (R, A))."""
-    r, v = logits.shape
-    greedy = temperature == 0                                               # (R,)
-    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    scaled = logits / scale[:, None]                                        # (R, V)
-    # Only the K best tokens of any row can be drawn (greedy rows need 1): a top-K selection is
-    # much cheaper than sorting the whole vocabulary for every row at every step.
-    needed = torch.where(greedy, torch.ones_like(top_k), top_k)
-    width = min(v, max(int(needed.max()), alternatives, 1))
-    if width < v:
-        ordered, order = top_k_values(scaled, width)                        # (R, K), sorted
-    else:
-        ordered, order = torch.sort(scaled, dim=-1, descending=True, stable=True)
-    rank = torch.arange(width, device=logits.device)                        # (K,)
-    k = torch.where(greedy, torch.full_like(top_k, width), top_k)
-    ordered = ordered.masked_fill(rank[None] >= k[:, None], float("-inf"))  # top-k
-    # Greedy rows report the plain softmax over the whole vocabulary, as `generate` does; a pass
-    # over the whole vocabulary that sampled rows do not need, so it runs only when one is greedy.
-    any_greedy = bool(greedy.any())
-    norm = torch.logsumexp(ordered, dim=-1)                                 # (R,)
-    if any_greedy:
-        norm = torch.where(greedy, torch.logsumexp(scaled, dim=-1), norm)
-    probs = torch.exp(ordered - norm[:, None])                              # (R, K)
-    mass_before = torch.cumsum(probs, dim=-1) - probs
-    nucleus = (top_p < 1) & ~greedy
-    drop = nucleus[:, None] & (mass_before >= top_p[:, None])               # top-p
-    kept = ordered.masked_fill(drop, float("-inf"))
-    norm = torch.where(greedy, norm, torch.logsumexp(kept, dim=-1))
-    probs = torch.exp(kept - norm[:, None])                                 # (R, K) sorted
-    position = inverse_cdf(probs, uniform)                                  # (R, 1)
-    position = torch.where(greedy[:, None], torch.zeros_like(position), position)
-    ids = order.gather(-1, position).squeeze(-1)
-    if any_greedy:
-        ids = torch.where(greedy, logits.argmax(dim=-1), ids)  # argmax's choice among ties
-    chosen = probs.gather(-1, position).squeeze(-1)
-    a = min(alternatives, width)
-    return ids, chosen, (probs[:, :a], order[:, :a])
-
-
 @dataclass
 class GenerationJob:
     """One generation request, validated: prompt ids and sampling settings."""
@@ -366,14 +326,9 @@ class GenerationWorker(_Worker):
         device, v = logits.device, logits.size(-1)
         self.peak_rows = max(self.peak_rows, len(rows))
         jobs = list({id(row.job): row.job for row in rows}.values())
-        penalised = [i for i, row in enumerate(rows) if row.job.repetition_penalty != 1.0]
-        if penalised:
-            logits = logits.clone()
-            for i in penalised:
-                job = rows[i].job
-                history = torch.tensor([job.prompt_ids + rows[i].generated], device=logits.device)
-                logits[i:i + 1] = repetition_penalty_filter(logits[i:i + 1], history,
-                                                            job.repetition_penalty)
+        if any(row.job.repetition_penalty != 1.0 for row in rows):
+            logits = penalize_rows(logits, [row.job.prompt_ids + row.generated for row in rows],
+                                   [row.job.repetition_penalty for row in rows])
         temperature = torch.tensor([row.job.temperature for row in rows], device=device)
         top_k = torch.tensor([row.job.top_k or v for row in rows], device=device)
         top_p = torch.tensor([row.job.top_p or 1.0 for row in rows], device=device)
@@ -406,7 +361,7 @@ class GenerationWorker(_Worker):
             piece, row.held = next_piece(tok, job.prompt_ids, row.generated, row.text, row.held,
                                          last=len(row.generated) >= job.max_new_tokens)
             row.text += piece
-            cut = _stop_at(row.text, piece, list(job.stop))
+            cut = stop_at(row.text, piece, job.stop)
             if cut is not None:
                 piece = piece[: len(piece) - (len(row.text) - cut)]
                 row.finish = "stop"
@@ -467,12 +422,19 @@ class _Sentence:
         return self.job.sources[self.index]
 
 
+# Cross-attention numbers one request may ask for (about 10 bytes each in JSON): enough for
+# dozens of long sentences, not for a whole document's maps in one answer.
+MAX_ATTENTION_FLOATS = 2_000_000
+
+
 class TranslationWorker(_Worker):
     """Micro-batching for one translator (see the module docstring)."""
 
     def __init__(self, translator: LoadedTranslator, max_batch: int = 64,
-                 max_queue: int = 1024, name: str = "translator") -> None:
+                 max_queue: int = 1024, name: str = "translator",
+                 max_attention_floats: int = MAX_ATTENTION_FLOATS) -> None:
         self.tr = translator
+        self.max_attention_floats = max_attention_floats
         self.max_batch = max_batch
         self.running: list[TranslationJob] = []
         self.batches = 0     # decoding batches run
@@ -495,6 +457,13 @@ class TranslationWorker(_Worker):
             reason = job.ticket.stopped()
             if reason:
                 self.outbox.put(job.ticket, "error", _stop_error(reason))
+                continue
+            if job.attention and self._attention_floats(job) > self.max_attention_floats:
+                self.outbox.put(job.ticket, "error", {"status": 413, "detail": (
+                    f"the attention maps asked for could hold up to "
+                    f"{self._attention_floats(job):,} numbers, over this server's limit of "
+                    f"{self.max_attention_floats:,} per request: send fewer or shorter "
+                    "sentences with \"attention\": true, or a lower max_len")})
                 continue
             job.started = time.monotonic()
             job.results = [None] * len(job.sources)
@@ -529,62 +498,50 @@ class TranslationWorker(_Worker):
         self.running = []
 
     def _greedy(self, chunk: list[_Sentence]) -> None:
-        """Batched greedy decoding over the KV cache, as `search.greedy_search` does, with a
-        length limit per sentence and each new token streamed."""
-        model, device, tok = self.tr.model, self.tr.device, self.tr.tokenizer
-        src = pad_sequences([s.src for s in chunk], PAD_ID).to(device)      # (B, S)
-        src_mask = padding_mask(src, PAD_ID)                                # (B, 1, 1, S)
-        memory = model.encode(src, src_mask)                                # (B, S, D)
-        cache = model.new_cache()
-        limits = [self._limit(s) for s in chunk]
-        out: list[list[int]] = [[] for _ in chunk]
-        alive = list(range(len(chunk)))
-        tokens = src.new_full((len(chunk),), BOS_ID)                        # (A,)
-        for step in range(max(limits)):
-            logits = model.decode_step(tokens, memory, src_mask, cache)    # (A, V)
-            tokens = logits.argmax(dim=-1)                                  # (A,)
-            keep = []
-            for a, (row, token) in enumerate(zip(alive, tokens.tolist())):
+        """`search.greedy_search` with each sentence's own length limit, each new token
+        streamed as it comes, and the sentences of stopped requests dropped at the next step."""
+        tok = self.tr.tokenizer
+        src = pad_sequences([s.src for s in chunk], PAD_ID).to(self.tr.device)  # (B, S)
+
+        def on_step(state: GreedyStep) -> set[int]:
+            for row, token in zip(state.sentences, state.tokens):
                 sentence = chunk[row]
-                if token != EOS_ID:
-                    out[row].append(token)
-                    if sentence.job.ticket.stream:
-                        self.outbox.put(sentence.job.ticket, "token", {
-                            "index": sentence.index, "id": token,
-                            "token": tok.id_to_token(token),
-                            "text": detokenize(tok, out[row])})
-                    if step + 1 < limits[row] and not sentence.job.ticket.stopped():
-                        keep.append(a)
-            for row in set(alive) - {alive[a] for a in keep}:
-                if not chunk[row].job.ticket.stopped():
-                    self._done(chunk[row], [(out[row], None)])
+                if token != EOS_ID and sentence.job.ticket.stream:
+                    self.outbox.put(sentence.job.ticket, "token", {
+                        "index": sentence.index, "id": token, "token": tok.id_to_token(token),
+                        "text": translation_text(tok, state.outputs[row])})
+            stopped = {row for row in state.sentences if chunk[row].job.ticket.stopped()}
+            for row in set(state.finished) - stopped:
+                self._done(chunk[row], [(state.outputs[row], None)])
             self.outbox.flush()
-            if not keep:
-                break
-            if len(keep) < len(alive):
-                index = torch.tensor(keep, device=device)
-                alive, tokens = [alive[a] for a in keep], tokens.index_select(0, index)
-                memory, src_mask = memory.index_select(0, index), src_mask.index_select(0, index)
-                cache.reorder(index)
+            return stopped
+
+        greedy_search(self.tr.model, src, BOS_ID, EOS_ID, [self._limit(s) for s in chunk],
+                      on_step=on_step)
 
     def _beam(self, chunk: list[_Sentence], beam: int, n_best: int, length_penalty: float,
               limit: int) -> None:
+        """`search.beam_search`; a request that times out or whose client leaves stops its
+        sentences at the next step."""
         src = pad_sequences([s.src for s in chunk], PAD_ID).to(self.tr.device)  # (B, S)
         found = beam_search(self.tr.model, src, beam, BOS_ID, EOS_ID, limit, length_penalty,
-                            n_best)
+                            n_best, on_step=lambda state: {
+                                row for row in state.sentences
+                                if chunk[row].job.ticket.stopped()})
         for sentence, hyps in zip(chunk, found):
-            self._done(sentence, hyps)
+            if hyps and not sentence.job.ticket.stopped():
+                self._done(sentence, hyps)
 
     def _done(self, sentence: _Sentence, hyps: list[tuple[list[int], float | None]]) -> None:
         job, tok = sentence.job, self.tr.tokenizer
         ids = hyps[0][0]
         result: dict[str, Any] = {"index": sentence.index, "source": job.texts[sentence.index],
-                                  "text": detokenize(tok, ids),
+                                  "text": translation_text(tok, ids),
                                   "tokens": [tok.id_to_token(i) for i in ids]}
         if hyps[0][1] is not None:
             result["score"] = hyps[0][1]
         if job.n_best > 1:
-            result["hypotheses"] = [{"text": detokenize(tok, h), "score": score}
+            result["hypotheses"] = [{"text": translation_text(tok, h), "score": score}
                                     for h, score in hyps]
         if job.attention:
             result["attention"] = self._attention(sentence.src, ids)
@@ -597,16 +554,19 @@ class TranslationWorker(_Worker):
                 "seconds": round(time.monotonic() - job.started, 4)})
 
     def _attention(self, src: list[int], ids: list[int]) -> dict[str, Any]:
-        """Cross-attention of the model reading its own output, as `translate.attention`."""
-        tok, device = self.tr.tokenizer, self.tr.device
-        ids = ids[: self.tr.max_len - 1]  # <bos> takes one position
-        maps = self.tr.model.attention_maps(torch.tensor([src], device=device),
-                                            torch.tensor([[BOS_ID, *ids]], device=device))
-        cross = torch.stack([m[0] for m in maps["cross"]]).float().cpu()   # (L, H, T, S)
-        found = CrossAttention([tok.id_to_token(i) for i in src],
-                               [tok.id_to_token(i) for i in [*ids, EOS_ID]],
-                               detokenize(tok, ids), (cross * 1e4).round() / 1e4)
+        """Cross-attention of the model reading its own output, as `translation.attention`
+        gives it, rounded to 4 decimals (the JSON stays about half as long)."""
+        found = CrossAttention.of(read_attention(self.tr, src, ids))
+        found.cross = (found.cross * 1e4).round() / 1e4
         return found.to_dict()
+
+    def _attention_floats(self, job: TranslationJob) -> int:
+        """The most numbers the job's cross-attention maps can hold: layers × heads × source
+        length × (output length limit + <eos>), per sentence."""
+        config = self.tr.model.config
+        return sum(config.decoder_layers * config.n_heads * len(src)
+                   * (min(self._limit(_Sentence(job, i)), self.tr.max_len - 1) + 1)
+                   for i, src in enumerate(job.sources))
 
     def _fail_all(self, error: dict[str, Any]) -> None:
         for job in self.running:
