@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
+from .lm import trained_context
 from .models.lstm import LSTMLanguageModel, LSTMStepper
 from .precision import check_precision
 from .sampling import filter_logits, repetition_penalty_filter, sample_with_probability, validate
@@ -39,7 +40,8 @@ class TokenEvent:
 class LoadedLM:
     """A language model ready to generate: load once, generate many times (the server does).
     `precision` (fp32, bf16, int8; see `scriven.precision`) is how the weights are held for
-    generation; an LSTM's are laid out once in `stepper`."""
+    generation; an LSTM's are laid out once in `stepper`. `context`: the most tokens a GPT reads
+    at once, its trained window (`scriven.lm.trained_context`)."""
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -47,6 +49,7 @@ class LoadedLM:
     path: Path | None = None
     precision: str = "fp32"
     stepper: LSTMStepper | None = None
+    context: int | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> LoadedLM:
@@ -60,7 +63,8 @@ class LoadedLM:
             raise ScrivenError("precision int8 is for LSTM generators; use bf16 or fp32 with a GPT")
         elif precision == "bf16":
             model = model.to(torch.bfloat16)
-        return cls(model, tok, dev, ckpt.path, precision, stepper)
+        context = None if stepper is not None else trained_context(ckpt.config)
+        return cls(model, tok, dev, ckpt.path, precision, stepper, context)
 
     @property
     def decoder(self) -> nn.Module | LSTMStepper:
@@ -109,11 +113,13 @@ def prompt_text(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> str
 def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_tokens: int,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-               alternatives: int = 0) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+               alternatives: int = 0, context: int | None = None,
+               ) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
     """Yield (next ids (B,), their probabilities (B,), top alternatives or None) one step at a
     time; alternatives are (probabilities (B, A), ids (B, A)) of the `alternatives` most likely
     tokens. The prompt (B, T) is read once; after that each step feeds only the newest token and
-    the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given)."""
+    the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given). A GPT
+    reads at most `context` tokens at once (default: its max_len)."""
     if isinstance(model, LSTMLanguageModel):
         model = LSTMStepper(model)
     if isinstance(model, LSTMStepper):
@@ -121,8 +127,8 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
                                  repetition_penalty, generator, alternatives)
         return
     # A Transformer's context is bounded: when its cache is full, re-read the newest half of the
-    # text into a fresh cache. That costs one prompt-sized step every max_len/2 tokens.
-    limit = model.config.max_len
+    # text into a fresh cache. That costs one prompt-sized step every context/2 tokens.
+    limit = min(context or model.config.max_len, model.config.max_len)
     history = prompt_ids[:, -limit:]
     logits, state = model(history)                                        # (B, T, V)
     last = logits[:, -1].float()                                          # (B, V)
@@ -204,7 +210,7 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     held = [0] * num_samples
     for step, (ids, probs, top) in enumerate(sample_ids(
             lm.decoder, batch, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-            generator, alternatives)):
+            generator, alternatives, lm.context)):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
                 continue

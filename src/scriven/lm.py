@@ -241,13 +241,17 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
                                lr=lr if lr is not None else 3e-3, eval_every=eval_every,
                                patience=patience, amp=amp, device=device, seed=seed,
                                log_every=log_every, compile=compile)
+    if config_cls is GPTConfig:
+        check(seq_len <= model_config.max_len, "seq_len",
+              f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
+        # A GPT's context is the window it trains on: positions past `seq_len` would never be
+        # trained, yet evaluation and generation would read them. So the model is built with
+        # max_len = seq_len, and the checkpoint's max_len says how far it may read.
+        model_config = replace(model_config, max_len=seq_len) if not resume else model_config
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
     torch.manual_seed(seed)
     net = model_cls(model_config)
-    if not net.carries_state:
-        check(seq_len <= model_config.max_len, "seq_len",
-              f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
@@ -255,14 +259,26 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress)
 
 
+def trained_context(config: dict) -> int:
+    """The most tokens a GPT checkpoint (its config.json as a dict) may read at once: the
+    window it was trained on. Checkpoints from this version have max_len equal to it; older ones
+    were built with the preset's max_len (256) and trained on shorter windows, so their training
+    config's seq_len says how far their positions were trained."""
+    max_len = config["model"]["max_len"]
+    seq_len = config.get("train", {}).get("seq_len")
+    return min(max_len, seq_len) if isinstance(seq_len, int) and seq_len > 0 else max_len
+
+
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
-    """Perplexity and bits per character of a checkpoint on any text (a file or dataset name)."""
+    """Perplexity and bits per character of a checkpoint on any text (a file or dataset name).
+    A GPT is scored with windows of its trained context (see `trained_context`)."""
     dev = resolve_device(device)
-    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=tuple(MODELS))
+    model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=tuple(MODELS))
+    window = 256 if model.carries_state else trained_context(ckpt.config)
     content = read_text(resolve_text_source(text))
     ids = torch.tensor(tok.encode(content), dtype=torch.long)
     if ids.numel() < 2:
         raise ScrivenError(f"text {text}: needs at least 2 tokens to score")
     tokens = tok.tokenize(content)
-    nll, count = stream_nll(model, ids, dev)
+    nll, count = stream_nll(model, ids, dev, window=window)
     return lm_metrics(nll, count, chars_per_token(tok, tokens))
