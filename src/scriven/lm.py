@@ -208,13 +208,17 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
              tokenizer: str = "word", min_count: int = 1, vocab_size: int = 8000,
              epochs: int | None = None, minutes: float | None = None, max_steps: int | None = None,
              batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
-             dropout: float | None = None, eval_every: int = 200, patience: int = 0,
+             dropout: float | None = None, warmup_steps: int | None = None,
+             warmup_fraction: float = 0.05, eval_every: int | None = None,
+             evals_per_run: int = 10, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
              log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
-    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly."""
+    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly.
+    Warmup is `warmup_fraction` of the planned steps (or `warmup_steps`), and there are
+    `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
     config_cls, model_cls, presets = MODELS[model]
     check(preset in presets, "preset", f"must be one of {', '.join(presets)}, got {preset!r}")
@@ -238,7 +242,9 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     cpt = chars_per_token(tok, tok.tokenize(valid_text))
     train_config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
                                batch_size=batch_size, seq_len=seq_len,
-                               lr=lr if lr is not None else 3e-3, eval_every=eval_every,
+                               lr=lr if lr is not None else 3e-3, warmup_steps=warmup_steps,
+                               warmup_fraction=warmup_fraction, eval_every=eval_every,
+                               evals_per_run=evals_per_run,
                                patience=patience, amp=amp, device=device, seed=seed,
                                log_every=log_every, compile=compile)
     if config_cls is GPTConfig:
