@@ -3,6 +3,7 @@ generation (issue 20, item 1)."""
 
 import json
 
+import pytest
 import torch
 from conftest import TINY_LM, one_thread
 
@@ -53,3 +54,29 @@ def test_older_checkpoints_infer_their_trained_context():
     assert trained_context({"model": {"max_len": 256}, "train": {"seq_len": 64}}) == 64
     assert trained_context({"model": {"max_len": 256}}) == 256
     assert trained_context({"model": {"max_len": 32}, "train": {"seq_len": 64}}) == 32
+
+
+def _one_window_at_a_time(model, ids, window):
+    """The sliding evaluation written plainly: each window's second half is scored."""
+    total, scored, n = 0.0, 0, ids.numel() - 1
+    while scored < n:
+        start = max(0, scored - window // 2)
+        end = min(start + window, n)
+        logits, _ = model(ids[start:end][None])
+        total += torch.nn.functional.cross_entropy(
+            logits[0, scored - start:], ids[scored + 1:end + 1], reduction="sum").item()
+        scored = end
+    return total
+
+
+def test_batched_windows_score_as_one_window_at_a_time():
+    from scriven.models.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.0,
+                          max_len=12)).eval()
+    for n in (5, 12, 13, 50, 101):
+        ids = torch.randint(0, 30, (n,))
+        with torch.no_grad():
+            nll, count = stream_nll(model, ids, torch.device("cpu"), window=12)
+            assert count == n - 1
+            assert nll == pytest.approx(_one_window_at_a_time(model, ids, 12), rel=1e-5)
