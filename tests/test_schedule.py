@@ -115,3 +115,14 @@ def test_a_minutes_run_plans_from_its_speed_and_resume_keeps_the_plan(tiny_text,
     trainer = json.loads((run / "latest" / "trainer.json").read_text())["progress"]
     assert trainer["step"] == PLAN_AFTER_STEPS + 3 + 2
     assert (trainer["planned_steps"], trainer["planned_minutes"]) == (plan["steps"], 0.5)
+
+
+def test_cli_defaults_are_fractions_of_the_plan():
+    from scriven.cli import build_parser
+    parse = build_parser().parse_args
+    lm = parse(["train", "lm", "anna", "--out", "x"])
+    tr = parse(["train", "translate", "eng-fra", "--out", "x"])
+    for a, evals in ((lm, 10), (tr, 5)):
+        assert (a.warmup_steps, a.eval_every, a.warmup_fraction, a.evals_per_run) == \
+            (None, None, 0.05, evals)
+    assert parse(["train", "lm", "anna", "--out", "x", "--warmup-steps", "0"]).warmup_steps == 0
