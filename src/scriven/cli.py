@@ -33,7 +33,16 @@ def _add_training_length(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=_number, help="wall-clock budget (default 10 if no length is given)")
     p.add_argument("--max-steps", type=_positive_int, help="optimizer steps")
     p.add_argument("--lr", type=_number, help="peak learning rate")
-    p.add_argument("--eval-every", type=_positive_int, default=200, help="steps between validations")
+    p.add_argument("--warmup-steps", type=_positive_int,
+                   help="steps of learning-rate warmup (default: --warmup-fraction of the plan)")
+    p.add_argument("--warmup-fraction", type=_number, default=0.05,
+                   help="warmup as a fraction of the planned steps; a --minutes run plans its "
+                        "steps from its speed in its first steps")
+    p.add_argument("--eval-every", type=_positive_int,
+                   help="steps between validations (default: --evals-per-run over the plan)")
+    p.add_argument("--evals-per-run", type=_positive_int,
+                   help="validations spread over the planned steps (text generators 10, "
+                        "translators 5)")
     p.add_argument("--patience", type=_positive_int, default=0,
                    help="stop after this many validations without improvement (0 = never)")
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
@@ -53,7 +62,9 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
     result = train_lm(a.text, a.out, preset=a.preset, model=a.model, tokenizer=a.tokenizer,
                       min_count=a.min_count, vocab_size=a.vocab_size, epochs=a.epochs,
                       minutes=a.minutes, max_steps=a.max_steps, batch_size=a.batch_size,
-                      seq_len=a.seq_len, lr=a.lr, dropout=a.dropout, eval_every=a.eval_every,
+                      seq_len=a.seq_len, lr=a.lr, dropout=a.dropout,
+                      warmup_steps=a.warmup_steps, warmup_fraction=a.warmup_fraction,
+                      eval_every=a.eval_every, evals_per_run=a.evals_per_run,
                       patience=a.patience, amp=a.amp, device=a.device, seed=a.seed,
                       resume=a.resume, log_every=a.log_every, compile=a.compile, progress=a.progress)
     _print_result(result)
@@ -65,6 +76,8 @@ def _cmd_train_translate(a: argparse.Namespace) -> None:
                              max_words=a.max_words, strict=a.strict, epochs=a.epochs,
                              minutes=a.minutes, max_steps=a.max_steps, max_tokens=a.max_tokens,
                              lr=a.lr, warmup_steps=a.warmup_steps,
+                             warmup_fraction=a.warmup_fraction,
+                             evals_per_run=a.evals_per_run,
                              label_smoothing=a.label_smoothing, dropout=a.dropout,
                              eval_every=a.eval_every, patience=a.patience,
                              bleu_sentences=a.bleu_sentences, amp=a.amp, device=a.device,
@@ -80,6 +93,7 @@ def _print_result(result) -> None:  # TrainResult
     summary = {"out": str(result.out), "steps": result.steps, "epochs": round(result.epochs_done, 3),
                "minutes": round(result.elapsed / 60, 2),
                "tokens_per_second": round(result.tokens_per_second),
+               "planned_steps": result.planned_steps,
                "best": result.best, "stopped_early": result.stopped_early,
                "metrics": {k: round(v, 4) for k, v in result.metrics.items()}}
     print(json.dumps(summary, indent=2))
@@ -321,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per BPTT window")
     lm.add_argument("--dropout", type=_number)
     _add_training_length(lm)
-    lm.set_defaults(func=_cmd_train_lm)
+    lm.set_defaults(func=_cmd_train_lm, evals_per_run=10)
 
     tt = train.add_parser("translate", help="English→French (or any pair file) translator")
     tt.add_argument("pairs", help="a TSV/CSV sentence-pair file or a dataset name (eng-fra)")
@@ -331,13 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--strict", action="store_true", help="a malformed line is an error")
     tt.add_argument("--max-tokens", type=_positive_int, default=4096,
                     help="padded tokens per batch (per process)")
-    tt.add_argument("--warmup-steps", type=_positive_int, default=400)
     tt.add_argument("--label-smoothing", type=_number, default=0.1)
     tt.add_argument("--dropout", type=_number, help="override the preset's dropout")
     tt.add_argument("--bleu-sentences", type=_positive_int, default=500,
                     help="validation pairs translated for BLEU at each validation")
     _add_training_length(tt)
-    tt.set_defaults(func=_cmd_train_translate, eval_every=500)
+    tt.set_defaults(func=_cmd_train_translate, evals_per_run=5)
 
     g = sub.add_parser("generate", help="continue a prompt with a trained text generator")
     g.add_argument("checkpoint", help="a checkpoint directory or run folder")

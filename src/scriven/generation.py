@@ -15,6 +15,7 @@ from . import accel
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
+from .lm import trained_context
 from .models import kinds_for
 from .models.lstm import LSTMLanguageModel
 from .precision import check_precision
@@ -42,7 +43,8 @@ class TokenEvent:
 class LoadedLM:
     """A language model ready to generate: load once, generate many times (the server does).
     `precision` (fp32, bf16, int8; see `scriven.precision`) is how the weights are held for
-    generation; an LSTM's are laid out once in `stepper`."""
+    generation; an LSTM's are laid out once in `stepper`. `context`: the most tokens a GPT reads
+    at once, its trained window (`scriven.lm.trained_context`)."""
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -50,6 +52,7 @@ class LoadedLM:
     path: Path | None = None
     precision: str = "fp32"
     stepper: LSTMStepper | None = None
+    context: int | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> LoadedLM:
@@ -64,7 +67,8 @@ class LoadedLM:
             raise ScrivenError("precision int8 is for LSTM generators; use bf16 or fp32 with a GPT")
         elif precision == "bf16":
             model = model.to(torch.bfloat16)
-        return cls(model, tok, dev, ckpt.path, precision, stepper)
+        context = None if stepper is not None else trained_context(ckpt.config)
+        return cls(model, tok, dev, ckpt.path, precision, stepper, context)
 
     @property
     def decoder(self) -> nn.Module | LSTMStepper:
@@ -113,17 +117,19 @@ def prompt_text(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> str
 def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_tokens: int,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-               alternatives: int = 0) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
+               alternatives: int = 0, context: int | None = None,
+               ) -> Iterator[tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]]:
     """Yield (next ids (B,), their probabilities (B,), top alternatives or None) one step at a
     time; alternatives are (probabilities (B, A), ids (B, A)) of the `alternatives` most likely
     tokens. The prompt (B, T) is read once; after that each step feeds only the newest token and
-    the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given)."""
+    the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given). A GPT
+    reads at most `context` tokens at once (default: its max_len)."""
     if isinstance(model, LSTMLanguageModel):
         model = LSTMStepper(model)
     if isinstance(model, LSTMStepper):
         steps = _recurrent_steps(model, prompt_ids)
     else:
-        steps = _transformer_steps(model, prompt_ids)
+        steps = _transformer_steps(model, prompt_ids, context)
     history = prompt_ids
     last = next(steps)                                                    # (B, V)
     for step in range(max_new_tokens):
@@ -147,11 +153,12 @@ def _recurrent_steps(stepper: LSTMStepper, prompt_ids: Tensor) -> Iterator[Tenso
         last, state = stepper.step(ids, state)
 
 
-def _transformer_steps(model: nn.Module, prompt_ids: Tensor) -> Iterator[Tensor]:
-    """Like `_recurrent_steps` for a GPT. Its context is bounded: when the cache is full, the
-    newest half of the text is re-read into a fresh cache. That costs one prompt-sized step
-    every max_len/2 tokens."""
-    limit = model.config.max_len
+def _transformer_steps(model: nn.Module, prompt_ids: Tensor,
+                       context: int | None) -> Iterator[Tensor]:
+    """Like `_recurrent_steps` for a GPT. It reads at most `context` tokens at once (its
+    trained window; default its max_len): when the cache is full, the newest half of the text
+    is re-read into a fresh cache. That costs one prompt-sized step every context/2 tokens."""
+    limit = min(context or model.config.max_len, model.config.max_len)
     history = prompt_ids[:, -limit:]
     logits, state = model(history)                                        # (B, T, V)
     while True:
@@ -195,7 +202,7 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     held = [0] * num_samples
     for step, (ids, probs, top) in enumerate(sample_ids(
             lm.decoder, batch, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-            generator, alternatives)):
+            generator, alternatives, lm.context)):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
                 continue

@@ -149,22 +149,45 @@ def stream_nll(model: nn.Module, ids: Tensor, device: torch.device, dist: Distri
                                          reduction="sum").item()
                 count += j - i
         else:
-            context = window // 2
-            scored = lo  # positions before this one already have a score
-            while scored < hi:
-                start = max(lo, scored - context)  # re-read up to `context` scored tokens
-                end = min(start + window, hi)
-                logits, _ = model(ids[start:end].to(device)[None])             # (1, T, V)
-                keep = slice(scored - start, end - start)
-                total += F.cross_entropy(logits.float()[0, keep], ids[scored + 1:end + 1].to(device),
-                                         reduction="sum").item()
-                count += end - scored
-                scored = end
+            total, count = _windowed_nll(model, ids, device, lo, hi, window)
     if dist.world > 1:
         sums = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(sums)
         total, count = sums[0].item(), int(sums[1].item())
     return total, count
+
+
+def _windowed_nll(model: nn.Module, ids: Tensor, device: torch.device, lo: int, hi: int,
+                  window: int) -> tuple[float, int]:
+    """stream_nll for a fixed-context model over ids[lo:hi + 1]. The windows do not depend on
+    each other, so windows of equal length run as one batch (a batch of one per window is
+    several times slower, and validation is not counted in a --minutes budget)."""
+    spans = []  # (start, first scored, end)
+    scored = lo  # positions before this one already have a score
+    while scored < hi:
+        start = max(lo, scored - window // 2)  # re-read up to window/2 scored tokens
+        end = min(start + window, hi)
+        spans.append((start, scored, end))
+        scored = end
+    # Rows per batch: logits of at most 2^25 floats (128 MiB).
+    rows = max(1, min(256, 2**25 // (window * model.config.vocab_size)))
+    total = 0.0
+    i = 0
+    while i < len(spans):
+        length = spans[i][2] - spans[i][0]
+        group = [spans[i]]
+        while i + len(group) < len(spans) and len(group) < rows and \
+                spans[i + len(group)][2] - spans[i + len(group)][0] == length:
+            group.append(spans[i + len(group)])
+        x = torch.stack([ids[a:c] for a, _, c in group]).to(device)                # (R, T)
+        y = torch.stack([ids[a + 1:c + 1] for a, _, c in group]).to(device)        # (R, T)
+        logits, _ = model(x)                                                        # (R, T, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        keep = torch.arange(length, device=device)[None] >= torch.tensor(
+            [b - a for a, b, _ in group], device=device)[:, None]                   # (R, T)
+        total += nll.view(len(group), length)[keep].sum().item()
+        i += len(group)
+    return total, hi - lo
 
 
 def lm_metrics(nll: float, count: int, chars_per_token: float) -> dict[str, float]:
@@ -209,13 +232,17 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
              tokenizer: str = "word", min_count: int = 1, vocab_size: int = 8000,
              epochs: int | None = None, minutes: float | None = None, max_steps: int | None = None,
              batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
-             dropout: float | None = None, eval_every: int = 200, patience: int = 0,
+             dropout: float | None = None, warmup_steps: int | None = None,
+             warmup_fraction: float = 0.05, eval_every: int | None = None,
+             evals_per_run: int = 10, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
              log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
-    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly."""
+    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly.
+    Warmup is `warmup_fraction` of the planned steps (or `warmup_steps`), and there are
+    `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
     config_cls, model_cls, presets = MODELS[model]
     check(preset in presets, "preset", f"must be one of {', '.join(presets)}, got {preset!r}")
@@ -239,16 +266,22 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     cpt = chars_per_token(tok, tok.tokenize(valid_text))
     train_config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
                                batch_size=batch_size, seq_len=seq_len,
-                               lr=lr if lr is not None else 3e-3, eval_every=eval_every,
+                               lr=lr if lr is not None else 3e-3, warmup_steps=warmup_steps,
+                               warmup_fraction=warmup_fraction, eval_every=eval_every,
+                               evals_per_run=evals_per_run,
                                patience=patience, amp=amp, device=device, seed=seed,
                                log_every=log_every, compile=compile)
+    if config_cls is GPTConfig:
+        check(seq_len <= model_config.max_len, "seq_len",
+              f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
+        # A GPT's context is the window it trains on: positions past `seq_len` would never be
+        # trained, yet evaluation and generation would read them. So the model is built with
+        # max_len = seq_len, and the checkpoint's max_len says how far it may read.
+        model_config = replace(model_config, max_len=seq_len) if not resume else model_config
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
     torch.manual_seed(seed)
     net = model_cls(model_config)
-    if not net.carries_state:
-        check(seq_len <= model_config.max_len, "seq_len",
-              f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
@@ -256,14 +289,26 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress)
 
 
+def trained_context(config: dict) -> int:
+    """The most tokens a GPT checkpoint (its config.json as a dict) may read at once: the
+    window it was trained on. Checkpoints from this version have max_len equal to it; older ones
+    were built with the preset's max_len (256) and trained on shorter windows, so their training
+    config's seq_len says how far their positions were trained."""
+    max_len = config["model"]["max_len"]
+    seq_len = config.get("train", {}).get("seq_len")
+    return min(max_len, seq_len) if isinstance(seq_len, int) and seq_len > 0 else max_len
+
+
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
-    """Perplexity and bits per character of a checkpoint on any text (a file or dataset name)."""
+    """Perplexity and bits per character of a checkpoint on any text (a file or dataset name).
+    A GPT is scored with windows of its trained context (see `trained_context`)."""
     dev = resolve_device(device)
-    model, tok, _ = ckpt_io.load_model(checkpoint, dev, kinds=kinds_for("lm"))
+    model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=kinds_for("lm"))
+    window = 256 if model.carries_state else trained_context(ckpt.config)
     content = read_text(resolve_text_source(text))
     ids = torch.tensor(tok.encode(content), dtype=torch.long)
     if ids.numel() < 2:
         raise ScrivenError(f"text {text}: needs at least 2 tokens to score")
     tokens = tok.tokenize(content)
-    nll, count = stream_nll(model, ids, dev)
+    nll, count = stream_nll(model, ids, dev, window=window)
     return lm_metrics(nll, count, chars_per_token(tok, tokens))

@@ -46,13 +46,16 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.05       # the schedule decays to lr * min_lr_ratio
     schedule: str = "cosine"         # cosine | inverse_sqrt | constant (all after warmup)
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # an explicit warmup; None: warmup_fraction of the plan
+    warmup_fraction: float = 0.05    # of the planned steps (nanoGPT: 100 of 2,000; Vaswani et
+                                     # al.: 4,000 of 100,000)
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-8
     grad_clip: float = 1.0           # max global gradient norm; 0 = off
     label_smoothing: float = 0.0
-    eval_every: int = 200            # steps between validations (and checkpoints)
+    eval_every: int | None = None    # steps between validations (and checkpoints); None:
+    evals_per_run: int = 10          # this many validations spread over the planned steps
     patience: int = 0                # validations without improvement before stopping; 0 = off
     amp: str = "auto"                # auto | bf16 | bf16-pure | fp16 | off
     device: str = "auto"             # auto | cpu | cuda | cuda:N
@@ -69,9 +72,13 @@ class TrainConfig:
             check_float(self.minutes, "minutes", 0.0, 1e6, low_open=True)
         check(self.epochs is not None or self.minutes is not None or self.max_steps is not None,
               "training length", "needs one of epochs, minutes or max_steps")
-        for name in ("batch_size", "seq_len", "max_tokens", "eval_every", "log_every"):
+        for name in ("batch_size", "seq_len", "max_tokens", "evals_per_run", "log_every"):
             check_positive_int(getattr(self, name), name)
-        check_positive_int(self.warmup_steps, "warmup_steps", allow_zero=True)
+        if self.eval_every is not None:
+            check_positive_int(self.eval_every, "eval_every")
+        if self.warmup_steps is not None:
+            check_positive_int(self.warmup_steps, "warmup_steps", allow_zero=True)
+        check_float(self.warmup_fraction, "warmup_fraction", 0.0, 0.5)
         check_positive_int(self.patience, "patience", allow_zero=True)
         check_positive_int(self.seed, "seed", allow_zero=True)
         check_float(self.lr, "lr", 0.0, 10.0, low_open=True)
@@ -220,16 +227,76 @@ def _cpu_has_bf16() -> bool:
     return seconds(a.bfloat16()) * 1.5 < seconds(a)
 
 
-def lr_at(config: TrainConfig, step: int, progress: float) -> float:
-    """Learning rate after `step` steps; `progress` in [0, 1] is how much of the budget is used."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+# A --minutes run times this many steps (after its first, which pays for allocations and kernel
+# choices) before planning the budget in steps: a few seconds, yet enough to average out noise.
+PLAN_AFTER_STEPS = 20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The whole budget in optimiser steps, and the schedule and validations that follow it."""
+
+    steps: int        # planned optimiser steps for the whole budget
+    warmup: int       # steps of linear warmup
+    eval_every: int   # steps between validations
+
+    def describe(self, config: TrainConfig) -> str:
+        span = f" in {config.minutes:g} minutes" if config.minutes else ""
+        decay = {"cosine": f"cosine decay to {config.min_lr_ratio:g} x lr {config.lr:g}",
+                 "inverse_sqrt": f"inverse square-root decay from lr {config.lr:g}",
+                 "constant": f"constant lr {config.lr:g}"}[config.schedule]
+        return (f"planned {self.steps:,} steps{span}: warmup {self.warmup:,} steps, {decay}, "
+                f"validation every {self.eval_every:,} steps")
+
+
+def make_plan(config: TrainConfig, steps: int) -> Plan:
+    """The schedule for a budget of `steps` steps: warmup is `warmup_fraction` of it unless
+    `warmup_steps` is given; validations are `evals_per_run` unless `eval_every` is given."""
+    steps = max(1, steps)
+    warmup = (config.warmup_steps if config.warmup_steps is not None
+              else round(config.warmup_fraction * steps))
+    eval_every = config.eval_every or max(1, math.ceil(steps / config.evals_per_run))
+    return Plan(steps, warmup, eval_every)
+
+
+def plan_from_speed(config: TrainConfig, step: int, elapsed: float, steps_per_second: float,
+                    step_budget: int | None) -> Plan:
+    """Plan a --minutes budget from the speed measured so far: the steps already taken plus
+    those the remaining time holds at that speed, within any step budget also given."""
+    left = max(0.0, config.minutes * 60 - elapsed) if config.minutes else 0.0
+    steps = step + round(steps_per_second * left)
+    return make_plan(config, min(steps, step_budget) if step_budget else steps)
+
+
+def lr_at(config: TrainConfig, step: int, progress: float, plan: Plan | None = None) -> float:
+    """Learning rate for step `step` (counting from 0); `progress` in [0, 1] is how much of the
+    budget is used (`_budget_progress`).
+
+    With a plan, warmup is its `warmup` steps and the decay runs from there to the plan's last
+    step, or to the end of the time budget if that comes first (a machine slowed down
+    mid-run still anneals before time is up; one that sped up holds the floor at the end).
+    Without one (a --minutes run still measuring its speed) warmup follows the clock:
+    `warmup_fraction` of the minutes."""
+    warmup = plan.warmup if plan is not None else config.warmup_steps
+    if plan is not None:
+        progress = max(progress, (step + 1) / plan.steps)  # the last step runs at the floor
+        warm_fraction = min(plan.warmup / plan.steps, 1.0)
+    else:
+        warm_fraction = config.warmup_fraction
+    if warmup is not None:
+        if step < warmup:
+            return config.lr * (step + 1) / warmup
+    elif progress < warm_fraction:
+        return config.lr * progress / warm_fraction
     floor = config.lr * config.min_lr_ratio
     if config.schedule == "constant":
         return config.lr
     if config.schedule == "inverse_sqrt":
-        return max(floor, config.lr * math.sqrt(max(config.warmup_steps, 1) / max(step, 1)))
-    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if warmup is not None:
+            return max(floor, config.lr * math.sqrt(max(warmup, 1) / max(step, 1)))
+        return max(floor, config.lr * math.sqrt(warm_fraction / progress)) if warm_fraction else config.lr
+    decay = min(max((progress - warm_fraction) / max(1.0 - warm_fraction, 1e-9), 0.0), 1.0)
+    return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -280,6 +347,8 @@ class Progress:
     best: float | None = None
     bad_evals: int = 0
     stopped_early: bool = False
+    planned_steps: int | None = None      # the plan, kept across resumes (see `Plan`) ...
+    planned_minutes: float | None = None  # ... for this --minutes budget (None: a step budget)
 
 
 @dataclass
@@ -293,6 +362,7 @@ class TrainResult:
     metrics: dict[str, float]
     best: float | None
     stopped_early: bool
+    planned_steps: int | None = None
 
 
 @dataclass
@@ -391,11 +461,12 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
     total_steps = None
     if config.max_steps or config.epochs:
         total_steps = min(s for s in (config.max_steps, (config.epochs or 0) * steps_per_epoch or None) if s)
+    plan = _initial_plan(config, p, total_steps)
     bar = None
     if progress_bar and dist.main:
         from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=p.step, unit="step", dynamic_ncols=True,
-                   file=sys.stderr, disable=None)
+        bar = tqdm(total=plan.steps if plan else total_steps, initial=p.step, unit="step",
+                   dynamic_ncols=True, file=sys.stderr, disable=None)
     metrics: dict[str, float] = {}
     window_loss, window_tokens, window_steps = 0.0, 0, 0
     window_start = time.perf_counter()
@@ -449,6 +520,23 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
             return True
         return bool(config.minutes) and p.elapsed >= config.minutes * 60
 
+    def adopt(new: Plan) -> None:
+        """Use `new` from here on, keep it for resumes, and say what it is."""
+        nonlocal plan
+        plan = new
+        p.planned_steps, p.planned_minutes = new.steps, config.minutes
+        log.write({"step": p.step, "plan": vars(new)})
+        if bar is not None:
+            bar.total = new.steps
+            bar.write(new.describe(config))
+            bar.refresh()
+
+    if plan is not None and p.step == 0:  # a step budget: planned before the first step
+        log.write({"step": 0, "plan": vars(plan)})
+        if bar is not None:
+            bar.write(plan.describe(config))
+    mark: tuple[int, float] | None = None  # (step, elapsed) where this process's timing starts
+
     model.train()
     stop = budget_spent() or p.stopped_early
     last_eval_step = p.step if resume else -1
@@ -457,7 +545,7 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
             task.start_epoch(p.epoch)
         for batch in task.batches(p.epoch, p.position):
             t0 = time.perf_counter()
-            lr = lr_at(config, p.step, _budget_progress(config, p, steps_per_epoch))
+            lr = lr_at(config, p.step, _budget_progress(config, p, steps_per_epoch), plan)
             for group in opt.param_groups:
                 group["lr"] = lr
             with torch.autocast(device.type, dtype=step_dtype or torch.float32,
@@ -503,7 +591,15 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
                 window_start = now
             if bar is not None:
                 bar.update(1)
-            if p.step % config.eval_every == 0:
+            if plan is None and config.minutes:
+                if mark is None:
+                    mark = (p.step, p.elapsed)
+                elif p.step - mark[0] >= PLAN_AFTER_STEPS:
+                    speed = (p.step - mark[0]) / max(p.elapsed - mark[1], 1e-9)
+                    adopt(_agreed(plan_from_speed(config, p.step, p.elapsed, speed, total_steps),
+                                  config, dist, device))
+            eval_every = config.eval_every or (plan.eval_every if plan else 0)
+            if eval_every and p.step % eval_every == 0:
                 last_eval_step = p.step
                 if validate():
                     stop = True
@@ -524,7 +620,30 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         torch.distributed.destroy_process_group()
     epochs_done = p.epoch + p.position / steps_per_epoch
     return TrainResult(out, p.step, epochs_done, p.elapsed, p.tokens,
-                       p.tokens / max(p.elapsed, 1e-9), metrics, p.best, p.stopped_early)
+                       p.tokens / max(p.elapsed, 1e-9), metrics, p.best, p.stopped_early,
+                       plan.steps if plan else None)
+
+
+def _initial_plan(config: TrainConfig, p: Progress, total_steps: int | None) -> Plan | None:
+    """The plan a run starts with: a step or epoch budget is planned at once; a --minutes budget
+    keeps the plan it made before a resume, or has none until it has timed its first steps."""
+    if not config.minutes:
+        plan = make_plan(config, total_steps or 1)
+    elif p.planned_steps and p.planned_minutes == config.minutes:
+        plan = make_plan(config, min(p.planned_steps, total_steps or p.planned_steps))
+    else:
+        return None
+    p.planned_steps, p.planned_minutes = plan.steps, config.minutes
+    return plan
+
+
+def _agreed(plan: Plan, config: TrainConfig, dist: Distributed, device: torch.device) -> Plan:
+    """Rank 0's plan on every rank, so all validate (a collective) at the same steps."""
+    if dist.world == 1:
+        return plan
+    steps = torch.tensor([plan.steps], dtype=torch.long, device=device)
+    torch.distributed.broadcast(steps, 0)
+    return make_plan(config, int(steps.item()))
 
 
 def _grads_to_master(working: nn.Module, master: nn.Module) -> None:

@@ -336,8 +336,9 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                     max_words: int | None = None, strict: bool = False,
                     epochs: int | None = None, minutes: float | None = None,
                     max_steps: int | None = None, max_tokens: int = 4096, lr: float | None = None,
-                    warmup_steps: int = 400, label_smoothing: float = 0.1,
-                    dropout: float | None = None, eval_every: int = 500,
+                    warmup_steps: int | None = None, warmup_fraction: float = 0.05,
+                    label_smoothing: float = 0.1, dropout: float | None = None,
+                    eval_every: int | None = None, evals_per_run: int = 5,
                     patience: int = 0, bleu_sentences: int = 500, amp: str = "auto",
                     device: str = "auto", seed: int = 0, resume: bool = False,
                     log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
@@ -346,7 +347,9 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
 
     The pairs are split 90/5/5 by source sentence (every translation of a sentence in the same
     split); a joint BPE tokenizer of `vocab_size` is learned on the training split (both
-    languages, case and accents kept). Validation every `eval_every` steps: loss, and BLEU/chrF
+    languages, case and accents kept). Warmup is `warmup_fraction` of the planned steps (or
+    `warmup_steps`; see `scriven.train.Plan`). `evals_per_run` validations (or one every
+    `eval_every` steps; fewer than a text generator's, as each decodes sentences): loss, and BLEU/chrF
     of greedy translations of a fixed sample of `bleu_sentences` validation pairs; `best` and
     early stopping (`patience`) follow BLEU. `dropout` overrides the preset's. `max_words`
     drops pairs with a longer side; pairs longer than the model's max_len tokens are always
@@ -360,8 +363,9 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
         minutes = 10.0
     config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
                          max_tokens=max_tokens, lr=lr if lr is not None else 1e-3,
-                         warmup_steps=warmup_steps, betas=(0.9, 0.98),
-                         label_smoothing=label_smoothing, eval_every=eval_every,
+                         warmup_steps=warmup_steps, warmup_fraction=warmup_fraction,
+                         betas=(0.9, 0.98), label_smoothing=label_smoothing,
+                         eval_every=eval_every, evals_per_run=evals_per_run,
                          patience=patience, amp=amp, device=device, seed=seed,
                          log_every=log_every, compile=compile)
     data = load_pairs(pairs, max_words=max_words, strict=strict)

@@ -1,0 +1,124 @@
+"""The best model for your minutes: scriven's default against a peer's published recipe, each
+given the same number of minutes on this machine. Prints one JSON summary.
+
+Both arms are character-level GPTs on Anna Karenina, on scriven's own split (90/5/5 by position)
+and data pipeline (contiguous streams), scored by validation bits per character with windows of
+their trained context; only the recipe differs:
+
+  scriven_default: what `scriven train lm anna --model gpt --tokenizer char --minutes M` trains
+      (the default preset, its training window, learning rate and budget-planned schedule);
+  reference: nanoGPT's README recipe for a CPU (Shakespeare, character level), written here as a
+      scriven config from its published numbers: 4 layers, 4 heads, 128 wide, block 64, batch
+      12, dropout 0, 2,000 iterations, lr 1e-3 with 100 warmup steps and cosine decay to 1e-4,
+      AdamW betas (0.9, 0.99), weight decay 0.1, gradient clip 1. Its 2,000 steps are a step
+      budget as published; where M minutes hold fewer, scriven's planner fits the decay into the
+      minutes (the recipe as published would be cut off mid-decay), so the reference is if
+      anything favoured.
+
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/budget.py --minutes 10
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/budget.py --quick            # a smoke run
+    SCRIVEN_DATA_MIRROR=../shared/data python bench/budget.py --profile portable # AVX2 laptop
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from machine import add_profile_argument, enter_profile, machine_info
+
+from scriven.data import fetch, read_text
+from scriven.lm import LMTask, _cut_text, train_lm
+from scriven.models.gpt import GPT, GPTConfig
+from scriven.tokenizers import CharTokenizer
+from scriven.train import CheckpointSpec, TrainConfig, TrainResult, fit
+
+# nanoGPT's README, "I only have a macbook" (CPU): config/train_shakespeare_char.py with
+# --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
+# --lr_decay_iters=2000 --dropout=0.0; from that config file: learning_rate 1e-3, min_lr 1e-4,
+# warmup_iters 100, beta2 0.99; from train.py's defaults: weight_decay 0.1, grad_clip 1.0.
+REFERENCE_MODEL = dict(d_model=128, n_heads=4, n_layers=4, d_ff=4 * 128, dropout=0.0, max_len=64)
+REFERENCE_TRAIN = dict(max_steps=2000, batch_size=12, seq_len=64, lr=1e-3, warmup_steps=100,
+                       schedule="cosine", min_lr_ratio=0.1, betas=(0.9, 0.99), weight_decay=0.1,
+                       grad_clip=1.0)
+
+
+def curve(run: Path) -> list[tuple[float, float]]:
+    """(training minutes, validation bits per character) at each validation of a run."""
+    points = []
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "val_bits_per_char" in record:
+            points.append((round(record["elapsed"] / 60, 3), round(record["val_bits_per_char"], 4)))
+    return points
+
+
+def arm(result: TrainResult, run: Path, config: dict) -> dict:
+    points = curve(run)
+    return {"steps": result.steps, "planned_steps": result.planned_steps,
+            "minutes": round(result.elapsed / 60, 2),
+            "tokens_per_s": round(result.tokens_per_second),
+            "final_bits_per_char": round(result.metrics["bits_per_char"], 4),
+            "best_bits_per_char": min(b for _, b in points), "curve": points, "config": config}
+
+
+def scriven_default(minutes: float, workdir: Path) -> dict:
+    run = workdir / "scriven"
+    result = train_lm("anna", run, model="gpt", tokenizer="char", minutes=minutes, progress=False)
+    saved = json.loads((run / "latest" / "config.json").read_text(encoding="utf-8"))
+    return arm(result, run, {"model": saved["model"], "train": saved["train"]})
+
+
+def reference(minutes: float, workdir: Path) -> dict:
+    """The peer's recipe through scriven's own trainer, on the same split as `train_lm`."""
+    run = workdir / "reference"
+    train_text, valid_text, _ = _cut_text(read_text(fetch("anna")), 0.05, 0.05)
+    tok = CharTokenizer.train([train_text])
+    train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
+    valid_ids = torch.tensor(tok.encode(valid_text), dtype=torch.long)
+    model_config = GPTConfig(vocab_size=tok.vocab_size, **REFERENCE_MODEL)
+    config = TrainConfig(minutes=minutes, **REFERENCE_TRAIN)
+    torch.manual_seed(config.seed)
+    model = GPT(model_config)
+    task = LMTask(train_ids, valid_ids, 1.0, config.batch_size, config.seq_len,
+                  torch.device("cpu"), carries_state=False)
+    spec = CheckpointSpec("gpt", asdict(model_config), tok.to_json_str(), {"bench": "reference"})
+    result = fit(model, task, config, run, spec, progress_bar=False)
+    return arm(result, run, {"model": asdict(model_config), "train": asdict(config)})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=10.0, help="each arm's training budget")
+    ap.add_argument("--quick", action="store_true", help="half a minute each: a smoke run")
+    ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
+    ap.add_argument("--arms", default="scriven_default,reference", help="which arms to run")
+    add_profile_argument(ap)
+    args = ap.parse_args()
+    enter_profile(args)
+    minutes = 0.5 if args.quick else args.minutes
+    workdir = Path(args.out or tempfile.mkdtemp(prefix="scriven-budget-"))
+    summary: dict = {"bench": "budget", "minutes": minutes,
+                     "machine": machine_info(args.profile, peaks=not args.quick),
+                     "data": {"text": "anna", "tokenizer": "char",
+                              "split": "position 90/5/5 (train, valid, test)"}, "arms": {}}
+    for name in args.arms.split(","):
+        runner = {"scriven_default": scriven_default, "reference": reference}.get(name)
+        if runner is None:
+            ap.error(f"unknown arm {name!r}: scriven_default or reference")
+        print(f"[{name}] {minutes:g} minutes ...", file=sys.stderr, flush=True)
+        summary["arms"][name] = runner(minutes, workdir)
+    arms = summary["arms"]
+    if len(arms) == 2:  # negative: scriven's default ends below the reference
+        summary["scriven_minus_reference_bits_per_char"] = round(
+            arms["scriven_default"]["final_bits_per_char"] - arms["reference"]["final_bits_per_char"], 4)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
