@@ -12,8 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
+from . import runtimes
 from .config import check_positive_int
 from .errors import ScrivenError
+from .export import is_export
 from .models.lstm import LSTMLanguageModel, LSTMStepper
 from .precision import check_precision
 from .sampling import filter_logits, repetition_penalty_filter, sample_with_probability, validate
@@ -46,11 +48,17 @@ class LoadedLM:
     device: torch.device
     path: Path | None = None
     precision: str = "fp32"
-    stepper: LSTMStepper | None = None
+    stepper: LSTMStepper | runtimes.OnnxStepper | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> LoadedLM:
         check_precision(precision)
+        if is_export(checkpoint):  # an exported model runs on ONNX Runtime, as exported
+            if precision != "fp32":
+                raise ScrivenError("an export keeps the precision it was exported in; "
+                                   "export again with --quantization int8 instead")
+            stepper, tok = runtimes.load_lm(checkpoint)
+            return cls(None, tok, torch.device("cpu"), Path(checkpoint), precision, stepper)  # type: ignore[arg-type]
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=LM_KINDS)
         stepper = None
@@ -116,7 +124,7 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
     the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given)."""
     if isinstance(model, LSTMLanguageModel):
         model = LSTMStepper(model)
-    if isinstance(model, LSTMStepper):
+    if isinstance(model, (LSTMStepper, runtimes.OnnxStepper)):
         yield from _sample_steps(model, prompt_ids, max_new_tokens, temperature, top_k, top_p,
                                  repetition_penalty, generator, alternatives)
         return
