@@ -245,6 +245,7 @@ def _export_ctranslate2(weights: dict[str, Tensor], config: dict[str, Any], toke
     except ValueError as e:
         raise ScrivenError(f"cannot export to ctranslate2: {e}") from None
     spec.optimize(quantization=quantization)
+    out.mkdir()
     spec.save(str(out))
 
 
