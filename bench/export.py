@@ -49,11 +49,11 @@ def timed(fn) -> tuple[float, object]:
 
 
 def translator_figures(checkpoint: Path, folder: Path, sentences: list[str],
-                       references: list[str]) -> dict:
+                       references: list[str], threads: int) -> dict:
     engines = {"scriven": LoadedTranslator.load(checkpoint, "cpu")}
     for quantization in ("float32", "int8"):
         path = export(checkpoint, "ctranslate2", folder / f"ct2-{quantization}", quantization)
-        engines[f"ct2_{quantization}"] = runtimes.load_translator(path, "cpu")
+        engines[f"ct2_{quantization}"] = runtimes.load_translator(path, "cpu", threads)
     out: dict = {}
     for name, engine in engines.items():
         translate(engine, sentences[:16], beam=4)  # warm-up
@@ -82,13 +82,13 @@ def tokens_per_second(decoder, prompt_ids: list[int], streams: int, tokens: int)
     return streams * tokens / (time.perf_counter() - start)
 
 
-def lm_figures(checkpoint: Path, folder: Path, streams: int, tokens: int) -> dict:
+def lm_figures(checkpoint: Path, folder: Path, streams: int, tokens: int, threads: int) -> dict:
     decoders = {name: LoadedLM.load(checkpoint, "cpu", precision).decoder
                 for name, precision in (("scriven_fp32", "fp32"), ("scriven_int8", "int8"))}
     tokenizer = LoadedLM.load(checkpoint, "cpu").tokenizer
     for quantization in ("float32", "int8"):
         path = export(checkpoint, "onnx", folder / f"onnx-{quantization}", quantization)
-        decoders[f"onnx_{quantization}"] = runtimes.load_lm(path)[0]
+        decoders[f"onnx_{quantization}"] = runtimes.load_lm(path, threads)[0]
     prompt = encode_prompt(tokenizer, "she said that")
     out: dict = {}
     for name, decoder in decoders.items():
@@ -109,10 +109,13 @@ def main() -> None:
     ap.add_argument("--sentences", type=int, default=200, help="held-out sentences translated")
     ap.add_argument("--tokens", type=int, default=200, help="tokens generated per stream")
     ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="threads for PyTorch, ONNX Runtime and CTranslate2 alike")
     ap.add_argument("--out", help="where to keep models and exports (default: a temp dir)")
     add_profile_argument(ap)
     args = ap.parse_args()
     enter_profile(args)
+    torch.set_num_threads(args.threads)
     folder = Path(args.out or tempfile.mkdtemp(prefix="scriven-bench-export-"))
     folder.mkdir(parents=True, exist_ok=True)
     info = machine_info(args.profile, peaks=False)
@@ -137,11 +140,11 @@ def main() -> None:
         "machine": info,
         "settings": {"translator": str(translator), "lm": str(lm), "sentences": len(test),
                      "batch_size": 64, "length_penalty": 1.0, "tokens": args.tokens,
-                     "streams": args.streams, "translator_minutes": None if args.translator
+                     "streams": args.streams, "threads": args.threads, "translator_minutes": None if args.translator
                      else args.minutes, "lm_minutes": None if args.lm else args.lm_minutes},
         "translator": translator_figures(translator, folder, [p.source for p in test],
-                                         [p.target for p in test]),
-        "lm": lm_figures(lm, folder, args.streams, args.tokens),
+                                         [p.target for p in test], args.threads),
+        "lm": lm_figures(lm, folder, args.streams, args.tokens, args.threads),
     }
     t, g = summary["translator"]["ct2_int8"]["beam4"], summary["lm"]["onnx_int8"]
     best_onnx = max(summary["lm"]["onnx_float32"], g, key=lambda r: r["single_stream_tok_s"])

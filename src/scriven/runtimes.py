@@ -179,5 +179,6 @@ class CT2Translator:
         return results
 
 
-def load_translator(path: str | Path, device: str = "auto") -> CT2Translator:
-    return CT2Translator.load(path, device)
+def load_translator(path: str | Path, device: str = "auto", threads: int = 0) -> CT2Translator:
+    """An exported translator; `threads` 0 lets CTranslate2 choose."""
+    return CT2Translator.load(path, device, threads)
