@@ -420,8 +420,10 @@ class GPTExport(nn.Module):
                     "keys_out": {1: "batch", 3: "total"}, "values_out": {1: "batch", 3: "total"}}
 
 
-def _onnx_save(module: nn.Module, inputs: tuple[Tensor, ...], file: Path, names: LSTMExport
-               | GPTExport, dynamic_axes: dict[str, dict[int, str]]) -> None:
+def _onnx_save(module: nn.Module, inputs: tuple[Tensor, ...], file: Path,
+               names: LSTMExport | GPTExport, dynamic_axes: dict[str, dict[int, str]]) -> None:
+    """Trace `module` to ONNX with the input/output names of `names`. The TorchScript exporter
+    (dynamo=False) is used: it keeps nn.LSTM as one ONNX LSTM operator per layer."""
     import warnings
     module.eval()
     with warnings.catch_warnings(), torch.no_grad():
