@@ -129,11 +129,16 @@ def _cmd_generate(a: argparse.Namespace) -> None:
 
 
 def _cmd_translate(a: argparse.Namespace) -> None:
+    from .export import is_export
+    from .runtimes import load_translator
     from .translation import LoadedTranslator, translate
     from_input = a.text is None or a.text == "-"
     if not from_input and a.file is not None:
         raise ScrivenError("give either a TEXT argument or --file, not both")
-    tr = LoadedTranslator.load(a.checkpoint, a.device)
+    if is_export(a.checkpoint):  # an exported translator runs on CTranslate2
+        tr = load_translator(a.checkpoint, a.device)
+    else:
+        tr = LoadedTranslator.load(a.checkpoint, a.device)
     options = dict(beam=a.beam, n_best=a.n_best, length_penalty=a.length_penalty,
                    max_len=a.max_len, batch_size=a.batch_size)
     if not from_input:
@@ -228,6 +233,11 @@ def _cmd_plot_embeddings(a: argparse.Namespace) -> None:
     found = plot_embeddings(a.checkpoint, a.words, a.out, neighbours=a.neighbours, device=a.device)
     for word, near in found["neighbours"].items():
         print(f"{word}: " + ", ".join(f"{t} {c:.2f}" for t, c in near))
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    from .export import export
+    print(export(a.checkpoint, a.format, a.out, quantization=a.quantization))
 
 
 def _cmd_serve(a: argparse.Namespace) -> None:
@@ -392,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test",
                    help="translators on their own training data: test (default) or valid")
     e.set_defaults(func=_cmd_evaluate)
+
+    x = sub.add_parser("export", help="write a model for ONNX Runtime (LSTM, GPT) or "
+                       "CTranslate2 (translator)")
+    x.add_argument("checkpoint", help="a checkpoint directory or run folder")
+    x.add_argument("--format", required=True, help="onnx (LSTM, GPT) or ctranslate2 (translator)")
+    x.add_argument("--out", required=True, help="the export directory to write")
+    x.add_argument("--quantization", help="onnx: float32 (default), int8; ctranslate2: float32 "
+                   "(default), int8, int8_float32, bfloat16")
+    x.set_defaults(func=_cmd_export)
 
     _add_plot_parsers(sub)
     _add_serve_parser(sub)

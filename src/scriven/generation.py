@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import accel
+from . import accel, runtimes
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
 from .errors import ScrivenError
+from .export import is_export
 from .lm import trained_context
 from .models import kinds_for
 from .models.lstm import LSTMLanguageModel
@@ -51,12 +52,18 @@ class LoadedLM:
     device: torch.device
     path: Path | None = None
     precision: str = "fp32"
-    stepper: LSTMStepper | None = None
+    stepper: LSTMStepper | runtimes.OnnxStepper | None = None
     context: int | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> LoadedLM:
         check_precision(precision)
+        if is_export(checkpoint):  # an exported model runs on ONNX Runtime, as exported
+            if precision != "fp32":
+                raise ScrivenError("an export keeps the precision it was exported in; "
+                                   "export again with --quantization int8 instead")
+            stepper, tok = runtimes.load_lm(checkpoint)
+            return cls(None, tok, torch.device("cpu"), Path(checkpoint), precision, stepper)  # type: ignore[arg-type]
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=LM_KINDS)
         accel.apply(model, dev, "infer")
@@ -126,7 +133,7 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
     reads at most `context` tokens at once (default: its max_len)."""
     if isinstance(model, LSTMLanguageModel):
         model = LSTMStepper(model)
-    if isinstance(model, LSTMStepper):
+    if isinstance(model, (LSTMStepper, runtimes.OnnxStepper)):
         steps = _recurrent_steps(model, prompt_ids)
     else:
         steps = _transformer_steps(model, prompt_ids, context)

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import accel
+from . import accel, runtimes
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
 from .data import DATASETS, get_dataset, normalize_text, resolve_text_source
 from .errors import ScrivenError
+from .export import is_export
 from .models import kinds_for
 from .models.transformer import PRESETS, Transformer, TransformerConfig
 from .pairs import (
@@ -455,8 +456,10 @@ class LoadedTranslator:
 
 
 def _resolve(checkpoint: str | Path | LoadedTranslator, device: str) -> LoadedTranslator:
-    if isinstance(checkpoint, LoadedTranslator):
+    if isinstance(checkpoint, (LoadedTranslator, runtimes.CT2Translator)):
         return checkpoint
+    if is_export(checkpoint):  # an exported translator runs on CTranslate2
+        return runtimes.load_translator(checkpoint, device)
     return LoadedTranslator.load(checkpoint, device)
 
 
@@ -512,7 +515,10 @@ def translate(checkpoint: str | Path | LoadedTranslator, text: str | Sequence[st
         names = ["text"]
     ids, cut = tr.encode_sources(sentences, names)
     _warn_cut(tr, cut, names)
-    found = search_ids(tr.model, ids, beam, n_best, length_penalty, max_len, batch_size)
+    if isinstance(tr, runtimes.CT2Translator):
+        found = tr.search_ids(ids, beam, n_best, length_penalty, max_len, batch_size)
+    else:
+        found = search_ids(tr.model, ids, beam, n_best, length_penalty, max_len, batch_size)
     if n_best == 1:
         out: list[Any] = [translation_text(tr.tokenizer, h[0][0]) for h in found]
     else:

@@ -1,0 +1,184 @@
+"""Running exports (see `scriven.export`): language models on ONNX Runtime, translators on
+CTranslate2. They plug into the same loops as the PyTorch models: an `OnnxStepper` reads a
+prompt and steps one token like an `LSTMStepper` (so `generation.sample_ids` drives it with
+scriven's own sampling rules), and `CT2Translator.translate` takes `translation.translate`'s
+options."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import ScrivenError
+from .export import read_info, require
+from .tokenizers import BOS, EOS, UNK_ID, Tokenizer, load_tokenizer
+
+
+def _session(file: Path, threads: int | None) -> Any:
+    ort = require("onnxruntime", "onnx")
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for unreadable models
+        raise ScrivenError(f"{file}: ONNX Runtime cannot load it: {e}") from None
+
+
+def _checked(path: str | Path, kinds: tuple[str, ...]) -> dict[str, Any]:
+    info = read_info(path)
+    if info["kind"] not in kinds:
+        raise ScrivenError(f"export {path} holds a {info['kind']} model; this needs "
+                           f"{' or '.join(kinds)}")
+    return info
+
+
+class OnnxStepper:
+    """An exported language model, one token per call: `read(ids (B, T))` → logits (B, V) and
+    a state; `step(ids (B,), state)` → logits and the next state. Logits come back as torch
+    tensors, so scriven's sampling functions apply unchanged.
+
+    A GPT's context is bounded the way `generation.sample_ids` bounds it: when the cache holds
+    max_len positions, the newest half of the text is read again into a fresh cache."""
+
+    def __init__(self, path: str | Path, info: dict[str, Any], threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.info = info
+        self.kind = info["kind"]
+        self.step_session = _session(self.path / "step.onnx", threads)
+        prompt = self.path / "prompt.onnx"
+        self.prompt_session = _session(prompt, threads) if prompt.is_file() else None
+        config = info["model"]
+        if self.kind == "lstm":
+            n = config["num_layers"]
+            proj = config["embed_dim"] if (config.get("tie_embeddings")
+                                           and config["embed_dim"] != config["hidden_dim"]) else 0
+            self.h_shape = (n, proj or config["hidden_dim"])
+            self.c_shape = (n, config["hidden_dim"])
+        else:
+            self.max_len = config["max_len"]
+            heads = config["n_heads"]
+            self.cache_shape = (config["n_layers"], heads, config["d_model"] // heads)
+
+    def read(self, ids: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        ids_np = ids.cpu().numpy().astype(np.int64)                          # (B, T)
+        b = ids_np.shape[0]
+        if self.kind == "gpt":
+            history = ids_np[:, -self.max_len:]
+            layers, heads, dh = self.cache_shape
+            empty = np.zeros((layers, b, heads, 0, dh), np.float32)
+            logits, keys, values = self.step_session.run(None, {"ids": history, "keys": empty,
+                                                                "values": empty})
+            return torch.from_numpy(logits), (keys, values, history)
+        if state is None:
+            h = np.zeros((self.h_shape[0], b, self.h_shape[1]), np.float32)
+            c = np.zeros((self.c_shape[0], b, self.c_shape[1]), np.float32)
+        else:
+            h, c = (s.cpu().numpy() for s in state)
+        if self.prompt_session is not None:
+            logits, h, c = self.prompt_session.run(None, {"ids": ids_np, "h": h, "c": c})
+        else:  # an LSTM with a projection: no prompt graph, so one step per prompt token
+            for t in range(ids_np.shape[1]):
+                logits, h, c = self.step_session.run(None, {"ids": ids_np[:, t], "h": h, "c": c})
+        return torch.from_numpy(logits), (h, c)
+
+    def step(self, ids: Tensor, state: Any) -> tuple[Tensor, Any]:
+        ids_np = ids.cpu().numpy().astype(np.int64)                          # (B,)
+        if self.kind == "lstm":
+            h, c = state
+            logits, h, c = self.step_session.run(None, {"ids": ids_np, "h": h, "c": c})
+            return torch.from_numpy(logits), (h, c)
+        keys, values, history = state
+        history = np.concatenate([history, ids_np[:, None]], axis=1)
+        if keys.shape[3] >= self.max_len:
+            return self.read(torch.from_numpy(history[:, -(self.max_len // 2):]))
+        logits, keys, values = self.step_session.run(None, {"ids": ids_np[:, None], "keys": keys,
+                                                            "values": values})
+        return torch.from_numpy(logits), (keys, values, history)
+
+
+def load_lm(path: str | Path, threads: int | None = None) -> tuple[OnnxStepper, Tokenizer]:
+    """The stepper and tokenizer of an exported language model."""
+    info = _checked(path, ("lstm", "gpt"))
+    return OnnxStepper(path, info, threads), load_tokenizer(Path(path) / "tokenizer.json")
+
+
+@dataclass
+class CT2Translator:
+    """An exported translator on CTranslate2: load once, translate many times."""
+
+    translator: Any
+    tokenizer: Tokenizer
+    max_len: int
+    path: Path
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", threads: int = 0) -> CT2Translator:
+        info = _checked(path, ("transformer",))
+        ct2 = require("ctranslate2", "ctranslate2")
+        if device not in ("auto", "cpu", "cuda"):
+            raise ScrivenError(f"device {device!r}: a CTranslate2 export runs on auto, cpu or cuda")
+        try:
+            translator = ct2.Translator(str(Path(path) / "ctranslate2"), device=device,
+                                        intra_threads=threads)
+        except (RuntimeError, ValueError) as e:
+            raise ScrivenError(f"export {path}: CTranslate2 cannot load it: {e}") from None
+        return cls(translator, load_tokenizer(Path(path) / "tokenizer.json"),
+                   info["model"]["max_len"], Path(path), dict(info.get("data") or {}))
+
+    def encode_sources(self, texts: Sequence[str], names: Sequence[str] | None = None
+                       ) -> tuple[list[list[int]], list[int]]:
+        """Normalised, encoded sources, exactly as a checkpoint's translator makes them."""
+        from .translation import LoadedTranslator
+        return LoadedTranslator.encode_sources(self, texts, names)  # type: ignore[arg-type]
+
+    def search_ids(self, sources: Sequence[Sequence[int]], beam: int = 1, n_best: int = 1,
+                   length_penalty: float = 1.0, max_len: int | None = None,
+                   batch_size: int = 64) -> list[list[tuple[list[int], float | None]]]:
+        """`translation.search_ids` on CTranslate2: sources sorted by length into batches; beam
+        search batches only sentences that share an output limit (the result depends on it).
+
+        CTranslate2 divides a finished hypothesis's log-probability by length^length_penalty
+        where scriven uses GNMT's ((5 + length) / 6)^length_penalty; with length_penalty 0 both
+        rank by plain log-probability."""
+        from .translation import default_max_len
+
+        shape = SimpleNamespace(config=SimpleNamespace(max_len=self.max_len))
+        limit_of = [max_len or default_max_len(shape, len(s)) for s in sources]  # type: ignore
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        batches: list[list[int]] = []
+        for i in order:
+            if (batches and len(batches[-1]) < batch_size
+                    and (beam == 1 or limit_of[batches[-1][0]] == limit_of[i])):
+                batches[-1].append(i)
+            else:
+                batches.append([i])
+        tok = self.tokenizer
+        results: list[list[tuple[list[int], float | None]]] = [[] for _ in sources]
+        for rows in batches:
+            tokens = [[tok.id_to_token(t) for t in sources[i]] for i in rows]
+            limit = max(limit_of[i] for i in rows)
+            found = self.translator.translate_batch(
+                tokens, beam_size=beam, num_hypotheses=n_best, length_penalty=length_penalty,
+                max_decoding_length=limit, return_scores=beam > 1)
+            for i, result in zip(rows, found):
+                hyps = []
+                for pieces, score in zip(result.hypotheses, result.scores or [None] * n_best):
+                    ids = [tok.token_to_id(p) for p in pieces if p not in (BOS, EOS)]
+                    ids = [UNK_ID if t is None else t for t in ids][: limit_of[i]]
+                    hyps.append((ids, None if beam == 1 else float(score)))
+                results[i] = hyps
+        return results
+
+
+def load_translator(path: str | Path, device: str = "auto", threads: int = 0) -> CT2Translator:
+    """An exported translator; `threads` 0 lets CTranslate2 choose."""
+    return CT2Translator.load(path, device, threads)
