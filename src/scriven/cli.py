@@ -42,7 +42,10 @@ def _add_training_length(p: argparse.ArgumentParser) -> None:
                         "measured where the hardware has bf16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=_positive_int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue OUT/latest exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT/latest exactly (same settings and data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (default: that is an error)")
     p.add_argument("--log-every", type=_positive_int, default=20, help="steps between log lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -55,7 +58,8 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
                       minutes=a.minutes, max_steps=a.max_steps, batch_size=a.batch_size,
                       seq_len=a.seq_len, lr=a.lr, dropout=a.dropout, eval_every=a.eval_every,
                       patience=a.patience, amp=a.amp, device=a.device, seed=a.seed,
-                      resume=a.resume, log_every=a.log_every, compile=a.compile, progress=a.progress)
+                      resume=a.resume, log_every=a.log_every, compile=a.compile, progress=a.progress,
+                      overwrite=a.overwrite)
     _print_result(result)
 
 
@@ -69,7 +73,7 @@ def _cmd_train_translate(a: argparse.Namespace) -> None:
                              eval_every=a.eval_every, patience=a.patience,
                              bleu_sentences=a.bleu_sentences, amp=a.amp, device=a.device,
                              seed=a.seed, resume=a.resume, log_every=a.log_every,
-                             compile=a.compile, progress=a.progress)
+                             compile=a.compile, progress=a.progress, overwrite=a.overwrite)
     _print_result(result)
 
 

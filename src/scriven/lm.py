@@ -20,7 +20,15 @@ from .errors import ScrivenError
 from .models.gpt import GPT, GPT_PRESETS, GPTConfig
 from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
 from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
-from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
+from .train import (
+    CheckpointSpec,
+    Distributed,
+    TrainConfig,
+    TrainResult,
+    file_sha256,
+    fit,
+    resolve_device,
+)
 
 Batch = tuple[Tensor, Tensor]  # inputs, targets: (B, T) each
 
@@ -210,18 +218,21 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
              batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
              dropout: float | None = None, eval_every: int = 200, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
-             log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
+             log_every: int = 20, compile: bool = False, progress: bool = True,
+             overwrite: bool = False) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
-    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly."""
+    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly (same
+    settings and text, or an error); a folder that holds a run is kept unless `overwrite`."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
     config_cls, model_cls, presets = MODELS[model]
     check(preset in presets, "preset", f"must be one of {', '.join(presets)}, got {preset!r}")
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
     tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)
-    train_text, valid_text, _ = _cut_text(read_text(resolve_text_source(text)), 0.05, 0.05)
+    source = resolve_text_source(text)
+    train_text, valid_text, _ = _cut_text(read_text(source), 0.05, 0.05)
     if resume:  # the run's own tokenizer and model config, so the data encodes as before
         saved = ckpt_io.load(Path(out) / "latest")
         tok = ckpt_io.tokenizer_of(saved)
@@ -251,8 +262,9 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
-                           "tokenizer": to_dict(tok_config)})
-    return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress)
+                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)})
+    return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress,
+               overwrite=overwrite)
 
 
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
