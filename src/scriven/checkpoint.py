@@ -270,11 +270,19 @@ def check_shapes(ckpt: Checkpoint) -> None:
 
 def check_vocabulary(ckpt: Checkpoint, tokenizer) -> None:
     """Every id the tokenizer makes must be an embedding row and every id the model predicts a
-    token: the two vocabularies must be the same size."""
+    token: the two vocabularies must be the same size, and a BPE file's ids (which it lists
+    explicitly) must all lie below it."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    largest = max(hf.get_vocab(with_added_tokens=True).values(), default=-1) if hf else -1
     for key, size in (ckpt.config.get("model") or {}).items():
-        if key.endswith("vocab_size") and size != tokenizer.vocab_size:
+        if not key.endswith("vocab_size"):
+            continue
+        if size != tokenizer.vocab_size:
             raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json has {tokenizer.vocab_size} "
                                f"tokens, the model's {key} is {size}: they do not belong together")
+        if largest >= size:
+            raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json has token id {largest}, "
+                               f"out of range for the model's {key} of {size}")
 
 
 def load_model(path: str | Path, device: torch.device, kinds: tuple[str, ...]):

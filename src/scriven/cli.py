@@ -224,7 +224,8 @@ def _cmd_serve(a: argparse.Namespace) -> None:
                          max_batch=a.max_batch, request_timeout=a.timeout,
                          max_body_bytes=a.max_body_bytes)
     serve(a.checkpoints, host=a.host, port=a.port, device=a.device, limits=limits,
-          threads=a.threads, log_level=a.log_level, precision=a.precision)
+          threads=a.threads, log_level=a.log_level, precision=a.precision,
+          allowed_hosts=a.allowed_hosts, api_key=a.api_key)
 
 
 def _add_plot_parsers(sub) -> None:
@@ -283,6 +284,11 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
                                                       "machine only)")
     s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="Host header names to answer (default: localhost, 127.0.0.1, ::1 and "
+                        "--host); *.example.com and * work")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes "
+                                     "(default: $SCRIVEN_API_KEY; none if unset)")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=_positive_int, help="torch threads per operation")
     s.add_argument("--precision", default="fp32",

@@ -476,10 +476,12 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
         torch.set_rng_state(saved.state["rng.torch"])
         if device.type == "cuda" and "rng.cuda" in saved.state:
             torch.cuda.set_rng_state(saved.state["rng.cuda"])
-        try:
-            p = Progress(**saved.trainer["progress"])
-        except TypeError as e:
-            raise ScrivenError(f"checkpoint {saved.path}: trainer.json: {e}") from None
+        known = set(vars(Progress()))
+        unknown = set(saved.trainer["progress"]) - known
+        if unknown:
+            raise ScrivenError(f"checkpoint {saved.path}: trainer.json: unknown progress "
+                               f"field(s) {', '.join(sorted(unknown))}")
+        p = Progress(**saved.trainer["progress"])
         if dist.main:
             _truncate_log(out / "metrics.jsonl", p.step)
             print(f"resuming from step {p.step}", file=sys.stderr, flush=True)
