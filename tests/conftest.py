@@ -94,3 +94,8 @@ def write_pairs(path, pairs) -> str:
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory):
     return write_pairs(tmp_path_factory.mktemp("pairs") / "pairs.tsv", make_pairs())
+
+
+def pytest_addoption(parser):
+    parser.addoption("--faults-long", action="store_true", default=False,
+                     help="run the long fault battery (tests/test_faults.py)")
