@@ -262,7 +262,8 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
-                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)})
+                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)},
+                          unused_settings=("max_tokens",))
     return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress,
                overwrite=overwrite)
 

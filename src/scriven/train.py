@@ -293,6 +293,7 @@ class CheckpointSpec:
     model_config: dict[str, Any]
     tokenizer_json: str
     data: dict[str, Any]
+    unused_settings: tuple[str, ...] = ()  # TrainConfig fields this task never reads
 
 
 class _Log:
@@ -385,7 +386,7 @@ def _check_resumable(saved: ckpt_io.Checkpoint, config: TrainConfig, spec: Check
     saved_world = saved.trainer.get("world", 1)
     changed = []
     for key, value in now.items():
-        if key in RESUME_MAY_CHANGE or key not in before:
+        if key in RESUME_MAY_CHANGE or key in spec.unused_settings or key not in before:
             continue  # a field newer than the checkpoint keeps its default
         old = before[key]
         if key in PER_PROCESS and isinstance(old, int) and isinstance(saved_world, int):

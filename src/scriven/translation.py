@@ -414,7 +414,8 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     if data.dataset is not None:
         ds = get_dataset(data.dataset)
         notes.update(licence=ds.licence, attribution=ds.attribution)
-    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes)
+    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes,
+                          unused_settings=("batch_size", "seq_len"))
     return fit(net, task, config, out, spec, resume=resume, progress_bar=progress,
                overwrite=overwrite)
 
