@@ -305,8 +305,11 @@ class _Log:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise ScrivenError(f"cannot write {self.path}: {e.strerror or e}") from None
 
 
 # Training settings a resume may change: how long to go on, how often to log and validate, and
