@@ -456,22 +456,36 @@ async def _round(url: str, requests: int, concurrency: int, rng: random.Random) 
     gate = asyncio.Semaphore(concurrency)
     prompts = ["anna said", "the prince looked at", "levin went to", "she smiled at the"]
 
+    transport_errors = 0
+
     async def one(client: httpx.AsyncClient, leave: bool) -> None:
-        nonlocal left_early
+        nonlocal left_early, transport_errors
         body = {"prompt": rng.choice(prompts), "max_new_tokens": 12, "stream": True,
                 "temperature": 0.8, "seed": rng.randrange(1000)}
         async with gate:
-            async with client.stream("POST", url + "/v1/generate", content=json.dumps(body),
-                                     headers={"Content-Type": "text/plain"}) as response:
-                codes[response.status_code] = codes.get(response.status_code, 0) + 1
-                async for _ in response.aiter_bytes():
-                    if leave:
-                        left_early += 1
-                        break  # closing the stream here disconnects
+            for attempt in range(2):
+                try:
+                    async with client.stream("POST", url + "/v1/generate",
+                                             content=json.dumps(body),
+                                             headers={"Content-Type": "text/plain"}) as response:
+                        codes[response.status_code] = codes.get(response.status_code, 0) + 1
+                        async for _ in response.aiter_bytes():
+                            if leave:
+                                left_early += 1
+                                break  # closing the stream here disconnects
+                    return
+                except httpx.TransportError:
+                    # A pooled connection the server closed as idle just as it was reused:
+                    # counted, and the request sent once more on a fresh connection.
+                    transport_errors += 1
+                    if attempt:
+                        raise
 
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=concurrency)) as c:
+    # Idle connections expire before uvicorn's 5 s keep-alive closes them from its side.
+    limits = httpx.Limits(max_connections=concurrency, keepalive_expiry=2.0)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
         await asyncio.gather(*(one(c, i % 10 == 9) for i in range(requests)))
-    return {"codes": codes, "left_early": left_early}
+    return {"codes": codes, "left_early": left_early, "transport_errors": transport_errors}
 
 
 def serve_battery(lm: Path, requests: int, rounds: int, concurrency: int = 32) -> dict:
@@ -496,12 +510,13 @@ def serve_battery(lm: Path, requests: int, rounds: int, concurrency: int = 32) -
         asyncio.run(_round(url, min(per_round, 50), concurrency, rng))  # warm up, not counted
         rss_before = _rss_kib(server.pid)
         codes: dict[int, int] = {}
-        rss, drained, left_early = [], True, 0
+        rss, drained, left_early, transport_errors = [], True, 0, 0
         for _ in range(rounds):
             result = asyncio.run(_round(url, per_round, concurrency, rng))
             for code, n in result["codes"].items():
                 codes[code] = codes.get(code, 0) + n
             left_early += result["left_early"]
+            transport_errors += result["transport_errors"]
             wait = time.monotonic() + 30
             while True:
                 model = httpx.get(url + "/healthz", timeout=5).json()["models"]["lm"]
@@ -518,7 +533,8 @@ def serve_battery(lm: Path, requests: int, rounds: int, concurrency: int = 32) -
         return {"requests": per_round * rounds, "served": served, "refused": refused,
                 "errors_5xx": sum(n for c, n in codes.items() if c >= 500),
                 "status_codes": {str(c): n for c, n in sorted(codes.items())},
-                "left_early": left_early, "queue_drained": drained,
+                "left_early": left_early, "transport_errors_retried": transport_errors,
+                "queue_drained": drained,
                 "rss_kib_before": rss_before, "rss_kib_after": rss[-1] if rss else rss_before,
                 "rss_kib_per_round": rss, "rss_spread": round(spread, 4)}
     finally:
@@ -563,16 +579,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="scriven-faults-") as tmp:
         folder = Path(tmp)
         lm, translator = tiny_models(folder)
-        if "crafted" not in a.skip:
-            (folder / "crafted").mkdir()
-            summary["crafted"] = run_crafted(crafted_cases(lm, translator, folder / "crafted"))
-            if not a.verbose:
-                summary["crafted"].pop("messages")
-        if "kills" not in a.skip:
-            (folder / "kills").mkdir()
-            summary["kills"] = kill_battery(a.kills, folder / "kills")
-        if "serve" not in a.skip:
-            summary["serve"] = serve_battery(lm, a.requests, a.rounds)
+        parts = {"crafted": lambda: run_crafted(crafted_cases(lm, translator,
+                                                              folder / "crafted")),
+                 "kills": lambda: kill_battery(a.kills, folder / "kills"),
+                 "serve": lambda: serve_battery(lm, a.requests, a.rounds)}
+        for name, part in parts.items():
+            if name in a.skip:
+                continue
+            (folder / name).mkdir()
+            try:
+                summary[name] = part()
+            except Exception as e:  # noqa: BLE001 - one part failing must not hide the others
+                summary[name] = {"error": f"{type(e).__name__}: {e}"}
+        if "messages" in summary.get("crafted", {}) and not a.verbose:
+            summary["crafted"].pop("messages")
     summary["seconds"] = round(time.time() - started, 1)
     print(json.dumps(summary, indent=2))
 
