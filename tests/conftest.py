@@ -115,3 +115,6 @@ def pytest_runtest_setup(item):
         if os.environ.get(REQUIRE_NATIVE_ENV) == "1":
             pytest.fail(f"{REQUIRE_NATIVE_ENV}=1, but this test {reason}")
         pytest.skip(reason)
+def pytest_addoption(parser):
+    parser.addoption("--faults-long", action="store_true", default=False,
+                     help="run the long fault battery (tests/test_faults.py)")

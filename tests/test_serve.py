@@ -78,7 +78,7 @@ def client(models):
     app = create_app([str(models[0]), f"fr={models[1]}"],
                      limits=ServeLimits(max_new_tokens=64, max_beam=4, max_sentences=4,
                                         max_body_bytes=4096))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -182,7 +182,7 @@ def test_seeded_requests_repeat_even_when_batched_with_others(client):
 def test_concurrent_requests_are_decoded_as_one_batch(models):
     app = create_app([models[0]], limits=ServeLimits(max_new_tokens=64))
     worker = app.state.models["lm"].worker
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         threads = [threading.Thread(target=c.post, args=("/v1/generate",),
                                     kwargs={"json": {"prompt": "anna", "max_new_tokens": 60}})
                    for _ in range(12)]
@@ -285,7 +285,7 @@ def test_oversized_bodies_get_413(client):
 def test_a_request_over_its_time_limit_gets_504(models):
     app = create_app([models[0]], limits=ServeLimits(max_new_tokens=100_000,
                                                      request_timeout=0.05))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         response = c.post("/v1/generate", json={"prompt": "anna", "max_new_tokens": 100_000})
         assert response.status_code == 504
         streamed = c.post("/v1/generate", json={"prompt": "anna", "max_new_tokens": 100_000,
@@ -328,7 +328,7 @@ def test_greedy_translation_of_several_sentences_equals_the_library(client, mode
 def test_attention_for_too_many_numbers_is_refused_with_413(models):
     app = create_app([f"fr={models[1]}"])
     worker = app.state.models["fr"].worker
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         request = {"text": ["the big dog sleeps.", "the old cat eats a book."], "attention": True}
         assert c.post("/v1/translate", json=request).status_code == 200
         worker.max_attention_floats = 1000
@@ -349,7 +349,7 @@ def test_a_beam_search_stops_when_its_request_times_out(models, monkeypatch):
         return decode_step(*args, **kwargs).index_fill(-1, torch.tensor([EOS_ID]), -1e9)
 
     monkeypatch.setattr(model, "decode_step", slow_endless_step)
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         request = {"text": "the old cat eats a book.", "beam": 4, "max_len": 30}
         assert c.post("/v1/translate", json=request).status_code == 504
         time.sleep(0.3)  # the worker's last step
@@ -457,7 +457,7 @@ def test_limits_are_validated():
 def test_generators_can_be_served_in_lower_precision(models):
     from scriven.generation import LoadedLM, generate
     app = create_app({"lm": models[0]}, precision="int8")
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         assert c.get("/v1/models").json()["models"][0]["precision"] == "int8"
         body = c.post("/v1/generate", json={"prompt": "anna said", "max_new_tokens": 8,
                                             "temperature": 0}).json()

@@ -9,10 +9,18 @@
 A directory cannot be replaced in one system call, so `save` writes `<dir>.tmp`, moves the old
 directory to `<dir>.old`, moves the new one in and then deletes the old one. `resolve` falls back
 to `<dir>.old` if a crash left only that, so a kill at any moment loses at most the newest save.
+Files and directories are fsynced before each rename, so a power cut cannot leave a renamed
+directory with empty files in it; a failed write (a full disk) removes the half-written copy and
+keeps the previous one.
+
+Nothing in a checkpoint is trusted: every file is read defensively, shapes in config.json are
+checked against the safetensors headers before a model is built, and a bad file is a one-line
+`ScrivenError` naming it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -69,29 +77,55 @@ def model_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save(path: str | Path, ckpt: Checkpoint) -> Path:
+    """Write `ckpt` to the directory `path` atomically. A write that fails (a full disk, a
+    read-only folder) is a `ScrivenError`; the previous checkpoint at `path` is left intact."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     old = path.with_name(path.name + ".old")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    config = {"format": FORMAT_VERSION, "scriven_version": __version__, "kind": ckpt.kind, **ckpt.config}
-    write_json_atomic(tmp / "config.json", config)
-    save_file(ckpt.weights, str(tmp / "model.safetensors"))
-    (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
-    if ckpt.state:
-        save_file({k: v.contiguous() for k, v in ckpt.state.items()}, str(tmp / "state.safetensors"))
-    if ckpt.trainer:
-        write_json_atomic(tmp / "trainer.json", ckpt.trainer)
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        config = {"format": FORMAT_VERSION, "scriven_version": __version__, "kind": ckpt.kind,
+                  **ckpt.config}
+        write_json_atomic(tmp / "config.json", config)
+        save_file(ckpt.weights, str(tmp / "model.safetensors"))
+        (tmp / "tokenizer.json").write_text(ckpt.tokenizer_json, encoding="utf-8")
+        if ckpt.state:
+            save_file({k: v.contiguous() for k, v in ckpt.state.items()},
+                      str(tmp / "state.safetensors"))
+        if ckpt.trainer:
+            write_json_atomic(tmp / "trainer.json", ckpt.trainer)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise ScrivenError(f"cannot write checkpoint {path}: {reason}; the previous checkpoint "
+                           "there is kept") from None
     if path.exists():
         if old.exists():
             shutil.rmtree(old)
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync_dir(path.parent)
     if old.exists():
         shutil.rmtree(old)
     return path
@@ -116,34 +150,58 @@ def resolve(path: str | Path) -> Path:
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, MemoryError) as e:
         raise ScrivenError(f"checkpoint file {file} is not a valid safetensors file "
                            f"(truncated, corrupted or a pickle?): {e}") from None
 
 
+def _read_text(file: Path, directory: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ScrivenError(f"checkpoint {directory}: {file.name} is not UTF-8 text") from None
+    except OSError as e:
+        raise ScrivenError(f"checkpoint {directory}: cannot read {file.name} "
+                           f"({e.strerror or e})") from None
+
+
+def _read_json(file: Path, directory: Path) -> Any:
+    text = _read_text(file, directory)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ScrivenError(f"checkpoint {directory}: {file.name} is corrupted: {e}") from None
+    except RecursionError:
+        raise ScrivenError(f"checkpoint {directory}: {file.name} is nested too deeply") from None
+
+
 def load(path: str | Path, with_training_state: bool = False) -> Checkpoint:
     directory = resolve(path)
-    try:
-        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ScrivenError(f"checkpoint {directory}: config.json is corrupted: {e}") from None
-    if not isinstance(config, dict) or "kind" not in config:
+    config = _read_json(directory / "config.json", directory)
+    if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
         raise ScrivenError(f"checkpoint {directory}: config.json has no model kind")
+    version = config.get("format", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ScrivenError(f"checkpoint {directory}: config.json has an invalid format "
+                           f"{version!r}")
+    if version > FORMAT_VERSION:
+        raise ScrivenError(f"checkpoint {directory} has format {version}, newer than this scriven "
+                           f"{__version__} reads (up to {FORMAT_VERSION}): upgrade scriven")
     for name in ("model.safetensors", "tokenizer.json"):
         if not (directory / name).is_file():
             raise ScrivenError(f"checkpoint {directory}: {name} is missing")
     weights = _load_tensors(directory / "model.safetensors")
-    tokenizer_json = (directory / "tokenizer.json").read_text(encoding="utf-8")
+    tokenizer_json = _read_text(directory / "tokenizer.json", directory)
     state: dict[str, torch.Tensor] = {}
     trainer: dict[str, Any] = {}
     if with_training_state:
         if not (directory / "trainer.json").is_file() or not (directory / "state.safetensors").is_file():
             raise ScrivenError(f"checkpoint {directory}: no training state to resume from")
         state = _load_tensors(directory / "state.safetensors")
-        try:
-            trainer = json.loads((directory / "trainer.json").read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ScrivenError(f"checkpoint {directory}: trainer.json is corrupted: {e}") from None
+        trainer = _read_json(directory / "trainer.json", directory)
+        if not (isinstance(trainer, dict) and isinstance(trainer.get("progress"), dict)
+                and isinstance(trainer.get("param_groups"), list)):
+            raise ScrivenError(f"checkpoint {directory}: trainer.json is not training state")
     kind = config.pop("kind")
     config.pop("format", None)
     config.pop("scriven_version", None)
@@ -174,6 +232,57 @@ def tokenizer_of(ckpt: Checkpoint):  # -> Tokenizer
         return from_json_str(ckpt.tokenizer_json)
     except ScrivenError as e:
         raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json: {e}") from None
+    except RecursionError:
+        raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json is nested too deeply") from None
+    except (TypeError, KeyError, ValueError, AttributeError, IndexError) as e:
+        # A file of the right format with a field missing or of the wrong type.
+        raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json is damaged "
+                           f"({type(e).__name__}: {e})") from None
+
+
+def _model_skeleton(kind: str, model_config: Any, where: Path | None) -> nn.Module:
+    """The model of a config on the meta device: shapes without memory, so a config that
+    claims a vocabulary of 10^12 costs nothing to check."""
+    from .models import build_model
+    if not isinstance(model_config, dict):
+        raise ScrivenError(f"checkpoint {where}: config.json has no model config")
+    try:
+        with torch.device("meta"):
+            return build_model(kind, model_config)
+    except ScrivenError as e:
+        raise ScrivenError(f"checkpoint {where}: config.json: {e}") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError) as e:
+        raise ScrivenError(f"checkpoint {where}: config.json has an unusable model config "
+                           f"({e})") from None
+
+
+def check_shapes(ckpt: Checkpoint) -> None:
+    """The model config's shapes must be the weights' shapes and the tokenizer's vocabulary
+    the model's; checked before the model is built for real."""
+    skeleton = _model_skeleton(ckpt.kind, ckpt.config.get("model"), ckpt.path)
+    expected = skeleton.state_dict()
+    for name, tensor in ckpt.weights.items():
+        if name in expected and tuple(expected[name].shape) != tuple(tensor.shape):
+            raise ScrivenError(f"checkpoint {ckpt.path}: config.json gives weight {name} the "
+                               f"shape {tuple(expected[name].shape)}, model.safetensors holds "
+                               f"{tuple(tensor.shape)}")
+
+
+def check_vocabulary(ckpt: Checkpoint, tokenizer) -> None:
+    """Every id the tokenizer makes must be an embedding row and every id the model predicts a
+    token: the two vocabularies must be the same size, and a BPE file's ids (which it lists
+    explicitly) must all lie below it."""
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    largest = max(hf.get_vocab(with_added_tokens=True).values(), default=-1) if hf else -1
+    for key, size in (ckpt.config.get("model") or {}).items():
+        if not key.endswith("vocab_size"):
+            continue
+        if size != tokenizer.vocab_size:
+            raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json has {tokenizer.vocab_size} "
+                               f"tokens, the model's {key} is {size}: they do not belong together")
+        if largest >= size:
+            raise ScrivenError(f"checkpoint {ckpt.path}: tokenizer.json has token id {largest}, "
+                               f"out of range for the model's {key} of {size}")
 
 
 def load_model(path: str | Path, device: torch.device, kinds: tuple[str, ...]):
@@ -185,6 +294,9 @@ def load_model(path: str | Path, device: torch.device, kinds: tuple[str, ...]):
                            f"{' or '.join(kinds)}")
     if "model" not in ckpt.config:
         raise ScrivenError(f"checkpoint {ckpt.path}: config.json has no model config")
+    check_shapes(ckpt)
+    tokenizer = tokenizer_of(ckpt)
+    check_vocabulary(ckpt, tokenizer)
     model = build_model(ckpt.kind, ckpt.config["model"])
     load_weights(model, ckpt.weights, str(ckpt.path))
-    return model.to(device).eval(), tokenizer_of(ckpt), ckpt
+    return model.to(device).eval(), tokenizer, ckpt

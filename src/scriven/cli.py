@@ -51,7 +51,10 @@ def _add_training_length(p: argparse.ArgumentParser) -> None:
                         "measured where the hardware has bf16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=_positive_int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue OUT/latest exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue OUT/latest exactly (same settings and data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in OUT (default: that is an error)")
     p.add_argument("--log-every", type=_positive_int, default=20, help="steps between log lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -66,7 +69,8 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
                       warmup_steps=a.warmup_steps, warmup_fraction=a.warmup_fraction,
                       eval_every=a.eval_every, evals_per_run=a.evals_per_run,
                       patience=a.patience, amp=a.amp, device=a.device, seed=a.seed,
-                      resume=a.resume, log_every=a.log_every, compile=a.compile, progress=a.progress)
+                      resume=a.resume, log_every=a.log_every, compile=a.compile, progress=a.progress,
+                      overwrite=a.overwrite)
     _print_result(result)
 
 
@@ -82,7 +86,7 @@ def _cmd_train_translate(a: argparse.Namespace) -> None:
                              eval_every=a.eval_every, patience=a.patience,
                              bleu_sentences=a.bleu_sentences, amp=a.amp, device=a.device,
                              seed=a.seed, resume=a.resume, log_every=a.log_every,
-                             compile=a.compile, progress=a.progress)
+                             compile=a.compile, progress=a.progress, overwrite=a.overwrite)
     _print_result(result)
 
 
@@ -246,7 +250,8 @@ def _cmd_serve(a: argparse.Namespace) -> None:
                          max_batch=a.max_batch, request_timeout=a.timeout,
                          max_body_bytes=a.max_body_bytes)
     serve(a.checkpoints, host=a.host, port=a.port, device=a.device, limits=limits,
-          threads=a.threads, log_level=a.log_level, precision=a.precision)
+          threads=a.threads, log_level=a.log_level, precision=a.precision,
+          allowed_hosts=a.allowed_hosts, api_key=a.api_key)
 
 
 def _add_plot_parsers(sub) -> None:
@@ -305,6 +310,11 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
                                                       "machine only)")
     s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="Host header names to answer (default: localhost, 127.0.0.1, ::1 and "
+                        "--host); *.example.com and * work")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes "
+                                     "(default: $SCRIVEN_API_KEY; none if unset)")
     s.add_argument("--device", default="auto")
     s.add_argument("--threads", type=_positive_int, help="torch threads per operation")
     s.add_argument("--precision", default="fp32",

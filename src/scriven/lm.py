@@ -21,7 +21,15 @@ from .models import kinds_for
 from .models.gpt import GPT, GPT_PRESETS, GPTConfig
 from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
 from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
-from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
+from .train import (
+    CheckpointSpec,
+    Distributed,
+    TrainConfig,
+    TrainResult,
+    file_sha256,
+    fit,
+    resolve_device,
+)
 
 Batch = tuple[Tensor, Tensor]  # inputs, targets: (B, T) each
 
@@ -236,11 +244,13 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
              warmup_fraction: float = 0.05, eval_every: int | None = None,
              evals_per_run: int = 10, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
-             log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
+             log_every: int = 20, compile: bool = False, progress: bool = True,
+             overwrite: bool = False) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
-    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly.
+    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly (same
+    settings and text, or an error); a folder that holds a run is kept unless `overwrite`.
     Warmup is `warmup_fraction` of the planned steps (or `warmup_steps`), and there are
     `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
@@ -249,7 +259,8 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
     tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)
-    train_text, valid_text, _ = _cut_text(read_text(resolve_text_source(text)), 0.05, 0.05)
+    source = resolve_text_source(text)
+    train_text, valid_text, _ = _cut_text(read_text(source), 0.05, 0.05)
     if resume:  # the run's own tokenizer and model config, so the data encodes as before
         saved = ckpt_io.load(Path(out) / "latest")
         tok = ckpt_io.tokenizer_of(saved)
@@ -285,8 +296,10 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
-                           "tokenizer": to_dict(tok_config)})
-    return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress)
+                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)},
+                          unused_settings=("max_tokens",))
+    return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress,
+               overwrite=overwrite)
 
 
 def trained_context(config: dict) -> int:

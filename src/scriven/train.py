@@ -7,12 +7,15 @@ Nothing here is global, and every write happens on rank 0 only, so `torchrun` ru
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import hashlib
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -27,6 +30,11 @@ from . import accel
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, to_dict
 from .errors import ScrivenError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None  # type: ignore[assignment]
 
 # Precision of training steps. bf16 / fp16: autocast (fp32 weights, matmuls in half precision).
 # bf16-pure: the forward and backward pass run on a bf16 copy of the model (no casts at every
@@ -373,6 +381,7 @@ class CheckpointSpec:
     model_config: dict[str, Any]
     tokenizer_json: str
     data: dict[str, Any]
+    unused_settings: tuple[str, ...] = ()  # TrainConfig fields this task never reads
 
 
 class _Log:
@@ -384,8 +393,126 @@ class _Log:
     def write(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise ScrivenError(f"cannot write {self.path}: {e.strerror or e}") from None
+
+
+# Training settings a resume may change: how long to go on, how often to log and validate, and
+# where to run. Everything else changes the numbers, so a resume that changed it would not be
+# the run it claims to continue.
+RESUME_MAY_CHANGE = ("epochs", "minutes", "max_steps", "eval_every", "log_every", "patience",
+                     "device", "compile")
+PER_PROCESS = ("batch_size", "max_tokens")  # compared as totals over all processes
+RUN_FILES = ("latest", "best", "latest.old", "best.old", "latest.tmp", "best.tmp",
+             "metrics.jsonl", "loss.png")
+
+
+def file_sha256(path: str | Path) -> str:
+    """The data fingerprint a resume checks: sha256 of the file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class RunLock:
+    """An exclusive `fcntl` lock on `out/.lock` while a run writes to `out`: a second run into the
+    same folder is a clear error instead of two runs overwriting each other's checkpoints. The
+    kernel drops the lock when the process dies, even by kill -9."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.file: Any = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.out / ".lock", "a")
+        except OSError as e:
+            raise ScrivenError(f"run folder {self.out}: cannot write there ({e.strerror or e})") from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self.file.close()
+                raise ScrivenError(f"run folder {self.out} is in use by another training run "
+                                   "(it holds .lock there): wait for it to finish or choose "
+                                   "another --out") from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()  # closing releases the lock
+
+
+def _prepare_fresh(out: Path, overwrite: bool) -> None:
+    """A fresh run must not silently replace an earlier one's checkpoints and log."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ScrivenError(f"{out} already holds a training run ({', '.join(found)}): pass "
+                           "--resume to continue it, --overwrite to replace it, or choose a new "
+                           "--out")
+    for name in found:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
+
+
+def _check_resumable(saved: ckpt_io.Checkpoint, config: TrainConfig, spec: CheckpointSpec,
+                     world: int, out: Path) -> None:
+    """Refuse a resume whose settings or data differ from the run's (see RESUME_MAY_CHANGE)."""
+    if saved.kind != spec.kind:
+        raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {spec.kind}")
+    before = saved.config.get("train")
+    if not isinstance(before, dict):
+        raise ScrivenError(f"--resume: {out}/latest has no training config to compare with")
+    now = json.loads(json.dumps(to_dict(config)))
+    saved_world = saved.trainer.get("world", 1)
+    changed = []
+    for key, value in now.items():
+        if key in RESUME_MAY_CHANGE or key in spec.unused_settings or key not in before:
+            continue  # a field newer than the checkpoint keeps its default
+        old = before[key]
+        if key in PER_PROCESS and isinstance(old, int) and isinstance(saved_world, int):
+            old, value = old * saved_world, value * world
+        if old != value:
+            changed.append(f"{key} {old!r} -> {value!r}")
+    old_data = (saved.config.get("data") or {}).get("sha256")
+    new_data = spec.data.get("sha256")
+    if old_data and new_data and old_data != new_data:
+        changed.append("the training data (its sha256 differs)")
+    if changed:
+        raise ScrivenError(f"--resume: {out} was trained with other settings: "
+                           f"{'; '.join(changed)}. Resume with the run's settings (only "
+                           f"{', '.join(RESUME_MAY_CHANGE)} may change) or start a new --out")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be written again),
+    and a line a kill cut short."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _budget_progress(config: TrainConfig, p: Progress, steps_per_epoch: int) -> float:
@@ -400,10 +527,21 @@ def _budget_progress(config: TrainConfig, p: Progress, steps_per_epoch: int) -> 
 
 
 def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec: CheckpointSpec,
-        resume: bool = False, progress_bar: bool = True) -> TrainResult:
-    """Train `model` on `task` and write `out/latest`, `out/best`, `out/metrics.jsonl`."""
+        resume: bool = False, progress_bar: bool = True, overwrite: bool = False) -> TrainResult:
+    """Train `model` on `task` and write `out/latest`, `out/best`, `out/metrics.jsonl`.
+
+    A fresh run into a folder that holds a run is an error unless `overwrite`; `resume`
+    continues `out/latest` and refuses changed settings or data. `out` is locked meanwhile."""
     out = Path(out)
     dist = Distributed.from_env()
+    with RunLock(out) if dist.main else contextlib.nullcontext():
+        return _fit(model, task, config, out, spec, dist, resume, progress_bar, overwrite)
+
+
+def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: CheckpointSpec,
+         dist: Distributed, resume: bool, progress_bar: bool, overwrite: bool) -> TrainResult:
+    if not resume and dist.main:
+        _prepare_fresh(out, overwrite)
     device = resolve_device(config.device, dist)
     owns_group = dist.world > 1 and not torch.distributed.is_initialized()
     if owns_group:
@@ -425,8 +563,7 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
 
     if resume:
         saved = ckpt_io.load(out / "latest", with_training_state=True)
-        if saved.kind != spec.kind:
-            raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {spec.kind}")
+        _check_resumable(saved, config, spec, dist.world, out)
         ckpt_io.load_weights(model, saved.weights, str(saved.path))
         load_optimizer(opt, {k: v.to(device) for k, v in saved.state.items()},
                        saved.trainer["param_groups"])
@@ -434,12 +571,15 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         torch.set_rng_state(saved.state["rng.torch"])
         if device.type == "cuda" and "rng.cuda" in saved.state:
             torch.cuda.set_rng_state(saved.state["rng.cuda"])
+        known = set(vars(Progress()))
+        unknown = set(saved.trainer["progress"]) - known
+        if unknown:
+            raise ScrivenError(f"checkpoint {saved.path}: trainer.json: unknown progress "
+                               f"field(s) {', '.join(sorted(unknown))}")
         p = Progress(**saved.trainer["progress"])
-    elif dist.main:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics_file = out / "metrics.jsonl"
-        if metrics_file.exists():
-            metrics_file.unlink()  # a fresh run starts a fresh log
+        if dist.main:
+            _truncate_log(out / "metrics.jsonl", p.step)
+            print(f"resuming from step {p.step}", file=sys.stderr, flush=True)
 
     # bf16-pure: steps run on `working`, a bf16 copy; `model` keeps the fp32 master weights that
     # the optimizer updates, validation reads and checkpoints store.
@@ -483,12 +623,14 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
         config_dict = {"model": spec.model_config, "train": to_dict(config), "data": spec.data,
                        "metrics": metrics}
         weights = ckpt_io.model_weights(model)
-        trainer = {"progress": vars(p), "param_groups": groups}
-        ckpt_io.save(out / "latest", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
-                                                        spec.tokenizer_json, state, trainer))
+        trainer = {"progress": vars(p), "param_groups": groups, "world": dist.world}
+        # `best` first: a kill between the two saves leaves `latest` claiming an older best
+        # score than `best` holds (the resumed run re-finds it), never a newer one.
         if best:
             ckpt_io.save(out / "best", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
                                                           spec.tokenizer_json))
+        ckpt_io.save(out / "latest", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
+                                                        spec.tokenizer_json, state, trainer))
 
     def validate() -> bool:
         """Evaluate, log, save; True when early stopping says stop."""
@@ -570,6 +712,13 @@ def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec
             p.position += 1
             p.tokens += n_tokens * dist.world
             p.elapsed += time.perf_counter() - t0
+            if dist.world > 1 and config.minutes:
+                # Rank 0's clock decides for everyone: processes that each read their own clock
+                # could stop at different steps and wait forever in a collective, or run
+                # different learning rates.
+                clock = torch.tensor([p.elapsed], dtype=torch.float64, device=device)
+                torch.distributed.broadcast(clock, src=0)
+                p.elapsed = clock.item()
             window_loss += loss.item()
             window_tokens += n_tokens * dist.world
             window_steps += 1

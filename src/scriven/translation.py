@@ -43,7 +43,15 @@ from .pairs import (
 )
 from .search import beam_search, greedy_search
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
-from .train import CheckpointSpec, Distributed, TrainConfig, TrainResult, fit, resolve_device
+from .train import (
+    CheckpointSpec,
+    Distributed,
+    TrainConfig,
+    TrainResult,
+    file_sha256,
+    fit,
+    resolve_device,
+)
 
 (KIND,) = kinds_for("translate")  # the checkpoint kind a translator is saved as
 # The split is part of the data, not of a run: fixed, so every run (and `evaluate_translation`)
@@ -342,7 +350,8 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                     eval_every: int | None = None, evals_per_run: int = 5,
                     patience: int = 0, bleu_sentences: int = 500, amp: str = "auto",
                     device: str = "auto", seed: int = 0, resume: bool = False,
-                    log_every: int = 20, compile: bool = False, progress: bool = True) -> TrainResult:
+                    log_every: int = 20, compile: bool = False, progress: bool = True,
+                    overwrite: bool = False) -> TrainResult:
     """Train a translator on a sentence-pair file (TSV or CSV: source, target, extra columns
     ignored) or a dataset name ("eng-fra").
 
@@ -355,7 +364,8 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     early stopping (`patience`) follow BLEU. `dropout` overrides the preset's. `max_words`
     drops pairs with a longer side; pairs longer than the model's max_len tokens are always
     dropped (with a warning). Writes
-    `out/latest`, `out/best`, `out/metrics.jsonl`, `out/loss.png`; `resume` continues exactly.
+    `out/latest`, `out/best`, `out/metrics.jsonl`, `out/loss.png`; `resume` continues exactly
+    (same settings and pairs, or an error); a folder that holds a run is kept unless `overwrite`.
     """
     check(preset in TRANSLATOR_PRESETS, "preset",
           f"must be one of {', '.join(TRANSLATOR_PRESETS)}, got {preset!r}")
@@ -397,6 +407,7 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                            [valid_pairs[i].target for i in subset], tok, max_tokens, seed, dev, dist)
     notes: dict[str, Any] = {
         "source": str(pairs), "path": str(data.path.resolve()), "dataset": data.dataset,
+        "sha256": file_sha256(data.path),
         "split": {"by": "source sentence", **SPLIT},
         "pairs": {"train": len(train_examples), "valid": len(valid_examples),
                   "test": len(data.test), "malformed": data.malformed,
@@ -408,8 +419,10 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     if data.dataset is not None:
         ds = get_dataset(data.dataset)
         notes.update(licence=ds.licence, attribution=ds.attribution)
-    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes)
-    return fit(net, task, config, out, spec, resume=resume, progress_bar=progress)
+    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes,
+                          unused_settings=("batch_size", "seq_len"))
+    return fit(net, task, config, out, spec, resume=resume, progress_bar=progress,
+               overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,22 +5,29 @@
     POST /v1/translate   translate one sentence or a list; "stream": true for events per token
                          (greedy) and per finished sentence; "attention": true adds the
                          cross-attention weights
-    GET  /v1/models      what is served
+    GET  /v1/models      what is served (names, never paths on the server)
     GET  /v1/positions   a positional-encoding table and its position-by-position dot products
     GET  /healthz        liveness, queue lengths
     GET  /docs           OpenAPI documentation (FastAPI's)
 
 Parameters are validated by pydantic (422 naming the field, unknown fields refused); bodies over
 `max_body_bytes` get 413; max tokens, samples, beams and sentences are capped; each request has
-a timeout (504); a full queue gives 503. Model work runs on one worker thread per model (see
-`batching`), never on the event loop; a client that disconnects stops its work.
+a timeout (504); a full queue gives 429 with `Retry-After`. Model work runs on one worker thread
+per model (see `batching`), never on the event loop; a client that disconnects stops its work.
+
+A request body is read as JSON whatever its content type (curl's `-d` sends a form type). The
+Host header must name an allowed host (loopback names by default: a web page elsewhere cannot
+reach a local server by DNS rebinding), else 400; with an API key, `/v1/` routes need
+`Authorization: Bearer KEY` (else 401).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the request-body classes, which are
 # local to `create_app`, as real annotations.
 import asyncio
 import contextlib
+import hmac
 import json
+import os
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,7 +98,6 @@ class ServedModel:
     def describe(self) -> dict[str, Any]:
         model = self.loaded.model
         return {"name": self.name, "task": self.task, "kind": self.kind,
-                "path": str(self.loaded.path) if self.loaded.path else None,
                 "vocab_size": self.loaded.tokenizer.vocab_size,
                 "tokenizer": self.loaded.tokenizer.kind,
                 "parameters": sum(p.numel() for p in model.parameters()),
@@ -259,6 +265,66 @@ class BodyLimit:
 
 
 # ---------------------------------------------------------------------------------------------
+# Who may ask
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def _host_name(header: str) -> str:
+    """The host of a Host header, without its port: `[::1]:8000` -> `::1`."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    for pattern in allowed:
+        if pattern == "*" or host == pattern:
+            return True
+        if pattern.startswith("*.") and host.endswith(pattern[1:]):
+            return True
+    return False
+
+
+class Guard:
+    """ASGI middleware: the Host header must name an allowed host (400); with an API key, the
+    `/v1/` routes need `Authorization: Bearer KEY` (401); POST bodies are read as JSON
+    whatever content type they were sent with."""
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Sequence[str], api_key: str | None) -> None:
+        self.app = app
+        self.allowed = [h.strip().lower().strip("[]") for h in allowed_hosts]
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = list(scope.get("headers") or [])
+        found = dict(headers)
+        host = _host_name(found.get(b"host", b"").decode("latin-1"))
+        if not _host_allowed(host, self.allowed):
+            await JSONResponse({"detail": f"host {host!r} is not allowed: start the server with "
+                                          "--allowed-hosts naming it"},
+                               status_code=400)(scope, receive, send)
+            return
+        if self.key is not None and scope["path"].startswith("/v1/"):
+            scheme, _, given = found.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     self.key):
+                await JSONResponse({"detail": "missing or wrong API key: send "
+                                              "'Authorization: Bearer KEY'"}, status_code=401,
+                                   headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+                return
+        if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            headers = [(k, v) for k, v in headers if k != b"content-type"]
+            headers.append((b"content-type", b"application/json"))
+            scope = {**scope, "headers": headers}
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
 # Events
 
 
@@ -325,13 +391,20 @@ async def _result(ticket: Ticket, request: Request, head: dict[str, Any],
 
 def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
                device: str = "auto", limits: ServeLimits | None = None,
-               threads: int | None = None, precision: str = "fp32") -> FastAPI:
+               threads: int | None = None, precision: str = "fp32",
+               allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> FastAPI:
     """A FastAPI app serving the given checkpoints (language models and translators; see the
     module docstring for the routes). `threads` sets torch's intra-op threads (the server's
     workers already run in parallel, one per model); `precision` is how text generators hold
-    their weights (see `scriven.precision`). Loading happens now; the workers stop when
-    the app shuts down."""
+    their weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted
+    (default: loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer
+    token on the `/v1/` routes. Loading happens now; the workers stop when the app shuts down."""
     limits = limits or ServeLimits()
+    hosts = list(LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts)
+    check(all(isinstance(h, str) and h.strip() for h in hosts) and hosts, "allowed_hosts",
+          f"must be one or more host names, got {hosts!r}")
+    check(api_key is None or (isinstance(api_key, str) and len(api_key) >= 8), "api_key",
+          "must be at least 8 characters")
     if threads is not None:
         check_positive_int(threads, "threads")
         torch.set_num_threads(threads)
@@ -350,6 +423,7 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
     app.state.models = served
     app.state.limits = limits
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, allowed_hosts=hosts, api_key=api_key)  # outermost: runs first
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def pick(name: str | None, task: str) -> ServedModel | JSONResponse:
@@ -371,7 +445,8 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
         try:
             m.worker.submit(job)
         except QueueFull as e:
-            return JSONResponse({"detail": f"server busy: {e}"}, status_code=503,
+            # 429, not 503: the server is well, this client should come back shortly.
+            return JSONResponse({"detail": f"server busy: {e}"}, status_code=429,
                                 headers={"Retry-After": "1"})
         return None
 
@@ -478,12 +553,20 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
 
 def serve(checkpoints: Sequence[str | Path], host: str = "127.0.0.1", port: int = 8000,
           device: str = "auto", limits: ServeLimits | None = None, threads: int | None = None,
-          log_level: str = "warning", precision: str = "fp32") -> None:
-    """Run the server until interrupted (Ctrl-C)."""
+          log_level: str = "warning", precision: str = "fp32",
+          allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> None:
+    """Run the server until interrupted (Ctrl-C). `allowed_hosts` defaults to the loopback
+    names plus `host` when that is one address; `api_key` defaults to $SCRIVEN_API_KEY."""
     import uvicorn
     check_positive_int(port, "port", allow_zero=True)
     check(port < 65536, "port", f"must be below 65536, got {port}")
-    app = create_app(checkpoints, device, limits, threads, precision)
+    if allowed_hosts is None:
+        allowed_hosts = list(LOOPBACK_HOSTS)
+        if host not in ("0.0.0.0", "::", ""):
+            allowed_hosts.append(host)
+    if api_key is None:
+        api_key = os.environ.get("SCRIVEN_API_KEY") or None
+    app = create_app(checkpoints, device, limits, threads, precision, allowed_hosts, api_key)
     shown = f"[{host}]" if ":" in host else host
     print(f"scriven serving {', '.join(app.state.models)} on http://{shown}:{port}/ "
           f"(docs at /docs)", flush=True)
