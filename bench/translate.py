@@ -38,8 +38,8 @@ import torch
 
 from scriven import accel
 from scriven import checkpoint as ckpt_io
+from scriven.device import resolve_device, training_precision
 from scriven.tokenizers import BOS_ID, EOS_ID
-from scriven.train import resolve_device, training_precision
 from scriven.translation import (
     LoadedTranslator,
     TranslationTask,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from scriven.device import Distributed, resolve_device
 from scriven.errors import ScrivenError
-from scriven.train import Distributed, resolve_device
 
 
 def losses(run):

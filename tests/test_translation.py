@@ -18,11 +18,12 @@ from safetensors.torch import load_file
 import scriven.translation as translate_module
 from scriven import checkpoint as ckpt_io
 from scriven.cli import main
+from scriven.device import autocast_dtype, training_precision
 from scriven.errors import ScrivenError
 from scriven.models.transformer import Transformer
 from scriven.search import greedy_search
 from scriven.tokenizers import BOS_ID, EOS_ID, BPETokenizer
-from scriven.train import CheckpointSpec, TrainConfig, autocast_dtype, fit, training_precision
+from scriven.train import CheckpointSpec, TrainConfig, fit
 from scriven.translation import (
     CrossAttention,
     LoadedTranslator,

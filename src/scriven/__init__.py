@@ -7,17 +7,10 @@ so `import scriven` stays quick:
     scriven.train_translate, scriven.translate, scriven.fetch, scriven.list_datasets
 """
 
-import os
 from importlib import import_module
 from typing import Any
 
 __version__ = "0.1.0"
-
-# oneDNN compiles a matmul kernel for each new shape (about 4 ms) and keeps 1,024 of them. A
-# translator's batches have some 800 different row counts over a run, each with about ten
-# kernels, so the cache thrashed and every step recompiled (7 % of a step). Read once, at
-# oneDNN's first matmul in the process; the user's own setting wins.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "8192")
 
 _PUBLIC = {
     "train_lm": "lm", "evaluate_lm": "lm",

@@ -9,8 +9,8 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 
+from .device import AMP_MODES
 from .errors import ScrivenError
-from .train import AMP_MODES
 
 
 def _positive_int(text: str) -> int:
@@ -61,7 +61,9 @@ def _add_training_length(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_train_lm(a: argparse.Namespace) -> None:
+    from .device import tune_process_for_training
     from .lm import train_lm
+    tune_process_for_training()
     result = train_lm(a.text, a.out, preset=a.preset, model=a.model, tokenizer=a.tokenizer,
                       min_count=a.min_count, vocab_size=a.vocab_size, epochs=a.epochs,
                       minutes=a.minutes, max_steps=a.max_steps, batch_size=a.batch_size,
@@ -75,7 +77,9 @@ def _cmd_train_lm(a: argparse.Namespace) -> None:
 
 
 def _cmd_train_translate(a: argparse.Namespace) -> None:
+    from .device import tune_process_for_training
     from .translation import train_translate
+    tune_process_for_training()
     result = train_translate(a.pairs, a.out, preset=a.preset, vocab_size=a.vocab_size,
                              max_words=a.max_words, strict=a.strict, epochs=a.epochs,
                              minutes=a.minutes, max_steps=a.max_steps, max_tokens=a.max_tokens,
@@ -91,9 +95,11 @@ def _cmd_train_translate(a: argparse.Namespace) -> None:
 
 
 def _print_result(result) -> None:  # TrainResult
-    from .train import Distributed
+    from .device import Distributed
     if not Distributed.from_env().main:
-        return  # under torchrun, one summary (rank 0's) is enough
+        return  # under torchrun, one summary (rank 0's) and one picture are enough
+    from .plots import plot_training_curves
+    plot_training_curves(result.out / "metrics.jsonl", result.out / "loss.png")
     summary = {"out": str(result.out), "steps": result.steps, "epochs": round(result.epochs_done, 3),
                "minutes": round(result.elapsed / 60, 2),
                "tokens_per_second": round(result.tokens_per_second),

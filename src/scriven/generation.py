@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from . import accel, runtimes
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
+from .device import resolve_device
 from .errors import ScrivenError
 from .export import is_export
 from .lm import trained_context
@@ -23,7 +24,6 @@ from .precision import check_precision
 from .sampling import repetition_penalty_filter, sample_shared, uniform, validate
 from .stepper import LSTMStepper
 from .tokenizers import SPECIAL_TOKENS, Tokenizer, detokenize
-from .train import resolve_device
 
 LM_KINDS = kinds_for("lm")
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import checkpoint as ckpt_io
 from .config import check, from_dict, to_dict
 from .data import read_text, resolve_text_source
+from .device import Distributed, resolve_device
 from .errors import ScrivenError
 from .models import kinds_for
 from .models.gpt import GPT, GPT_PRESETS, GPTConfig
@@ -23,12 +24,10 @@ from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
 from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from .train import (
     CheckpointSpec,
-    Distributed,
     TrainConfig,
     TrainResult,
     file_sha256,
     fit,
-    resolve_device,
 )
 
 Batch = tuple[Tensor, Tensor]  # inputs, targets: (B, T) each
@@ -249,7 +248,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
-    `out/metrics.jsonl` and `out/loss.png`. `resume=True` continues `out/latest` exactly (same
+    `out/metrics.jsonl` (the CLI draws it as `out/loss.png`). `resume=True` continues `out/latest` exactly (same
     settings and text, or an error); a folder that holds a run is kept unless `overwrite`.
     Warmup is `warmup_fraction` of the planned steps (or `warmup_steps`), and there are
     `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`."""

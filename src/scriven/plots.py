@@ -19,12 +19,12 @@ from torch import Tensor  # noqa: E402
 
 from . import checkpoint as ckpt_io  # noqa: E402
 from .config import check_positive_int  # noqa: E402
+from .device import resolve_device  # noqa: E402
 from .errors import ScrivenError  # noqa: E402
 from .models import KINDS  # noqa: E402
 from .models.transformer import sinusoidal_positions  # noqa: E402
 from .sampling import filter_logits, validate  # noqa: E402
 from .tokenizers import SPECIAL_TOKENS  # noqa: E402
-from .train import resolve_device  # noqa: E402
 from .translation import ATTENTION_KINDS, LoadedTranslator, all_attention  # noqa: E402
 
 

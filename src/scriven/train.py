@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from . import accel
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, to_dict
+from .device import AMP_MODES, Distributed, autocast_dtype, resolve_device, training_precision
 from .errors import ScrivenError
 
 try:
@@ -36,11 +36,6 @@ try:
 except ImportError:  # not POSIX: runs are not locked
     fcntl = None  # type: ignore[assignment]
 
-# Precision of training steps. bf16 / fp16: autocast (fp32 weights, matmuls in half precision).
-# bf16-pure: the forward and backward pass run on a bf16 copy of the model (no casts at every
-# layer); the optimizer updates fp32 master weights, copied back to bf16 after each step.
-# auto: the fastest measured on this hardware (see `training_precision`).
-AMP_MODES = ("auto", "bf16", "bf16-pure", "fp16", "off")
 
 
 @dataclass(frozen=True)
@@ -121,118 +116,6 @@ class Task(Protocol):
     def state(self) -> dict[str, Tensor]: ...
     def load_state(self, tensors: dict[str, Tensor]) -> None: ...
     def start_epoch(self, epoch: int) -> None: ...
-
-
-@dataclass
-class Distributed:
-    """Rank and world size, read once from torchrun's environment."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc's allocator keep freed memory for reuse instead of handing it back to the
-    system, for the rest of the process; returns whether it could (glibc only).
-
-    A training step frees and allocates the same multi-megabyte activations over and over. By
-    default glibc maps blocks from 128 KiB up afresh and returns freed heap tops, so their pages
-    fault again on first touch: about 6,400 faults a translator step (measured), 3-5 % of it.
-    Blocks up to 32 MiB (glibc's limit) now come from the heap, which is never trimmed."""
-    import ctypes
-    import platform
-
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    mallopt = ctypes.CDLL(None).mallopt  # the process's own libc: no library search
-    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ScrivenError(f"device {name!r} was asked for, but no CUDA GPU is available")
-        if name == "cuda" and dist is not None and dist.world > 1:  # one GPU per process
-            gpus = torch.cuda.device_count()
-            if dist.local_rank >= gpus:
-                raise ScrivenError(
-                    f"torchrun process {dist.local_rank} has no GPU of its own: this machine has "
-                    f"{gpus}; start at most {gpus} per machine (--nproc-per-node) or train with "
-                    "--device cpu")
-            name = f"cuda:{dist.local_rank}"
-        elif name == "cuda":  # an index, which torch.cuda.set_device needs
-            name = f"cuda:{torch.cuda.current_device()}"
-        index = torch.device(name).index
-        if index is not None and index >= torch.cuda.device_count():
-            raise ScrivenError(f"device {name!r} was asked for, but this machine has "
-                               f"{torch.cuda.device_count()} GPU(s): cuda:0 to "
-                               f"cuda:{torch.cuda.device_count() - 1}")
-    return torch.device(name)
-
-
-def training_precision(amp: str, device: torch.device, pure_bf16: bool) -> str:
-    """Resolve `auto` for a task: on a CPU with native bf16 matmuls, `bf16-pure` where the task
-    allows it (for the translator measured about 1.1x the tokens/s of autocast, which casts
-    weights and activations at every layer); otherwise `auto` stays autocast (see
-    `autocast_dtype`); explicit modes are kept."""
-    if amp != "auto":
-        return amp
-    if device.type == "cpu" and pure_bf16 and autocast_dtype("auto", device) is torch.bfloat16:
-        return "bf16-pure"
-    return "auto"
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for full fp32. `auto` takes bf16 where the hardware runs it
-    natively (CUDA with bf16, or a CPU with AVX-512 BF16/AMX), since it measured faster there.
-    `bf16-pure` autocasts in bf16 where it runs the fp32 model (validation)."""
-    if amp == "off":
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp in ("bf16", "bf16-pure"):
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else None
-
-
-@functools.cache
-def _cpu_has_bf16() -> bool:
-    """Whether bf16 matmuls run faster than fp32 on this CPU, measured (a few milliseconds,
-    once per process): CPUs with AVX-512 BF16 or AMX run them natively, others emulate them
-    more slowly than fp32, and limits such as ONEDNN_MAX_CPU_ISA change which is which."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    n = 256
-    a = torch.randn(n, n)
-
-    def seconds(x: Tensor) -> float:
-        torch.mm(x, x)  # warm-up: oneDNN builds its kernel for the shape
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(4):
-                torch.mm(x, x)
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    return seconds(a.bfloat16()) * 1.5 < seconds(a)
 
 
 # A --minutes run times this many steps (after its first, which pays for allocations and kernel
@@ -548,8 +431,6 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        keep_freed_memory()
     precision = training_precision(config.amp, device, getattr(task, "pure_bf16", False))
     amp_dtype = autocast_dtype(precision, device)
     p = Progress()
@@ -763,8 +644,6 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
         validate()
     if bar is not None:
         bar.close()
-    if dist.main:
-        _plot_curves(out)
     if owns_group:
         torch.distributed.destroy_process_group()
     epochs_done = p.epoch + p.position / steps_per_epoch
@@ -801,12 +680,3 @@ def _grads_to_master(working: nn.Module, master: nn.Module) -> None:
     for w, m in zip(working.parameters(), master.parameters()):
         m.grad = None if w.grad is None else w.grad.float()
         w.grad = None
-
-
-def _plot_curves(out: Path) -> None:
-    try:
-        from .plots import plot_training_curves
-    except ImportError:  # plotting is optional for training
-        return
-    plot_training_curves(out / "metrics.jsonl", out / "loss.png")
-

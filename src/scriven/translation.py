@@ -29,6 +29,7 @@ from . import accel, runtimes
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
 from .data import DATASETS, get_dataset, normalize_text, resolve_text_source
+from .device import Distributed, resolve_device
 from .errors import ScrivenError
 from .export import is_export
 from .models import kinds_for
@@ -45,12 +46,10 @@ from .search import beam_search, greedy_search
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
 from .train import (
     CheckpointSpec,
-    Distributed,
     TrainConfig,
     TrainResult,
     file_sha256,
     fit,
-    resolve_device,
 )
 
 (KIND,) = kinds_for("translate")  # the checkpoint kind a translator is saved as
@@ -364,7 +363,7 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     early stopping (`patience`) follow BLEU. `dropout` overrides the preset's. `max_words`
     drops pairs with a longer side; pairs longer than the model's max_len tokens are always
     dropped (with a warning). Writes
-    `out/latest`, `out/best`, `out/metrics.jsonl`, `out/loss.png`; `resume` continues exactly
+    `out/latest`, `out/best`, `out/metrics.jsonl` (the CLI draws `out/loss.png`); `resume` continues exactly
     (same settings and pairs, or an error); a folder that holds a run is kept unless `overwrite`.
     """
     check(preset in TRANSLATOR_PRESETS, "preset",
