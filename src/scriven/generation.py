@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from . import accel, runtimes
 from . import checkpoint as ckpt_io
 from .config import check_positive_int
-from .device import resolve_device
+from .device import bf16_matmuls_fast, resolve_device
 from .errors import ScrivenError
 from .export import is_export
 from .lm import trained_context
@@ -73,7 +73,10 @@ class LoadedLM:
         elif precision == "int8":
             raise ScrivenError("precision int8 is for LSTM generators; use bf16 or fp32 with a GPT")
         elif precision == "bf16":
+            # bf16 numbers; multiplied in bf16 only where that is fast (else emulated, slower)
             model = model.to(torch.bfloat16)
+            if dev.type == "cpu" and not bf16_matmuls_fast():
+                model = model.float()
         context = None if stepper is not None else trained_context(ckpt.config)
         return cls(model, tok, dev, ckpt.path, precision, stepper, context)
 

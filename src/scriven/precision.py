@@ -6,9 +6,9 @@ fast weights come from memory, and a batch by the matrix units:
   bf16  bfloat16 weights and matmuls: half the bytes, and the CPU's bf16 matrix units (AMX)
         where it has them, which is what a batch of streams wants;
   int8  one signed byte per weight with one scale per output row (symmetric, absmax / 127):
-        a quarter of the bytes. Here (PyTorch's kernels) multiplied with bf16 activations; an
-        LSTM's int8 step on scriven's native kernels (`scriven.accel`) also rounds each
-        layer's input to 8 bits.
+        a quarter of the bytes where scriven's native kernels run an LSTM's int8 step
+        (`scriven.accel`; they also round each layer's input to 8 bits); elsewhere the int8
+        numbers multiplied in bf16 or fp32 (see `FrozenLinear`).
 Activations stay float32 between matmuls.
 """
 
@@ -37,32 +37,30 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
 class FrozenLinear:
     """x (B, K) -> x Wᵀ + b (B, N), float32 in and out, with W (N, K) held in `precision`.
     For inference only: the weights are copied once, laid out as (K, N) rows for the matmul
-    kernels (measured faster here than multiplying by a transposed view), and never change."""
+    kernels, and never change.
+
+    The numbers are those of the precision's weights (bf16-rounded, or int8 times its row
+    scale). They are multiplied in bf16 where this CPU's bf16 matmuls are fast
+    (`device.bf16_matmuls_fast`), else in fp32: emulated bf16 is slower than fp32, so there
+    lower precision changes the numbers but not the speed."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, precision: str) -> None:
+        from .device import bf16_matmuls_fast
+
         check_precision(precision)
         self.precision = precision
         w = weight.detach().float()
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        self.bias = None if bias is None else bias.detach().to(dtype)
-        self.scale: Tensor | None = None
         if precision == "int8":
-            self.packed, scale = quantize_int8(w)                      # (N, K) int8, (N,)
-            self.scale = scale.to(torch.bfloat16)
-            w = self.packed.float() * scale[:, None]
-        # int8 multiplies a few rows with the packed bytes; a batch is faster through the
-        # bf16 matrix units, with the same (dequantized) weights.
-        self.weight_t = w.t().to(dtype).contiguous()                   # (K, N)
+            q, scale = quantize_int8(w)                                # (N, K) int8, (N,)
+            w = q.float() * scale[:, None]
+        elif precision == "bf16":
+            w = w.bfloat16().float()
+        self.dtype = (torch.bfloat16 if precision != "fp32" and w.device.type == "cpu"
+                      and bf16_matmuls_fast() else torch.float32)
+        self.bias = None if bias is None else bias.detach().to(self.dtype)
+        self.weight_t = w.t().to(self.dtype).contiguous()              # (K, N)
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.precision == "fp32":
-            return x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
-        x = x.to(torch.bfloat16)
-        if self.scale is not None and x.size(0) < 8:
-            y = torch._weight_int8pack_mm(x.contiguous(), self.packed, self.scale)
-            y = y if self.bias is None else y + self.bias
-        elif self.bias is None:
-            y = x @ self.weight_t
-        else:
-            y = torch.addmm(self.bias, x, self.weight_t)
+        x = x.to(self.dtype)
+        y = x @ self.weight_t if self.bias is None else torch.addmm(self.bias, x, self.weight_t)
         return y.float()
