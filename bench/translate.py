@@ -35,8 +35,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from machine import add_profile_argument, enter_profile, machine_info
+from plain_transformer import speed_vs_plain
 
-from scriven import accel
 from scriven import checkpoint as ckpt_io
 from scriven.device import resolve_device, training_precision
 from scriven.tokenizers import BOS_ID, EOS_ID
@@ -161,9 +162,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
     ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--warmup-steps", type=int, default=400)
+    ap.add_argument("--warmup-steps", type=int, default=None,
+                    help="default: scriven's planned fraction of the run")
     ap.add_argument("--dropout", type=float, default=None, help="override the preset's 0.1")
-    ap.add_argument("--eval-every", type=int, default=1000)
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="default: scriven's planned validations")
     ap.add_argument("--speed-sentences", type=int, default=500)
     ap.add_argument("--book-sentences", type=int, default=200)
     ap.add_argument("--device", default="cpu",
@@ -173,13 +176,18 @@ def main() -> None:
                     help="skip training: evaluate this run folder (an earlier --out's run/)")
     ap.add_argument("--training-summary", default=None,
                     help="with --trained: that run's JSON summary, for its training figures")
+    ap.add_argument("--baseline-batches", type=int, default=12,
+                    help="batches timed against a plain nn.Transformer (0: skip)")
+    add_profile_argument(ap)
     args = ap.parse_args()
+    enter_profile(args)
     if args.trained and not args.training_summary:
         ap.error("--trained needs --training-summary (the training figures come from that run)")
     test_limit = None
     if args.quick:
-        args.minutes, args.eval_every, args.warmup_steps = 0.75, 10_000, 100
+        args.minutes, args.eval_every = 0.75, 10_000
         args.speed_sentences, args.book_sentences, test_limit = 200, 30, 300
+        args.baseline_batches = min(args.baseline_batches, 6)
     torch.manual_seed(0)
     random.seed(0)
     warnings.simplefilter("default")
@@ -247,6 +255,19 @@ def main() -> None:
     book_rate, book_out = book_decoding(tr, book)
     agree = sum(a == b for a, b in zip(book_out, greedy_out)) / max(len(book), 1)
 
+    baseline = None
+    if args.baseline_batches:
+        from scriven.pairs import token_batches
+
+        every = token_batches(examples, args.max_tokens, shuffle=True, seed=0)
+        picked = every[:: max(1, len(every) // args.baseline_batches)][: args.baseline_batches]
+        baseline = speed_vs_plain(tr.model.config, picked, precision, device)
+        per = flops_per_target_token(tr, examples)
+        for who in ("scriven", "plain"):
+            baseline[f"{who}_model_gflops_per_s"] = round(
+                per * baseline[f"{who}_target_tokens_per_s"] / 1e9, 1)
+        print(f"[baseline] {baseline}", file=sys.stderr, flush=True)
+
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(round(r["elapsed"] / 60, 2), round(r["val_bleu"], 2)) for r in history
              if "val_bleu" in r]
@@ -256,7 +277,8 @@ def main() -> None:
         settings = {"preset": "default", "parameters": tr.model.num_parameters(),
                     "d_model": cfg.d_model, "layers": [cfg.encoder_layers, cfg.decoder_layers],
                     "dropout": cfg.dropout, "max_tokens": args.max_tokens, "lr": args.lr,
-                    "warmup_steps": args.warmup_steps, "schedule": "cosine to 5%",
+                    "warmup_steps": args.warmup_steps or "5% of the planned steps",
+                    "schedule": "cosine to 5% over the planned steps",
                     "label_smoothing": 0.1, "betas": [0.9, 0.98], "minutes_budget": args.minutes}
         training = {"steps": result.steps, "epochs": round(result.epochs_done, 3),
                     "step_minutes": round(result.elapsed / 60, 2),
@@ -275,14 +297,12 @@ def main() -> None:
             "bf16_matmul_peak_probes": [round(p / 1e9) for p in probes],
             "fp32_matmul_peak_gflops_per_s": round(peak_fp32 / 1e9, 1),
             "mfu_bf16": round(flops / peak_bf16, 4),
+            "mfu_fp32": round(flops / peak_fp32, 4),
             "mfu_bf16_by_stretch": mfu_by_stretch(history, probes, per_token)})
     summary = {
         "bench": "translate",
         "quick": args.quick,
-        "machine": {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                               else "cpu"),
-                    "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "precision": precision, "native_kernels": accel.native_available()},
+        "machine": {**machine_info(args.profile, str(device)), "precision": precision},
         "data": {**saved.config["data"]["pairs"], "vocab": tr.tokenizer.vocab_size,
                  "train_source_tokens": src_tokens, "train_target_tokens": tgt_tokens,
                  "split": "by source sentence, 90/5/5, seed 0",
@@ -290,6 +310,7 @@ def main() -> None:
         "settings": settings,
         "evaluated_separately": bool(args.trained),
         "training": training,
+        "training_speed_vs_plain_nn_transformer": baseline,
         "decoding_chosen_on_valid": {"grid": sweep, "chosen": chosen},
         "test": {"greedy": greedy_eval, "beam4": beam_eval, "chosen_on_valid": chosen_eval},
         "translation_sentences_per_s": {
@@ -305,6 +326,8 @@ def main() -> None:
             "mfu_ge_25pct": training["mfu_bf16"] >= 0.25,
             "greedy_ge_200_sentences_per_s": greedy_rate >= 200,
             "beam4_ge_40_sentences_per_s": beam_rate >= 40,
+            "beam4_ge_100_sentences_per_s": beam_rate >= 100,
+            "training_ge_1.5x_plain": bool(baseline) and baseline["ratio"] >= 1.5,
         },
     }
     print(json.dumps(summary, indent=2))
