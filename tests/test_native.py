@@ -202,6 +202,41 @@ def test_bindings_refuse_what_the_kernels_cannot_take(call):
 
 
 @needs_kernels
+def test_native_top_k_sampling_draws_what_the_pytorch_sampler_draws():
+    from scriven import accel
+    from scriven.sampling import sample_shared
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 1000, generator=g) * 3
+    for _ in range(20):
+        u = torch.rand(6, generator=g)
+        ids, probs = accel.sample_top_k(x, 10, 0.7, u)
+        ref_ids, ref_probs, _ = sample_shared(x, 0.7, 10, None, u)
+        assert torch.equal(ids, ref_ids)
+        assert torch.allclose(probs, ref_probs, atol=1e-6)
+    assert accel.sample_top_k(x, 65, 0.7, u) is None  # more than the kernel keeps
+    assert accel.sample_top_k(x.double(), 10, 0.7, u) is None
+
+
+@needs_kernels
+def test_int8_generation_uses_the_native_sampler_and_draws_as_the_plain_one():
+    from scriven.generation import sample_ids
+
+    m = LSTMLanguageModel(LSTMConfig(vocab_size=300, embed_dim=32, hidden_dim=32, num_layers=1)).eval()
+    fast = LSTMStepper(m, "int8")
+    assert fast.sample_top_k is not None
+    prompt = torch.randint(0, 300, (3, 4))
+
+    def draws(stepper):
+        g = torch.Generator().manual_seed(0)
+        return [ids.tolist() for ids, _, _ in sample_ids(stepper, prompt, 12, 0.8, 5, None, 1.0, g)]
+
+    plain = LSTMStepper(m, "int8")
+    plain.sample_top_k = None
+    assert draws(fast) == draws(plain)
+
+
+@needs_kernels
 def test_native_step_rejects_an_id_outside_the_vocabulary():
     m = LSTMLanguageModel(LSTMConfig(vocab_size=50, embed_dim=8, hidden_dim=8, num_layers=1)).eval()
     stepper = LSTMStepper(m, "int8")

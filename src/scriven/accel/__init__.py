@@ -99,6 +99,18 @@ def apply(model: nn.Module, device: torch.device | str = "cpu", mode: str = "tra
     return report or {"all": "plain PyTorch (nothing here for the native kernels to run)"}
 
 
+def sample_top_k(logits: torch.Tensor, k: int, temperature: float,
+                 uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-k sampling in one pass over each row on the native kernel: the ids and probabilities
+    `sampling.sample_shared` draws from the same uniform numbers, or None where the kernel does
+    not apply (no kernels, not float32 on the CPU, k over `native.MAX_TOP_K`)."""
+    if (native.library() is None or logits.device.type != "cpu" or logits.dim() != 2
+            or logits.dtype != torch.float32 or not 0 < k <= min(native.MAX_TOP_K, logits.size(1))
+            or temperature <= 0):
+        return None
+    return native.sample_top_k(logits, k, temperature, uniform)
+
+
 def lstm_int8_step(model: nn.Module) -> native.LSTMStepInt8 | None:
     """A whole int8 generation step of an LSTM language model on the native kernels, where they
     run here and the model has no projections; else None (the caller keeps PyTorch's path)."""
