@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +40,17 @@ except ImportError:  # not POSIX: runs are not locked
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The settings every task's training shares. Each task extends it with how it cuts batches
+    (`scriven.lm.LMTrainConfig`, `scriven.translation.TranslateTrainConfig`), so a setting the
+    task does not read is an unknown key, not silently ignored. Extended, not wrapped: the
+    checkpoint's `train` stays one flat object, as older checkpoints wrote it."""
+
+    # Settings counted per process, which a resume compares as totals over all processes.
+    per_process: ClassVar[tuple[str, ...]] = ()
+
     epochs: int | None = None        # stop after this many passes over the training data
     minutes: float | None = None     # or after this much wall-clock time
     max_steps: int | None = None     # or after this many optimiser steps
-    batch_size: int = 32             # LM: parallel streams per process
-    seq_len: int = 64                # LM: tokens per truncated-BPTT window
-    max_tokens: int = 4096           # translation: padded tokens per batch per process
     lr: float = 3e-3
     min_lr_ratio: float = 0.05       # the schedule decays to lr * min_lr_ratio
     schedule: str = "cosine"         # cosine | inverse_sqrt | constant (all after warmup)
@@ -75,7 +80,7 @@ class TrainConfig:
             check_float(self.minutes, "minutes", 0.0, 1e6, low_open=True)
         check(self.epochs is not None or self.minutes is not None or self.max_steps is not None,
               "training length", "needs one of epochs, minutes or max_steps")
-        for name in ("batch_size", "seq_len", "max_tokens", "evals_per_run", "log_every"):
+        for name in ("evals_per_run", "log_every"):
             check_positive_int(getattr(self, name), name)
         if self.eval_every is not None:
             check_positive_int(self.eval_every, "eval_every")
@@ -264,7 +269,6 @@ class CheckpointSpec:
     model_config: dict[str, Any]
     tokenizer_json: str
     data: dict[str, Any]
-    unused_settings: tuple[str, ...] = ()  # TrainConfig fields this task never reads
 
 
 class _Log:
@@ -288,7 +292,6 @@ class _Log:
 # the run it claims to continue.
 RESUME_MAY_CHANGE = ("epochs", "minutes", "max_steps", "eval_every", "log_every", "patience",
                      "device", "compile")
-PER_PROCESS = ("batch_size", "max_tokens")  # compared as totals over all processes
 RUN_FILES = ("latest", "best", "latest.old", "best.old", "latest.tmp", "best.tmp",
              "metrics.jsonl", "loss.png")
 
@@ -350,7 +353,9 @@ def _prepare_fresh(out: Path, overwrite: bool) -> None:
 
 def _check_resumable(saved: ckpt_io.Checkpoint, config: TrainConfig, spec: CheckpointSpec,
                      world: int, out: Path) -> None:
-    """Refuse a resume whose settings or data differ from the run's (see RESUME_MAY_CHANGE)."""
+    """Refuse a resume whose settings or data differ from the run's (see RESUME_MAY_CHANGE).
+    Only the settings this task's config has are compared: checkpoints written before each task
+    had its own config also saved the other task's settings, which no run of this one read."""
     if saved.kind != spec.kind:
         raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {spec.kind}")
     before = saved.config.get("train")
@@ -360,10 +365,10 @@ def _check_resumable(saved: ckpt_io.Checkpoint, config: TrainConfig, spec: Check
     saved_world = saved.trainer.get("world", 1)
     changed = []
     for key, value in now.items():
-        if key in RESUME_MAY_CHANGE or key in spec.unused_settings or key not in before:
+        if key in RESUME_MAY_CHANGE or key not in before:
             continue  # a field newer than the checkpoint keeps its default
         old = before[key]
-        if key in PER_PROCESS and isinstance(old, int) and isinstance(saved_world, int):
+        if key in config.per_process and isinstance(old, int) and isinstance(saved_world, int):
             old, value = old * saved_world, value * world
         if old != value:
             changed.append(f"{key} {old!r} -> {value!r}")
