@@ -33,10 +33,10 @@ import torch
 from machine import add_profile_argument, enter_profile, machine_info
 
 from scriven.data import fetch, read_text
-from scriven.lm import LMTask, _cut_text, train_lm
+from scriven.lm import LMTask, LMTrainConfig, _cut_text, train_lm
 from scriven.models.gpt import GPT, GPTConfig
 from scriven.tokenizers import CharTokenizer
-from scriven.train import CheckpointSpec, TrainConfig, TrainResult, fit
+from scriven.train import CheckpointSpec, TrainResult, fit
 
 # nanoGPT's README, "I only have a macbook" (CPU): config/train_shakespeare_char.py with
 # --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -82,7 +82,7 @@ def reference(minutes: float, workdir: Path) -> dict:
     train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
     valid_ids = torch.tensor(tok.encode(valid_text), dtype=torch.long)
     model_config = GPTConfig(vocab_size=tok.vocab_size, **REFERENCE_MODEL)
-    config = TrainConfig(minutes=minutes, **REFERENCE_TRAIN)
+    config = LMTrainConfig(minutes=minutes, **REFERENCE_TRAIN)
     torch.manual_seed(config.seed)
     model = GPT(model_config)
     task = LMTask(train_ids, valid_ids, 1.0, config.batch_size, config.seq_len,

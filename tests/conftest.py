@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import random
 
@@ -15,6 +16,15 @@ TINY_TRANSLATOR = dict(preset="tiny", vocab_size=300, max_tokens=512, lr=3e-3, w
 def weights(run):
     """The weights of a run's latest checkpoint."""
     return load_file(str(run / "latest" / "model.safetensors"))
+
+
+def as_before_per_task_configs(run) -> None:
+    """Rewrite `run/latest`'s training config as scriven wrote it before each task had its own
+    config: every task's fields, the other task's at their defaults."""
+    path = run / "latest" / "config.json"
+    config = json.loads(path.read_text())
+    config["train"] = {"batch_size": 32, "seq_len": 64, "max_tokens": 4096, **config["train"]}
+    path.write_text(json.dumps(config))
 
 
 def make_text(lines: int = 300, seed: int = 0) -> str:

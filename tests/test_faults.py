@@ -17,7 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_LM, crash_after, make_text, one_thread, weights
+from conftest import (
+    TINY_LM,
+    as_before_per_task_configs,
+    crash_after,
+    make_text,
+    one_thread,
+    weights,
+)
 
 from scriven import checkpoint as ckpt_io
 from scriven import lm as lm_module
@@ -125,6 +132,24 @@ def test_resume_refuses_changed_settings_or_data(tiny_text, tmp_path, change, na
     # The budget may change: that is how a run is extended.
     train_lm(str(tiny_text), run, max_steps=10, resume=True, eval_every=3, **{
         k: v for k, v in ARGS.items() if k != "eval_every"})
+
+
+def test_a_checkpoint_from_before_per_task_configs_resumes_exactly(tiny_text, tmp_path,
+                                                                  monkeypatch):
+    train_lm(str(tiny_text), tmp_path / "full", max_steps=10, **ARGS)
+    run = tmp_path / "run"
+    restore = crash_after(monkeypatch, lm_module.LMTask, steps=7)  # checkpoint at step 5
+    with pytest.raises(KeyboardInterrupt):
+        train_lm(str(tiny_text), run, max_steps=10, **ARGS)
+    restore()
+    as_before_per_task_configs(run)
+    with pytest.raises(ScrivenError, match="--resume: .*seq_len 8 -> 4"):
+        train_lm(str(tiny_text), run, max_steps=10, resume=True, **{**ARGS, "seq_len": 4})
+    train_lm(str(tiny_text), run, max_steps=10, resume=True, **ARGS)
+    full, resumed = weights(tmp_path / "full"), weights(run)
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert "max_tokens" not in json.loads((run / "latest" / "config.json").read_text())["train"]
 
 
 def test_a_full_disk_keeps_the_previous_checkpoint(tiny_text, tmp_path, monkeypatch):

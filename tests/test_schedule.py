@@ -7,9 +7,11 @@ import math
 import pytest
 from conftest import TINY_LM, crash_after, one_thread
 
+from scriven.config import from_dict, to_dict
 from scriven.errors import ScrivenError
-from scriven.lm import LMTask, train_lm
+from scriven.lm import LMTask, LMTrainConfig, train_lm
 from scriven.train import PLAN_AFTER_STEPS, TrainConfig, lr_at, make_plan, plan_from_speed
+from scriven.translation import TranslateTrainConfig
 
 
 def curve(config, plan):
@@ -84,6 +86,19 @@ def test_bad_schedule_settings_are_named():
         TrainConfig(max_steps=1, evals_per_run=0)
     with pytest.raises(ScrivenError, match="eval_every"):
         TrainConfig(max_steps=1, eval_every=0)
+
+
+def test_each_task_config_refuses_the_other_tasks_settings():
+    with pytest.raises(ScrivenError, match="unknown key.*seq_len"):
+        from_dict(TranslateTrainConfig, {"max_steps": 1, "seq_len": 8})
+    with pytest.raises(ScrivenError, match="unknown key.*max_tokens"):
+        from_dict(LMTrainConfig, {"max_steps": 1, "max_tokens": 512})
+    with pytest.raises(ScrivenError, match="batch_size"):
+        LMTrainConfig(max_steps=1, batch_size=0)
+    with pytest.raises(ScrivenError, match="max_tokens"):
+        TranslateTrainConfig(max_steps=1, max_tokens=0)
+    assert "seq_len" not in to_dict(TranslateTrainConfig(max_steps=1))
+    assert "max_tokens" not in to_dict(LMTrainConfig(max_steps=1))
 
 
 def _records(run):

@@ -12,7 +12,14 @@ import warnings
 import pytest
 import torch
 from conftest import TINY_TRANSLATOR as TINY
-from conftest import crash_after, make_pairs, one_thread, weights, write_pairs
+from conftest import (
+    as_before_per_task_configs,
+    crash_after,
+    make_pairs,
+    one_thread,
+    weights,
+    write_pairs,
+)
 from safetensors.torch import load_file
 
 import scriven.translation as translate_module
@@ -27,6 +34,7 @@ from scriven.train import CheckpointSpec, TrainConfig, fit
 from scriven.translation import (
     CrossAttention,
     LoadedTranslator,
+    TranslateTrainConfig,
     attention,
     evaluate_translation,
     train_translate,
@@ -189,6 +197,19 @@ def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch, 
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_a_translator_checkpoint_from_before_per_task_configs_resumes(pair_file, tmp_path):
+    """Checkpoints written before each task had its own config also hold the language model's
+    batch_size and seq_len: a resume ignores them and still compares the translator's own."""
+    run = tmp_path / "run"
+    train_translate(pair_file, run, max_steps=2, eval_every=2, **TINY)
+    as_before_per_task_configs(run)
+    with pytest.raises(ScrivenError, match="--resume: .*max_tokens 512 -> 256"):
+        train_translate(pair_file, run, max_steps=3, eval_every=2, resume=True,
+                        **{**TINY, "max_tokens": 256})
+    result = train_translate(pair_file, run, max_steps=3, eval_every=2, resume=True, **TINY)
+    assert result.steps == 3
+
+
 def test_bf16_pure_steps_update_fp32_master_weights(pair_file, tmp_path):
     """bf16-pure runs the steps on a bf16 copy but keeps fp32 weights: updates far below bf16's
     resolution (about 0.4 % of a weight) still accumulate, and checkpoints hold fp32."""
@@ -200,8 +221,8 @@ def test_bf16_pure_steps_update_fp32_master_weights(pair_file, tmp_path):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     task = translate_module.TranslationTask(examples, examples[:4], [examples[0][0]], ["x"], tok,
                                             512, 0, torch.device("cpu"))
-    config = TrainConfig(max_steps=3, lr=1e-6, warmup_steps=0, weight_decay=0.0, amp="bf16-pure",
-                         eval_every=100)
+    config = TranslateTrainConfig(max_steps=3, max_tokens=512, lr=1e-6, warmup_steps=0,
+                                  weight_decay=0.0, amp="bf16-pure", eval_every=100)
     fit(net, task, config, tmp_path / "run", CheckpointSpec("transformer", {}, tok.to_json_str(), {}),
         progress_bar=False)
     after = net.state_dict()

@@ -19,7 +19,7 @@ _PUBLIC = {
     "train_translate": "translation", "translate": "translation",
     "LoadedTranslator": "translation", "evaluate_translation": "translation",
     "fetch": "data", "list_datasets": "data", "read_text": "data",
-    "TrainConfig": "train",
+    "TrainConfig": "train", "LMTrainConfig": "lm", "TranslateTrainConfig": "translation",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -8,13 +8,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint as ckpt_io
-from .config import check, from_dict, to_dict
+from .config import check, check_positive_int, from_dict, to_dict
 from .data import read_text, resolve_text_source
 from .device import Distributed, resolve_device
 from .errors import ScrivenError
@@ -35,6 +36,22 @@ Batch = tuple[Tensor, Tensor]  # inputs, targets: (B, T) each
 # Text generator families: `scriven train lm --model NAME` (the checkpoint kind is NAME too).
 MODELS = {"lstm": (LSTMConfig, LSTMLanguageModel, LSTM_PRESETS),
           "gpt": (GPTConfig, GPT, GPT_PRESETS)}
+
+
+@dataclass(frozen=True)
+class LMTrainConfig(TrainConfig):
+    """A text generator's training: `batch_size` parallel streams per process, cut into
+    `seq_len`-token windows (truncated back-propagation through time for the LSTM)."""
+
+    per_process: ClassVar[tuple[str, ...]] = ("batch_size",)
+
+    batch_size: int = 32
+    seq_len: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.seq_len, "seq_len")
 
 
 def chars_per_token(tokenizer: Tokenizer, tokens: list[str]) -> float:
@@ -274,13 +291,13 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
     valid_ids = torch.tensor(tok.encode(valid_text), dtype=torch.long)
     cpt = chars_per_token(tok, tok.tokenize(valid_text))
-    train_config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
-                               batch_size=batch_size, seq_len=seq_len,
-                               lr=lr if lr is not None else 3e-3, warmup_steps=warmup_steps,
-                               warmup_fraction=warmup_fraction, eval_every=eval_every,
-                               evals_per_run=evals_per_run,
-                               patience=patience, amp=amp, device=device, seed=seed,
-                               log_every=log_every, compile=compile)
+    train_config = LMTrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
+                                 batch_size=batch_size, seq_len=seq_len,
+                                 lr=lr if lr is not None else 3e-3, warmup_steps=warmup_steps,
+                                 warmup_fraction=warmup_fraction, eval_every=eval_every,
+                                 evals_per_run=evals_per_run,
+                                 patience=patience, amp=amp, device=device, seed=seed,
+                                 log_every=log_every, compile=compile)
     if config_cls is GPTConfig:
         check(seq_len <= model_config.max_len, "seq_len",
               f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
@@ -295,8 +312,7 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
-                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)},
-                          unused_settings=("max_tokens",))
+                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)})
     return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress,
                overwrite=overwrite)
 

@@ -18,9 +18,9 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -40,12 +40,17 @@ except ImportError:  # not POSIX: runs are not locked
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The settings every task's training shares. Each task extends it with how it cuts batches
+    (`scriven.lm.LMTrainConfig`, `scriven.translation.TranslateTrainConfig`), so a setting the
+    task does not read is an unknown key, not silently ignored. Extended, not wrapped: the
+    checkpoint's `train` stays one flat object, as older checkpoints wrote it."""
+
+    # Settings counted per process, which a resume compares as totals over all processes.
+    per_process: ClassVar[tuple[str, ...]] = ()
+
     epochs: int | None = None        # stop after this many passes over the training data
     minutes: float | None = None     # or after this much wall-clock time
     max_steps: int | None = None     # or after this many optimiser steps
-    batch_size: int = 32             # LM: parallel streams per process
-    seq_len: int = 64                # LM: tokens per truncated-BPTT window
-    max_tokens: int = 4096           # translation: padded tokens per batch per process
     lr: float = 3e-3
     min_lr_ratio: float = 0.05       # the schedule decays to lr * min_lr_ratio
     schedule: str = "cosine"         # cosine | inverse_sqrt | constant (all after warmup)
@@ -75,7 +80,7 @@ class TrainConfig:
             check_float(self.minutes, "minutes", 0.0, 1e6, low_open=True)
         check(self.epochs is not None or self.minutes is not None or self.max_steps is not None,
               "training length", "needs one of epochs, minutes or max_steps")
-        for name in ("batch_size", "seq_len", "max_tokens", "evals_per_run", "log_every"):
+        for name in ("evals_per_run", "log_every"):
             check_positive_int(getattr(self, name), name)
         if self.eval_every is not None:
             check_positive_int(self.eval_every, "eval_every")
@@ -264,7 +269,6 @@ class CheckpointSpec:
     model_config: dict[str, Any]
     tokenizer_json: str
     data: dict[str, Any]
-    unused_settings: tuple[str, ...] = ()  # TrainConfig fields this task never reads
 
 
 class _Log:
@@ -288,7 +292,6 @@ class _Log:
 # the run it claims to continue.
 RESUME_MAY_CHANGE = ("epochs", "minutes", "max_steps", "eval_every", "log_every", "patience",
                      "device", "compile")
-PER_PROCESS = ("batch_size", "max_tokens")  # compared as totals over all processes
 RUN_FILES = ("latest", "best", "latest.old", "best.old", "latest.tmp", "best.tmp",
              "metrics.jsonl", "loss.png")
 
@@ -350,7 +353,9 @@ def _prepare_fresh(out: Path, overwrite: bool) -> None:
 
 def _check_resumable(saved: ckpt_io.Checkpoint, config: TrainConfig, spec: CheckpointSpec,
                      world: int, out: Path) -> None:
-    """Refuse a resume whose settings or data differ from the run's (see RESUME_MAY_CHANGE)."""
+    """Refuse a resume whose settings or data differ from the run's (see RESUME_MAY_CHANGE).
+    Only the settings this task's config has are compared: checkpoints written before each task
+    had its own config also saved the other task's settings, which no run of this one read."""
     if saved.kind != spec.kind:
         raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {spec.kind}")
     before = saved.config.get("train")
@@ -360,10 +365,10 @@ def _check_resumable(saved: ckpt_io.Checkpoint, config: TrainConfig, spec: Check
     saved_world = saved.trainer.get("world", 1)
     changed = []
     for key, value in now.items():
-        if key in RESUME_MAY_CHANGE or key in spec.unused_settings or key not in before:
+        if key in RESUME_MAY_CHANGE or key not in before:
             continue  # a field newer than the checkpoint keeps its default
         old = before[key]
-        if key in PER_PROCESS and isinstance(old, int) and isinstance(saved_world, int):
+        if key in config.per_process and isinstance(old, int) and isinstance(saved_world, int):
             old, value = old * saved_world, value * world
         if old != value:
             changed.append(f"{key} {old!r} -> {value!r}")
@@ -431,9 +436,64 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    run = _start(model, task, config, out, spec, dist, device, resume, progress_bar)
+    _train(run, resume)
+    if run.bar is not None:
+        run.bar.close()
+    if owns_group:
+        torch.distributed.destroy_process_group()
+    p = run.p
+    return TrainResult(out, p.step, p.epoch + p.position / run.steps_per_epoch, p.elapsed,
+                       p.tokens, p.tokens / max(p.elapsed, 1e-9), run.metrics, p.best,
+                       p.stopped_early, run.plan.steps if run.plan else None)
+
+
+@dataclass
+class _Window:
+    """Training loss and tokens since the last log line."""
+
+    loss: float = 0.0
+    tokens: int = 0
+    steps: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class _Run:
+    """One run's state, shared by the steps of `_fit`."""
+
+    model: nn.Module          # fp32 master weights: what the optimizer updates, validation
+                              # reads and checkpoints store
+    working: nn.Module        # what steps run on: `model`, or its bf16 copy under bf16-pure
+    train_model: nn.Module    # `working`, compiled and/or wrapped in DDP
+    task: Task
+    config: TrainConfig
+    spec: CheckpointSpec
+    out: Path
+    dist: Distributed
+    device: torch.device
+    amp_dtype: torch.dtype | None   # autocast for validation
+    step_dtype: torch.dtype | None  # autocast for training steps (None under bf16-pure)
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    p: Progress
+    log: _Log
+    steps_per_epoch: int
+    total_steps: int | None   # the step or epoch budget in steps; None: minutes only
+    plan: Plan | None
+    bar: Any = None           # tqdm on rank 0 with a progress bar
+    metrics: dict[str, float] = field(default_factory=dict)
+    window: _Window = field(default_factory=_Window)
+    mark: tuple[int, float] | None = None  # (step, elapsed) where this process's timing starts
+    last_eval_step: int = -1
+
+
+def _start(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: CheckpointSpec,
+           dist: Distributed, device: torch.device, resume: bool, progress_bar: bool) -> _Run:
+    """Seed, place and accelerate the model, make the optimizer, restore a resumed run, then the
+    bf16 working copy, wrappers, log, plan and progress bar."""
     precision = training_precision(config.amp, device, getattr(task, "pure_bf16", False))
     amp_dtype = autocast_dtype(precision, device)
-    p = Progress()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model.to(device)
@@ -441,40 +501,16 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
     if progress_bar and dist.main:
         print(f"accelerated: {json.dumps(accelerated)}", file=sys.stderr)
     opt = make_optimizer(model, config)
+    p = _restore(model, task, opt, config, out, spec, dist, device) if resume else Progress()
 
-    if resume:
-        saved = ckpt_io.load(out / "latest", with_training_state=True)
-        _check_resumable(saved, config, spec, dist.world, out)
-        ckpt_io.load_weights(model, saved.weights, str(saved.path))
-        load_optimizer(opt, {k: v.to(device) for k, v in saved.state.items()},
-                       saved.trainer["param_groups"])
-        task.load_state({k[5:]: v.to(device) for k, v in saved.state.items() if k.startswith("task.")})
-        torch.set_rng_state(saved.state["rng.torch"])
-        if device.type == "cuda" and "rng.cuda" in saved.state:
-            torch.cuda.set_rng_state(saved.state["rng.cuda"])
-        known = set(vars(Progress()))
-        unknown = set(saved.trainer["progress"]) - known
-        if unknown:
-            raise ScrivenError(f"checkpoint {saved.path}: trainer.json: unknown progress "
-                               f"field(s) {', '.join(sorted(unknown))}")
-        p = Progress(**saved.trainer["progress"])
-        if dist.main:
-            _truncate_log(out / "metrics.jsonl", p.step)
-            print(f"resuming from step {p.step}", file=sys.stderr, flush=True)
-
-    # bf16-pure: steps run on `working`, a bf16 copy; `model` keeps the fp32 master weights that
-    # the optimizer updates, validation reads and checkpoints store.
+    # bf16-pure: steps run on `working`, a bf16 copy; `model` keeps the fp32 master weights.
     working = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16-pure" else model
-    step_dtype = None if precision == "bf16-pure" else amp_dtype
-    train_model: nn.Module = working
-    if config.compile:
-        train_model = torch.compile(working)
+    train_model: nn.Module = torch.compile(working) if config.compile else working
     if dist.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
 
-    log = _Log(out / "metrics.jsonl" if dist.main else None)
     steps_per_epoch = task.steps_per_epoch()
     if steps_per_epoch < 1:
         raise ScrivenError("the training data is smaller than one batch: use more text or a "
@@ -482,174 +518,217 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
     total_steps = None
     if config.max_steps or config.epochs:
         total_steps = min(s for s in (config.max_steps, (config.epochs or 0) * steps_per_epoch or None) if s)
-    plan = _initial_plan(config, p, total_steps)
-    bar = None
+    run = _Run(model, working, train_model, task, config, spec, out, dist, device, amp_dtype,
+               None if precision == "bf16-pure" else amp_dtype, opt, scaler, p,
+               _Log(out / "metrics.jsonl" if dist.main else None), steps_per_epoch, total_steps,
+               _initial_plan(config, p, total_steps), last_eval_step=p.step if resume else -1)
     if progress_bar and dist.main:
         from tqdm import tqdm
-        bar = tqdm(total=plan.steps if plan else total_steps, initial=p.step, unit="step",
-                   dynamic_ncols=True, file=sys.stderr, disable=None)
-    metrics: dict[str, float] = {}
-    window_loss, window_tokens, window_steps = 0.0, 0, 0
-    window_start = time.perf_counter()
+        run.bar = tqdm(total=run.plan.steps if run.plan else total_steps, initial=p.step,
+                       unit="step", dynamic_ncols=True, file=sys.stderr, disable=None)
+    if run.plan is not None and p.step == 0:  # a step budget: planned before the first step
+        run.log.write({"step": 0, "plan": vars(run.plan)})
+        if run.bar is not None:
+            run.bar.write(run.plan.describe(config))
+    return run
 
-    def save(best: bool) -> None:
-        task_state = task.state()  # on every rank: a task may gather its state across ranks
-        if not dist.main:
-            return
-        tensors, groups = optimizer_tensors(opt)
-        state = {**tensors, "rng.torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            state["rng.cuda"] = torch.cuda.get_rng_state()
-        state.update({f"task.{k}": v.detach().cpu() for k, v in task_state.items()})
-        config_dict = {"model": spec.model_config, "train": to_dict(config), "data": spec.data,
-                       "metrics": metrics}
-        weights = ckpt_io.model_weights(model)
-        trainer = {"progress": vars(p), "param_groups": groups, "world": dist.world}
-        # `best` first: a kill between the two saves leaves `latest` claiming an older best
-        # score than `best` holds (the resumed run re-finds it), never a newer one.
-        if best:
-            ckpt_io.save(out / "best", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
-                                                          spec.tokenizer_json))
-        ckpt_io.save(out / "latest", ckpt_io.Checkpoint(spec.kind, config_dict, weights,
-                                                        spec.tokenizer_json, state, trainer))
 
-    def validate() -> bool:
-        """Evaluate, log, save; True when early stopping says stop."""
-        nonlocal metrics
-        model.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
-            metrics = task.evaluate(model)
-        model.train()
-        score = metrics[task.metric]
-        improved = p.best is None or (score > p.best if task.higher_is_better else score < p.best)
-        if improved:
-            p.best, p.bad_evals = score, 0
-        else:
-            p.bad_evals += 1
-        stop = bool(config.patience) and p.bad_evals >= config.patience
-        p.stopped_early = stop
-        log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
-                   **{f"val_{k}": v for k, v in metrics.items()}})
-        save(best=improved)
-        if bar is not None:
-            bar.write(f"step {p.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-        return stop
+def _restore(model: nn.Module, task: Task, opt: torch.optim.Optimizer, config: TrainConfig,
+             out: Path, spec: CheckpointSpec, dist: Distributed, device: torch.device) -> Progress:
+    """Load `out/latest` into the model, optimizer, task and RNGs; return where it stood."""
+    saved = ckpt_io.load(out / "latest", with_training_state=True)
+    _check_resumable(saved, config, spec, dist.world, out)
+    ckpt_io.load_weights(model, saved.weights, str(saved.path))
+    load_optimizer(opt, {k: v.to(device) for k, v in saved.state.items()},
+                   saved.trainer["param_groups"])
+    task.load_state({k[5:]: v.to(device) for k, v in saved.state.items() if k.startswith("task.")})
+    torch.set_rng_state(saved.state["rng.torch"])
+    if device.type == "cuda" and "rng.cuda" in saved.state:
+        torch.cuda.set_rng_state(saved.state["rng.cuda"])
+    unknown = set(saved.trainer["progress"]) - set(vars(Progress()))
+    if unknown:
+        raise ScrivenError(f"checkpoint {saved.path}: trainer.json: unknown progress "
+                           f"field(s) {', '.join(sorted(unknown))}")
+    p = Progress(**saved.trainer["progress"])
+    if dist.main:
+        _truncate_log(out / "metrics.jsonl", p.step)
+        print(f"resuming from step {p.step}", file=sys.stderr, flush=True)
+    return p
 
-    def budget_spent() -> bool:
-        if config.max_steps and p.step >= config.max_steps:
-            return True
-        if config.epochs and p.step >= config.epochs * steps_per_epoch:
-            return True
-        return bool(config.minutes) and p.elapsed >= config.minutes * 60
 
-    def adopt(new: Plan) -> None:
-        """Use `new` from here on, keep it for resumes, and say what it is."""
-        nonlocal plan
-        plan = new
-        p.planned_steps, p.planned_minutes = new.steps, config.minutes
-        log.write({"step": p.step, "plan": vars(new)})
-        if bar is not None:
-            bar.total = new.steps
-            bar.write(new.describe(config))
-            bar.refresh()
-
-    if plan is not None and p.step == 0:  # a step budget: planned before the first step
-        log.write({"step": 0, "plan": vars(plan)})
-        if bar is not None:
-            bar.write(plan.describe(config))
-    mark: tuple[int, float] | None = None  # (step, elapsed) where this process's timing starts
-
-    model.train()
-    stop = budget_spent() or p.stopped_early
-    last_eval_step = p.step if resume else -1
+def _train(run: _Run, resume: bool) -> None:
+    """Step through the data epoch by epoch until the budget is spent or early stopping says
+    stop; the run ends on a validation."""
+    p = run.p
+    run.model.train()
+    stop = _budget_spent(run) or p.stopped_early
     while not stop:
         if p.position == 0:
-            task.start_epoch(p.epoch)
-        for batch in task.batches(p.epoch, p.position):
-            t0 = time.perf_counter()
-            lr = lr_at(config, p.step, _budget_progress(config, p, steps_per_epoch), plan)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            with torch.autocast(device.type, dtype=step_dtype or torch.float32,
-                                enabled=step_dtype is not None):
-                loss, n_tokens = task.loss(train_model, batch, config.label_smoothing)
-            if not torch.isfinite(loss):
-                raise ScrivenError(f"training diverged at step {p.step} (loss {loss.item()}): "
-                                   "lower lr or raise warmup_steps")
-            scaler.scale(loss).backward()
-            if working is not model:
-                _grads_to_master(working, model)
-            if config.grad_clip:
-                scaler.unscale_(opt)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            if working is not model:
-                with torch.no_grad():
-                    torch._foreach_copy_(list(working.parameters()), list(model.parameters()))
-            p.step += 1
-            p.position += 1
-            p.tokens += n_tokens * dist.world
-            p.elapsed += time.perf_counter() - t0
-            if dist.world > 1 and config.minutes:
-                # Rank 0's clock decides for everyone: processes that each read their own clock
-                # could stop at different steps and wait forever in a collective, or run
-                # different learning rates.
-                clock = torch.tensor([p.elapsed], dtype=torch.float64, device=device)
-                torch.distributed.broadcast(clock, src=0)
-                p.elapsed = clock.item()
-            window_loss += loss.item()
-            window_tokens += n_tokens * dist.world
-            window_steps += 1
-            if p.step % config.log_every == 0:
-                if dist.world > 1:  # every rank logs at the same steps, so this cannot deadlock
-                    mean = torch.tensor([window_loss], dtype=torch.float64, device=device)
-                    torch.distributed.all_reduce(mean)
-                    window_loss = mean.item() / dist.world
-                now = time.perf_counter()
-                rate = window_tokens / max(now - window_start, 1e-9)
-                log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
-                           "loss": window_loss / window_steps, "lr": lr, "tokens_per_s": rate})
-                if bar is not None:
-                    post = {"loss": f"{window_loss / window_steps:.3f}", "tok/s": f"{rate:,.0f}"}
-                    if config.minutes:
-                        post["left"] = f"{max(0.0, config.minutes * 60 - p.elapsed):.0f}s"
-                    bar.set_postfix(post, refresh=False)
-                window_loss, window_tokens, window_steps = 0.0, 0, 0
-                window_start = now
-            if bar is not None:
-                bar.update(1)
-            if plan is None and config.minutes:
-                if mark is None:
-                    mark = (p.step, p.elapsed)
-                elif p.step - mark[0] >= PLAN_AFTER_STEPS:
-                    speed = (p.step - mark[0]) / max(p.elapsed - mark[1], 1e-9)
-                    adopt(_agreed(plan_from_speed(config, p.step, p.elapsed, speed, total_steps),
-                                  config, dist, device))
-            eval_every = config.eval_every or (plan.eval_every if plan else 0)
-            if eval_every and p.step % eval_every == 0:
-                last_eval_step = p.step
-                if validate():
-                    stop = True
-                    break
-            if budget_spent():
-                stop = True
+            run.task.start_epoch(p.epoch)
+        for batch in run.task.batches(p.epoch, p.position):
+            loss, n_tokens, lr = _step(run, batch)
+            _record(run, loss, n_tokens, lr)
+            if run.plan is None and run.config.minutes:
+                _plan_when_timed(run)
+            stop = _should_stop(run)
+            if stop:
                 break
         else:
             p.epoch += 1
             p.position = 0
-    if last_eval_step != p.step:
-        validate()
-    if bar is not None:
-        bar.close()
-    if owns_group:
-        torch.distributed.destroy_process_group()
-    epochs_done = p.epoch + p.position / steps_per_epoch
-    return TrainResult(out, p.step, epochs_done, p.elapsed, p.tokens,
-                       p.tokens / max(p.elapsed, 1e-9), metrics, p.best, p.stopped_early,
-                       plan.steps if plan else None)
+    if run.last_eval_step != p.step:
+        _validate(run)
+
+
+def _step(run: _Run, batch: Any) -> tuple[Tensor, int, float]:
+    """One optimiser step; returns its loss, tokens on this process and learning rate."""
+    p, config, opt = run.p, run.config, run.opt
+    t0 = time.perf_counter()
+    lr = lr_at(config, p.step, _budget_progress(config, p, run.steps_per_epoch), run.plan)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(run.device.type, dtype=run.step_dtype or torch.float32,
+                        enabled=run.step_dtype is not None):
+        loss, n_tokens = run.task.loss(run.train_model, batch, config.label_smoothing)
+    if not torch.isfinite(loss):
+        raise ScrivenError(f"training diverged at step {p.step} (loss {loss.item()}): "
+                           "lower lr or raise warmup_steps")
+    run.scaler.scale(loss).backward()
+    if run.working is not run.model:
+        _grads_to_master(run.working, run.model)
+    if config.grad_clip:
+        run.scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.scaler.step(opt)
+    run.scaler.update()
+    opt.zero_grad(set_to_none=True)
+    if run.working is not run.model:
+        with torch.no_grad():
+            torch._foreach_copy_(list(run.working.parameters()), list(run.model.parameters()))
+    p.step += 1
+    p.position += 1
+    p.tokens += n_tokens * run.dist.world
+    p.elapsed += time.perf_counter() - t0
+    if run.dist.world > 1 and config.minutes:
+        # Rank 0's clock decides for everyone: processes that each read their own clock could
+        # stop at different steps and wait forever in a collective, or run different learning
+        # rates.
+        clock = torch.tensor([p.elapsed], dtype=torch.float64, device=run.device)
+        torch.distributed.broadcast(clock, src=0)
+        p.elapsed = clock.item()
+    return loss, n_tokens, lr
+
+
+def _record(run: _Run, loss: Tensor, n_tokens: int, lr: float) -> None:
+    """Add the step to the log window; every `log_every` steps write its mean loss and speed."""
+    p, config, window = run.p, run.config, run.window
+    window.loss += loss.item()
+    window.tokens += n_tokens * run.dist.world
+    window.steps += 1
+    if p.step % config.log_every == 0:
+        if run.dist.world > 1:  # every rank logs at the same steps, so this cannot deadlock
+            mean = torch.tensor([window.loss], dtype=torch.float64, device=run.device)
+            torch.distributed.all_reduce(mean)
+            window.loss = mean.item() / run.dist.world
+        now = time.perf_counter()
+        rate = window.tokens / max(now - window.start, 1e-9)
+        run.log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
+                       "loss": window.loss / window.steps, "lr": lr, "tokens_per_s": rate})
+        if run.bar is not None:
+            post = {"loss": f"{window.loss / window.steps:.3f}", "tok/s": f"{rate:,.0f}"}
+            if config.minutes:
+                post["left"] = f"{max(0.0, config.minutes * 60 - p.elapsed):.0f}s"
+            run.bar.set_postfix(post, refresh=False)
+        run.window = _Window(start=now)
+    if run.bar is not None:
+        run.bar.update(1)
+
+
+def _plan_when_timed(run: _Run) -> None:
+    """A --minutes run without a plan times PLAN_AFTER_STEPS steps, then plans from its speed."""
+    p = run.p
+    if run.mark is None:
+        run.mark = (p.step, p.elapsed)
+    elif p.step - run.mark[0] >= PLAN_AFTER_STEPS:
+        speed = (p.step - run.mark[0]) / max(p.elapsed - run.mark[1], 1e-9)
+        plan = plan_from_speed(run.config, p.step, p.elapsed, speed, run.total_steps)
+        _adopt(run, _agreed(plan, run.config, run.dist, run.device))
+
+
+def _adopt(run: _Run, plan: Plan) -> None:
+    """Use `plan` from here on, keep it for resumes, and say what it is."""
+    run.plan = plan
+    run.p.planned_steps, run.p.planned_minutes = plan.steps, run.config.minutes
+    run.log.write({"step": run.p.step, "plan": vars(plan)})
+    if run.bar is not None:
+        run.bar.total = plan.steps
+        run.bar.write(plan.describe(run.config))
+        run.bar.refresh()
+
+
+def _should_stop(run: _Run) -> bool:
+    """After a step: validate when one is due; stop when early stopping or the budget says so."""
+    eval_every = run.config.eval_every or (run.plan.eval_every if run.plan else 0)
+    if eval_every and run.p.step % eval_every == 0:
+        run.last_eval_step = run.p.step
+        if _validate(run):
+            return True
+    return _budget_spent(run)
+
+
+def _budget_spent(run: _Run) -> bool:
+    config, p = run.config, run.p
+    if config.max_steps and p.step >= config.max_steps:
+        return True
+    if config.epochs and p.step >= config.epochs * run.steps_per_epoch:
+        return True
+    return bool(config.minutes) and p.elapsed >= config.minutes * 60
+
+
+def _validate(run: _Run) -> bool:
+    """Evaluate, log, save; True when early stopping says stop."""
+    p, config, task = run.p, run.config, run.task
+    run.model.eval()
+    with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32,
+                                         enabled=run.amp_dtype is not None):
+        run.metrics = task.evaluate(run.model)
+    run.model.train()
+    score = run.metrics[task.metric]
+    improved = p.best is None or (score > p.best if task.higher_is_better else score < p.best)
+    if improved:
+        p.best, p.bad_evals = score, 0
+    else:
+        p.bad_evals += 1
+    p.stopped_early = bool(config.patience) and p.bad_evals >= config.patience
+    run.log.write({"step": p.step, "epoch": p.epoch, "elapsed": round(p.elapsed, 2),
+                   **{f"val_{k}": v for k, v in run.metrics.items()}})
+    _save(run, best=improved)
+    if run.bar is not None:
+        run.bar.write(f"step {p.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in run.metrics.items()))
+    return p.stopped_early
+
+
+def _save(run: _Run, best: bool) -> None:
+    """Write `latest` (weights and training state), and `best` first when it improved."""
+    task_state = run.task.state()  # on every rank: a task may gather its state across ranks
+    if not run.dist.main:
+        return
+    tensors, groups = optimizer_tensors(run.opt)
+    state = {**tensors, "rng.torch": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        state["rng.cuda"] = torch.cuda.get_rng_state()
+    state.update({f"task.{k}": v.detach().cpu() for k, v in task_state.items()})
+    config_dict = {"model": run.spec.model_config, "train": to_dict(run.config),
+                   "data": run.spec.data, "metrics": run.metrics}
+    weights = ckpt_io.model_weights(run.model)
+    trainer = {"progress": vars(run.p), "param_groups": groups, "world": run.dist.world}
+    kind, tokenizer = run.spec.kind, run.spec.tokenizer_json
+    # `best` first: a kill between the two saves leaves `latest` claiming an older best score
+    # than `best` holds (the resumed run re-finds it), never a newer one.
+    if best:
+        ckpt_io.save(run.out / "best", ckpt_io.Checkpoint(kind, config_dict, weights, tokenizer))
+    ckpt_io.save(run.out / "latest", ckpt_io.Checkpoint(kind, config_dict, weights, tokenizer,
+                                                        state, trainer))
 
 
 def _initial_plan(config: TrainConfig, p: Progress, total_steps: int | None) -> Plan | None:

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +240,19 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class TranslateTrainConfig(TrainConfig):
+    """A translator's training: batches of about `max_tokens` padded tokens per process."""
+
+    per_process: ClassVar[tuple[str, ...]] = ("max_tokens",)
+
+    max_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.max_tokens, "max_tokens")
+
+
 class TranslationTask:
     """Teacher-forced, label-smoothed cross-entropy on batches of about `max_tokens` padded
     tokens, reshuffled each epoch from seed + epoch (so any batch can be found again on resume);
@@ -371,13 +384,13 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     check_positive_int(bleu_sentences, "bleu_sentences")
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
-    config = TrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
-                         max_tokens=max_tokens, lr=lr if lr is not None else 1e-3,
-                         warmup_steps=warmup_steps, warmup_fraction=warmup_fraction,
-                         betas=(0.9, 0.98), label_smoothing=label_smoothing,
-                         eval_every=eval_every, evals_per_run=evals_per_run,
-                         patience=patience, amp=amp, device=device, seed=seed,
-                         log_every=log_every, compile=compile)
+    config = TranslateTrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
+                                  max_tokens=max_tokens, lr=lr if lr is not None else 1e-3,
+                                  warmup_steps=warmup_steps, warmup_fraction=warmup_fraction,
+                                  betas=(0.9, 0.98), label_smoothing=label_smoothing,
+                                  eval_every=eval_every, evals_per_run=evals_per_run,
+                                  patience=patience, amp=amp, device=device, seed=seed,
+                                  log_every=log_every, compile=compile)
     data = load_pairs(pairs, max_words=max_words, strict=strict)
     if resume:  # the run's own tokenizer and model, so the data encodes as before
         saved = ckpt_io.load(Path(out) / "latest")
@@ -418,8 +431,7 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     if data.dataset is not None:
         ds = get_dataset(data.dataset)
         notes.update(licence=ds.licence, attribution=ds.attribution)
-    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes,
-                          unused_settings=("batch_size", "seq_len"))
+    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes)
     return fit(net, task, config, out, spec, resume=resume, progress_bar=progress,
                overwrite=overwrite)
 
