@@ -35,7 +35,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from machine import add_profile_argument, enter_profile, machine_info
+from machine import add_profile_argument, enter_profile, machine_info, matmul_peak
 from plain_transformer import speed_vs_plain
 
 from scriven import checkpoint as ckpt_io
@@ -57,25 +57,6 @@ DECODING_GRID = [(beam, alpha) for beam in (4, 8) for alpha in (0.6, 1.0, 1.4, 2
 
 
 PROBES_AROUND_TRAINING = 3  # peak probes before training and again after it
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, repeats: int = 5,
-                device: torch.device | str = "cpu") -> float:
-    """FLOP/s of the best of `repeats` n×n×n matmuls in `dtype` on `device`."""
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(2):
-        torch.matmul(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        torch.matmul(a, b)
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def bf16_peak(device: torch.device) -> float:
@@ -160,6 +141,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=60.0, help="training budget (step time)")
     ap.add_argument("--quick", action="store_true", help="a 2-minute smoke run")
+    ap.add_argument("--preset", default="default", help="the model's preset (gpu: sized for a GPU)")
     ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup-steps", type=int, default=None,
@@ -209,7 +191,7 @@ def main() -> None:
     else:
         probe_at_validations(probes, device)
         t0 = time.perf_counter()
-        result = train_translate("eng-fra", out, preset="default", vocab_size=8000,
+        result = train_translate("eng-fra", out, preset=args.preset, vocab_size=8000,
                                  minutes=args.minutes, max_tokens=args.max_tokens, lr=args.lr,
                                  warmup_steps=args.warmup_steps, label_smoothing=0.1,
                                  dropout=args.dropout, eval_every=args.eval_every, patience=0,
@@ -274,7 +256,7 @@ def main() -> None:
     saved = ckpt_io.load(out / "best")
     cfg = tr.model.config
     if not args.trained:
-        settings = {"preset": "default", "parameters": tr.model.num_parameters(),
+        settings = {"preset": args.preset, "parameters": tr.model.num_parameters(),
                     "d_model": cfg.d_model, "layers": [cfg.encoder_layers, cfg.decoder_layers],
                     "dropout": cfg.dropout, "max_tokens": args.max_tokens, "lr": args.lr,
                     "warmup_steps": args.warmup_steps or "5% of the planned steps",

@@ -170,6 +170,18 @@ def _norm(spec: Any, weights: dict[str, Tensor], name: str) -> None:
     spec.beta = weights[f"{name}.bias"].numpy()
 
 
+def _self_attention_and_ffn(layer: Any, weights: dict[str, Tensor], p: str, ffn_norm: str) -> None:
+    """The parts an encoder and a decoder layer share: self-attention (q, k, v in one matrix)
+    and the feed-forward network, each with its norm."""
+    _norm(layer.self_attention.layer_norm, weights, f"{p}.norm1")
+    _linear(layer.self_attention.linear[0], weights,
+            f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj")
+    _linear(layer.self_attention.linear[1], weights, f"{p}.self_attn.out_proj")
+    _norm(layer.ffn.layer_norm, weights, f"{p}.{ffn_norm}")
+    _linear(layer.ffn.linear_0, weights, f"{p}.ff.linear1")
+    _linear(layer.ffn.linear_1, weights, f"{p}.ff.linear2")
+
+
 def _export_ctranslate2(weights: dict[str, Tensor], config: dict[str, Any], tokenizer: Any,
                         out: Path, quantization: str) -> None:
     from .config import from_dict
@@ -207,28 +219,15 @@ def _export_ctranslate2(weights: dict[str, Tensor], config: dict[str, Any], toke
     dec.embeddings.weight = tgt_table.numpy()
     dec.position_encodings.encodings = tgt_pos.numpy()
     for i, layer in enumerate(enc.layer):
-        p = f"encoder.{i}"
-        _norm(layer.self_attention.layer_norm, weights, f"{p}.norm1")
-        _linear(layer.self_attention.linear[0], weights,
-                f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj")
-        _linear(layer.self_attention.linear[1], weights, f"{p}.self_attn.out_proj")
-        _norm(layer.ffn.layer_norm, weights, f"{p}.norm2")
-        _linear(layer.ffn.linear_0, weights, f"{p}.ff.linear1")
-        _linear(layer.ffn.linear_1, weights, f"{p}.ff.linear2")
+        _self_attention_and_ffn(layer, weights, f"encoder.{i}", ffn_norm="norm2")
     for i, layer in enumerate(dec.layer):
         p = f"decoder.{i}"
-        _norm(layer.self_attention.layer_norm, weights, f"{p}.norm1")
-        _linear(layer.self_attention.linear[0], weights,
-                f"{p}.self_attn.q_proj", f"{p}.self_attn.k_proj", f"{p}.self_attn.v_proj")
-        _linear(layer.self_attention.linear[1], weights, f"{p}.self_attn.out_proj")
+        _self_attention_and_ffn(layer, weights, p, ffn_norm="norm3")
         _norm(layer.attention.layer_norm, weights, f"{p}.norm2")
         _linear(layer.attention.linear[0], weights, f"{p}.cross_attn.q_proj")
         _linear(layer.attention.linear[1], weights, f"{p}.cross_attn.k_proj",
                 f"{p}.cross_attn.v_proj")
         _linear(layer.attention.linear[2], weights, f"{p}.cross_attn.out_proj")
-        _norm(layer.ffn.layer_norm, weights, f"{p}.norm3")
-        _linear(layer.ffn.linear_0, weights, f"{p}.ff.linear1")
-        _linear(layer.ffn.linear_1, weights, f"{p}.ff.linear2")
     if cfg.norm_first:  # pre-norm: one final norm per stack
         _norm(enc.layer_norm, weights, "encoder_norm")
         _norm(dec.layer_norm, weights, "decoder_norm")

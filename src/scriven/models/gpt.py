@@ -49,6 +49,8 @@ GPT_PRESETS: dict[str, dict] = {
     "default": dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024, dropout=0.2, max_len=256),
     "seed": dict(d_model=256, n_heads=8, n_layers=6, d_ff=1024, dropout=0.1, max_len=256),
     "tiny": dict(d_model=32, n_heads=2, n_layers=1, d_ff=64, dropout=0.0, max_len=64),
+    # Sized for a GPU: eight 512-wide layers.
+    "gpu": dict(d_model=512, n_heads=8, n_layers=8, d_ff=2048, dropout=0.1, max_len=256),
 }
 
 

@@ -45,6 +45,8 @@ LSTM_PRESETS: dict[str, dict] = {
     "default": dict(embed_dim=256, hidden_dim=256, num_layers=2, dropout=0.3, tie_embeddings=True),
     "large": dict(embed_dim=384, hidden_dim=384, num_layers=2, dropout=0.4, tie_embeddings=True),
     "tiny": dict(embed_dim=32, hidden_dim=32, num_layers=1, dropout=0.0, tie_embeddings=False),
+    # Sized for a GPU, where a wider recurrence costs little more time per step.
+    "gpu": dict(embed_dim=512, hidden_dim=1024, num_layers=2, dropout=0.4, tie_embeddings=True),
 }
 
 

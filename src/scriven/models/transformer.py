@@ -39,6 +39,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.1, "activation": "relu", "norm_first": True, "positions": "sinusoidal",
         "max_len": 256, "share_embeddings": True, "bias": False,
     },
+    # Sized for a GPU, where 256-wide matmuls leave most of the chip idle: the paper's base
+    # widths with pre-norm, tied embeddings and no biases.
+    "gpu": {
+        "d_model": 512, "n_heads": 8, "d_ff": 2048, "encoder_layers": 6, "decoder_layers": 6,
+        "dropout": 0.1, "activation": "relu", "norm_first": True, "positions": "sinusoidal",
+        "max_len": 256, "share_embeddings": True, "bias": False,
+    },
 }
 
 
