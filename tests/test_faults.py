@@ -6,6 +6,7 @@ SCRIVEN_FAULTS_LONG=1) runs the long one. `bench/faults.py` is the full battery.
 from __future__ import annotations
 
 import errno
+import functools
 import importlib.util
 import json
 import os
@@ -80,7 +81,9 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwrite(tiny_text, t
 
 def test_the_cli_overwrite_flag_is_the_parameter(tiny_text, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr(lm_module, "train_lm", lambda *a, **kw: seen.update(kw))
+    # wraps: the command line reads train_lm's signature (its defaults) through the stand-in
+    monkeypatch.setattr(lm_module, "train_lm",
+                        functools.wraps(lm_module.train_lm)(lambda *a, **kw: seen.update(kw)))
     from scriven import cli
     monkeypatch.setattr(cli, "_print_result", lambda result: None)
     cli.main(["train", "lm", str(tiny_text), "--out", str(tmp_path), "--overwrite"])

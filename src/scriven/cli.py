@@ -1,19 +1,28 @@
 """The command line: each subcommand parses its arguments and calls one public function with the
-same parameter names (`scriven generate --top-p 0.9` -> `scriven.generate(..., top_p=0.9)`)."""
+same parameter names (`scriven generate --top-p 0.9` -> `scriven.generate(..., top_p=0.9)`).
+
+Each command is declared once below: the function it calls, and per option only what the
+function's signature cannot say (flag, help, and type or choices where the annotation is not
+enough). The option's dest is the parameter's name and its default is the parameter's default,
+so the command line and the Python API cannot drift apart (tests/test_cli.py checks it)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from typing import Any
 
 from .device import AMP_MODES
 from .errors import ScrivenError
 
 
-def _positive_int(text: str) -> int:
+def _integer(text: str) -> int:
     try:
         return int(text)
     except ValueError:
@@ -27,71 +36,134 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def _add_training_length(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, help="run folder: latest/, best/, metrics.jsonl, loss.png")
-    p.add_argument("--epochs", type=_positive_int, help="passes over the training data")
-    p.add_argument("--minutes", type=_number, help="wall-clock budget (default 10 if no length is given)")
-    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps")
-    p.add_argument("--lr", type=_number, help="peak learning rate")
-    p.add_argument("--warmup-steps", type=_positive_int,
-                   help="steps of learning-rate warmup (default: --warmup-fraction of the plan)")
-    p.add_argument("--warmup-fraction", type=_number, default=0.05,
-                   help="warmup as a fraction of the planned steps; a --minutes run plans its "
-                        "steps from its speed in its first steps")
-    p.add_argument("--eval-every", type=_positive_int,
-                   help="steps between validations (default: --evals-per-run over the plan)")
-    p.add_argument("--evals-per-run", type=_positive_int,
-                   help="validations spread over the planned steps (text generators 10, "
-                        "translators 5)")
-    p.add_argument("--patience", type=_positive_int, default=0,
-                   help="stop after this many validations without improvement (0 = never)")
-    p.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="precision of training steps: bf16/fp16 autocast, bf16-pure (bf16 copy "
-                        "of the model, fp32 master weights), off (fp32); auto: the fastest "
-                        "measured where the hardware has bf16")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=_positive_int, default=0)
-    p.add_argument("--resume", action="store_true",
-                   help="continue OUT/latest exactly (same settings and data)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in OUT (default: that is an error)")
-    p.add_argument("--log-every", type=_positive_int, default=20, help="steps between log lines")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU runs)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+# Parsers for annotations; a range (positive, at most 1) is the function's to check, once.
+_TYPES: dict[str, Callable[[str], Any]] = {"int": _integer, "float": _number}
+
+_FROM_SIGNATURE = object()  # Option.default when the function's parameter gives it
 
 
-def _cmd_train_lm(a: argparse.Namespace) -> None:
+@dataclass(frozen=True)
+class Option:
+    """One option or positional argument: it fills the function's parameter of the same name
+    (or `dest`), whose default and annotation give the option's default and type."""
+
+    flag: str                        # "--top-p", or "prompt" for a positional argument
+    help: str | None = None
+    dest: str | None = None          # where the flag is not the parameter's name (--no-progress)
+    type: Callable[[str], Any] | None = None  # where the annotation is not int or float
+    choices: Sequence[str] | None = None
+    nargs: str | None = None
+    action: str | None = None        # "append" (repeatable); bool parameters are flags anyway
+    metavar: str | None = None
+    # Only where the function has no default (plots' --out) or the option is the command
+    # line's alone (cli_only: translate's --file, which the CLI reads and the function never sees).
+    default: Any = _FROM_SIGNATURE
+    cli_only: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `words` (["plot", "attention"]), the public function it calls ("module:name",
+    imported when the command is used), its options, and `run(function, parameters)`, which
+    calls it with the parsed parameters and prints the outcome."""
+
+    words: tuple[str, ...]
+    help: str
+    function: str
+    options: tuple[Option, ...]
+    run: Callable[[Callable[..., Any], dict[str, Any]], None]
+    # Parameters built from options of their own: serve's `limits` is a ServeLimits.
+    grouped: Mapping[str, str] = field(default_factory=dict)
+
+    def target(self, option: Option) -> Callable[..., Any]:
+        """The function (or class) whose parameter `option` fills."""
+        for where in self.grouped.values():
+            if option.name in inspect.signature(_load(where)).parameters:
+                return _load(where)
+        return _load(self.function)
+
+    def parameters(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The function's keyword arguments: exactly the parsed options, grouped ones built."""
+        values = {o.name: getattr(args, o.name) for o in self.options}
+        for param, where in self.grouped.items():
+            cls = _load(where)
+            own = inspect.signature(cls).parameters
+            values[param] = cls(**{k: values.pop(k) for k in list(values) if k in own})
+        return values
+
+
+def _load(where: str) -> Callable[..., Any]:
+    module, _, name = where.partition(":")
+    return getattr(import_module(f".{module}", __package__), name)
+
+
+def add_options(parser: argparse.ArgumentParser, command: Command) -> None:
+    """Add the command's options to `parser`, with defaults and types from the signatures."""
+    for option in command.options:
+        kwargs: dict[str, Any] = {"help": option.help}
+        for key in ("choices", "nargs", "action", "metavar"):
+            if getattr(option, key) is not None:
+                kwargs[key] = getattr(option, key)
+        if option.cli_only:
+            default = None if option.default is _FROM_SIGNATURE else option.default
+            annotation = None
+        else:
+            param = inspect.signature(command.target(option)).parameters[option.name]
+            has_default = param.default is not inspect.Parameter.empty
+            if has_default and option.default is not _FROM_SIGNATURE:
+                raise TypeError(f"{option.flag}: the default belongs to the function's signature")
+            default = param.default if has_default else option.default
+            annotation = param.annotation
+        positional = not option.flag.startswith("-")
+        if not positional:
+            kwargs["dest"] = option.name
+            if default is _FROM_SIGNATURE:
+                kwargs["required"] = True
+        if default is not _FROM_SIGNATURE:
+            kwargs["default"] = default
+        if isinstance(default, bool) and option.action is None:
+            kwargs["action"] = "store_false" if default else "store_true"
+        elif option.action is None:
+            kwargs["type"] = option.type or _TYPES.get(_base_type(annotation))
+        parser.add_argument(option.flag, **kwargs)
+
+
+def _base_type(annotation: Any) -> str | None:
+    """ "int" for `int` or `int | None` (a string under `from __future__ import annotations`)."""
+    if annotation is None or annotation is inspect.Parameter.empty:
+        return None
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    return text.removesuffix(" | None")
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser, which adds its options only when that command is used: their
+    defaults come from the function's module, and importing them all (the server, matplotlib)
+    would slow every command down."""
+
+    def __init__(self, *args: Any, command: Command | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.command, self.added = command, False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        if self.command is not None and not self.added:
+            add_options(self, self.command)
+            self.added = True
+        return super().parse_known_args(args, namespace)
+
+
+# ---------------------------------------------------------------------------------------------
+# What each command prints
+
+
+def _train(train: Callable[..., Any], params: dict[str, Any]) -> None:
     from .device import tune_process_for_training
-    from .lm import train_lm
     tune_process_for_training()
-    result = train_lm(a.text, a.out, preset=a.preset, model=a.model, tokenizer=a.tokenizer,
-                      min_count=a.min_count, vocab_size=a.vocab_size, epochs=a.epochs,
-                      minutes=a.minutes, max_steps=a.max_steps, batch_size=a.batch_size,
-                      seq_len=a.seq_len, lr=a.lr, dropout=a.dropout,
-                      warmup_steps=a.warmup_steps, warmup_fraction=a.warmup_fraction,
-                      eval_every=a.eval_every, evals_per_run=a.evals_per_run,
-                      patience=a.patience, amp=a.amp, device=a.device, seed=a.seed,
-                      resume=a.resume, log_every=a.log_every, compile=a.compile, progress=a.progress,
-                      overwrite=a.overwrite)
-    _print_result(result)
-
-
-def _cmd_train_translate(a: argparse.Namespace) -> None:
-    from .device import tune_process_for_training
-    from .translation import train_translate
-    tune_process_for_training()
-    result = train_translate(a.pairs, a.out, preset=a.preset, vocab_size=a.vocab_size,
-                             max_words=a.max_words, strict=a.strict, epochs=a.epochs,
-                             minutes=a.minutes, max_steps=a.max_steps, max_tokens=a.max_tokens,
-                             lr=a.lr, warmup_steps=a.warmup_steps,
-                             warmup_fraction=a.warmup_fraction,
-                             evals_per_run=a.evals_per_run,
-                             label_smoothing=a.label_smoothing, dropout=a.dropout,
-                             eval_every=a.eval_every, patience=a.patience,
-                             bleu_sentences=a.bleu_sentences, amp=a.amp, device=a.device,
-                             seed=a.seed, resume=a.resume, log_every=a.log_every,
-                             compile=a.compile, progress=a.progress, overwrite=a.overwrite)
-    _print_result(result)
+    _print_result(train(**params))
 
 
 def _print_result(result) -> None:  # TrainResult
@@ -109,64 +181,66 @@ def _print_result(result) -> None:  # TrainResult
     print(json.dumps(summary, indent=2))
 
 
-def _cmd_generate(a: argparse.Namespace) -> None:
-    from .generation import LoadedLM, generate_stream, prompt_text
-    lm = LoadedLM.load(a.checkpoint, a.device, a.precision)
-    stream = generate_stream(lm, a.prompt, max_new_tokens=a.max_new_tokens,
-                             temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                             repetition_penalty=a.repetition_penalty, stop=a.stop, seed=a.seed,
-                             num_samples=a.num_samples)
+def _generate(generate_stream: Callable[..., Any], params: dict[str, Any]) -> None:
+    from .generation import LoadedLM, prompt_text
+    # Loaded here rather than by generate_stream for its tokenizer, which echoes the prompt;
+    # precision None is fp32, as in generate_stream.
+    lm = LoadedLM.load(params.pop("checkpoint"), params.pop("device"),
+                       params.pop("precision") or "fp32")
+    prompt, num_samples = params["prompt"], params["num_samples"]
+    stream = generate_stream(lm, **params)
     # Samples run as one batch; printed live one after another needs them apart, so a single
     # sample streams token by token and several are printed as each finishes.
-    if a.num_samples == 1:
+    if num_samples == 1:
         first = True
         for event in stream:
             if first:  # after the stream has validated the parameters
-                print(prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt)), end="")
+                print(prompt_text(lm.tokenizer, prompt, lm.tokenizer.encode(prompt)), end="")
                 first = False
             print(event.text, end="", flush=True)
         if first:  # --max-new-tokens 0: no event came, and the output is the prompt alone
-            print(prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt)), end="")
+            print(prompt_text(lm.tokenizer, prompt, lm.tokenizer.encode(prompt)), end="")
         print()
         return
     texts: dict[int, str] = {}
     for event in stream:
         texts[event.sample] = texts.get(event.sample, "") + event.text
-    shown = prompt_text(lm.tokenizer, a.prompt, lm.tokenizer.encode(a.prompt))
-    for s in range(a.num_samples):
+    shown = prompt_text(lm.tokenizer, prompt, lm.tokenizer.encode(prompt))
+    for s in range(num_samples):
         print(f"--- sample {s + 1}")
         print(shown + texts.get(s, ""))
 
 
-def _cmd_translate(a: argparse.Namespace) -> None:
+def _translate(translate: Callable[..., Any], params: dict[str, Any]) -> None:
     from .export import is_export
     from .runtimes import load_translator
-    from .translation import LoadedTranslator, translate
-    from_input = a.text is None or a.text == "-"
-    if not from_input and a.file is not None:
+    from .translation import LoadedTranslator
+    checkpoint, device = params.pop("checkpoint"), params.pop("device")
+    text, file = params.pop("text"), params.pop("file")
+    from_input = text is None or text == "-"
+    if not from_input and file is not None:
         raise ScrivenError("give either a TEXT argument or --file, not both")
-    if is_export(a.checkpoint):  # an exported translator runs on CTranslate2
-        tr = load_translator(a.checkpoint, a.device)
+    if is_export(checkpoint):  # an exported translator runs on CTranslate2
+        tr = load_translator(checkpoint, device)
     else:
-        tr = LoadedTranslator.load(a.checkpoint, a.device)
-    options = dict(beam=a.beam, n_best=a.n_best, length_penalty=a.length_penalty,
-                   max_len=a.max_len, batch_size=a.batch_size)
+        tr = LoadedTranslator.load(checkpoint, device)
+    n_best = params["n_best"]
     if not from_input:
-        _print_translations(translate(tr, [a.text], names=["TEXT"], **options), 1, a.n_best)
+        _print_translations(translate(tr, [text], names=["TEXT"], **params), 1, n_best)
         return
-    where = a.file or "stdin"
+    where = file or "stdin"
     # One sentence per line, translated a chunk at a time so output flows for long inputs.
     chunk: list[str] = []
     first = 1
-    for number, line in enumerate(_input_lines(a.file), start=1):
+    for number, line in enumerate(_input_lines(file), start=1):
         chunk.append(line)
-        if len(chunk) == 16 * a.batch_size:
+        if len(chunk) == 16 * params["batch_size"]:
             names = [f"{where} line {first + i}" for i in range(len(chunk))]
-            _print_translations(translate(tr, chunk, names=names, **options), first, a.n_best)
+            _print_translations(translate(tr, chunk, names=names, **params), first, n_best)
             chunk, first = [], number + 1
     if chunk:
         names = [f"{where} line {first + i}" for i in range(len(chunk))]
-        _print_translations(translate(tr, chunk, names=names, **options), first, a.n_best)
+        _print_translations(translate(tr, chunk, names=names, **params), first, n_best)
 
 
 def _input_lines(file: str | None):  # -> Iterator[str]
@@ -194,242 +268,230 @@ def _print_translations(results: list, first: int, n_best: int) -> None:
     sys.stdout.flush()
 
 
-def _cmd_evaluate(a: argparse.Namespace) -> None:
-    from .evaluation import evaluate
-    print(json.dumps(evaluate(a.checkpoint, a.text, device=a.device, beam=a.beam,
-                              length_penalty=a.length_penalty, split=a.split), indent=2))
+def _print_returned(function: Callable[..., Any], params: dict[str, Any]) -> None:
+    print(function(**params))
 
 
-def _cmd_data_list(a: argparse.Namespace) -> None:
-    from .data import list_datasets
-    for d in list_datasets():
+def _print_json(function: Callable[..., Any], params: dict[str, Any]) -> None:
+    print(json.dumps(function(**params), indent=2))
+
+
+def _print_datasets(list_datasets: Callable[..., Any], params: dict[str, Any]) -> None:
+    for d in list_datasets(**params):
         print(f"{d.name:10} {d.filename:14} {d.licence:22} {d.description}")
 
 
-def _cmd_data_fetch(a: argparse.Namespace) -> None:
-    from .data import fetch
-    print(fetch(a.name))
+def _print_out(plot: Callable[..., Any], params: dict[str, Any]) -> None:
+    plot(**params)
+    print(params["out"])
 
 
-def _cmd_plot_curves(a: argparse.Namespace) -> None:
-    from .plots import plot_training_curves
-    plot_training_curves(a.run, a.out)
-    print(a.out)
+def _print_attention(plot: Callable[..., Any], params: dict[str, Any]) -> None:
+    found = plot(**params)
+    print(f"{params['out']}: layer {found['layer'] + 1}, translation: {found['translation']}")
 
 
-def _cmd_plot_attention(a: argparse.Namespace) -> None:
-    from .plots import plot_attention
-    found = plot_attention(a.checkpoint, a.source, a.out, target=a.target, layer=a.layer,
-                           kinds=a.kinds, device=a.device)
-    print(f"{a.out}: layer {found['layer'] + 1}, translation: {found['translation']}")
+def _print_positions(plot: Callable[..., Any], params: dict[str, Any]) -> None:
+    found = plot(**params)
+    print(f"{params['out']}: {tuple(found['encoding'].shape)}")
 
 
-def _cmd_plot_positions(a: argparse.Namespace) -> None:
-    from .plots import plot_positional_encoding
-    found = plot_positional_encoding(a.out, max_len=a.max_len, d_model=a.d_model,
-                                     checkpoint=a.checkpoint, device=a.device)
-    print(f"{a.out}: {tuple(found['encoding'].shape)}")
+def _print_kept(plot: Callable[..., Any], params: dict[str, Any]) -> None:
+    found = plot(**params)
+    print(json.dumps({"out": params["out"],
+                      "kept": {f"{t:g}": n for t, n in found["kept"].items()}}))
 
 
-def _cmd_plot_next_token(a: argparse.Namespace) -> None:
-    from .plots import plot_next_token
-    found = plot_next_token(a.checkpoint, a.prompt, a.out, temperatures=a.temperatures,
-                            top_k=a.top_k, top_p=a.top_p, show=a.show, device=a.device)
-    print(json.dumps({"out": a.out, "kept": {f"{t:g}": n for t, n in found["kept"].items()}}))
-
-
-def _cmd_plot_embeddings(a: argparse.Namespace) -> None:
-    from .plots import plot_embeddings
-    found = plot_embeddings(a.checkpoint, a.words, a.out, neighbours=a.neighbours, device=a.device)
+def _print_neighbours(plot: Callable[..., Any], params: dict[str, Any]) -> None:
+    found = plot(**params)
     for word, near in found["neighbours"].items():
         print(f"{word}: " + ", ".join(f"{t} {c:.2f}" for t, c in near))
 
 
-def _cmd_export(a: argparse.Namespace) -> None:
-    from .export import export
-    print(export(a.checkpoint, a.format, a.out, quantization=a.quantization))
+def _call(function: Callable[..., Any], params: dict[str, Any]) -> None:
+    function(**params)  # it prints what it has to say (the server its address)
 
 
-def _cmd_serve(a: argparse.Namespace) -> None:
-    from .serve import ServeLimits, serve
-    limits = ServeLimits(max_new_tokens=a.max_new_tokens, max_beam=a.max_beam,
-                         max_batch=a.max_batch, request_timeout=a.timeout,
-                         max_body_bytes=a.max_body_bytes)
-    serve(a.checkpoints, host=a.host, port=a.port, device=a.device, limits=limits,
-          threads=a.threads, log_level=a.log_level, precision=a.precision,
-          allowed_hosts=a.allowed_hosts, api_key=a.api_key)
+# ---------------------------------------------------------------------------------------------
+# The commands
 
 
-def _add_plot_parsers(sub) -> None:
-    plot = sub.add_parser("plot", help="pictures of what happens inside a model (PNG or SVG)")
-    kinds = plot.add_subparsers(dest="plot_command", required=True)
-
-    def out(p: argparse.ArgumentParser, default: str) -> None:
-        p.add_argument("--out", default=default, help=f"a .png or .svg file (default {default})")
-        p.add_argument("--device", default="auto")
-
-    c = kinds.add_parser("curves", help="training and validation loss of a run")
-    c.add_argument("run", help="a run folder or its metrics.jsonl")
-    c.add_argument("--out", default="loss.png", help="a .png or .svg file")
-    c.set_defaults(func=_cmd_plot_curves)
-
-    at = kinds.add_parser("attention", help="attention heatmaps of one translation, per head")
-    at.add_argument("checkpoint", help="a translator checkpoint or run folder")
-    at.add_argument("source", help="the sentence to translate")
-    at.add_argument("--target", help="teacher-force this translation (default: the model's own)")
-    at.add_argument("--layer", type=int, default=0, help="layer, from 0 (negative: from the end)")
-    at.add_argument("--kinds", nargs="+", default=["encoder_self", "decoder_self", "cross"],
-                    choices=["encoder_self", "decoder_self", "cross"])
-    out(at, "attention.png")
-    at.set_defaults(func=_cmd_plot_attention)
-
-    po = kinds.add_parser("positions", help="positional encodings and their dot products")
-    po.add_argument("--checkpoint", help="a translator: its own table (default: the formula)")
-    po.add_argument("--max-len", type=_positive_int, default=64, help="positions")
-    po.add_argument("--d-model", type=_positive_int, default=128, help="dimensions")
-    out(po, "positions.png")
-    po.set_defaults(func=_cmd_plot_positions)
-
-    nt = kinds.add_parser("next-token", help="next-token distribution at several temperatures")
-    nt.add_argument("checkpoint", help="a language-model checkpoint or run folder")
-    nt.add_argument("prompt")
-    nt.add_argument("--temperatures", type=_number, nargs="+", default=[0.5, 1.0, 1.5])
-    nt.add_argument("--top-k", type=_positive_int)
-    nt.add_argument("--top-p", type=_number)
-    nt.add_argument("--show", type=_positive_int, default=20, help="tokens shown")
-    out(nt, "next-token.png")
-    nt.set_defaults(func=_cmd_plot_next_token)
-
-    em = kinds.add_parser("embeddings", help="nearest words and a 2-D projection (PCA)")
-    em.add_argument("checkpoint", help="any checkpoint or run folder")
-    em.add_argument("words", nargs="+")
-    em.add_argument("--neighbours", type=_positive_int, default=8)
-    out(em, "embeddings.png")
-    em.set_defaults(func=_cmd_plot_embeddings)
+_TRAINING = (
+    Option("--out", "run folder: latest/, best/, metrics.jsonl, loss.png"),
+    Option("--epochs", "passes over the training data"),
+    Option("--minutes", "wall-clock budget (default 10 if no length is given)"),
+    Option("--max-steps", "optimizer steps"),
+    Option("--lr", "peak learning rate"),
+    Option("--warmup-steps", "steps of learning-rate warmup (default: --warmup-fraction of the "
+                             "plan)"),
+    Option("--warmup-fraction", "warmup as a fraction of the planned steps; a --minutes run "
+                                "plans its steps from its speed in its first steps"),
+    Option("--eval-every", "steps between validations (default: --evals-per-run over the plan)"),
+    Option("--evals-per-run", "validations spread over the planned steps (text generators 10, "
+                              "translators 5)"),
+    Option("--patience", "stop after this many validations without improvement (0 = never)"),
+    Option("--amp", "precision of training steps: bf16/fp16 autocast, bf16-pure (bf16 copy of "
+                    "the model, fp32 master weights), off (fp32); auto: the fastest measured "
+                    "where the hardware has bf16", choices=AMP_MODES),
+    Option("--device", "auto, cpu, cuda or cuda:N"),
+    Option("--seed"),
+    Option("--resume", "continue OUT/latest exactly (same settings and data)"),
+    Option("--overwrite", "replace the run already in OUT (default: that is an error)"),
+    Option("--log-every", "steps between log lines"),
+    Option("--compile", "torch.compile the model (GPU runs)"),
+    Option("--no-progress", "no progress bar", dest="progress"),
+)
 
 
-def _add_serve_parser(sub) -> None:
-    s = sub.add_parser("serve", help="HTTP API and web playground for checkpoints")
-    s.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                   help="checkpoints or run folders (language models and translators); "
-                        "NAME=PATH names one")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this "
-                                                      "machine only)")
-    s.add_argument("--port", type=_positive_int, default=8000)
-    s.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
-                   help="Host header names to answer (default: localhost, 127.0.0.1, ::1 and "
-                        "--host); *.example.com and * work")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes "
-                                     "(default: $SCRIVEN_API_KEY; none if unset)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--threads", type=_positive_int, help="torch threads per operation")
-    s.add_argument("--precision", default="fp32",
-                   help="fp32, bf16 or int8: how text generators hold their weights")
-    s.add_argument("--max-new-tokens", type=_positive_int, default=512, help="cap per request")
-    s.add_argument("--max-beam", type=_positive_int, default=8, help="cap per request")
-    s.add_argument("--max-batch", type=_positive_int, default=64,
-                   help="rows decoded together in one step")
-    s.add_argument("--max-body-bytes", type=_positive_int, default=64 * 1024)
-    s.add_argument("--timeout", type=_number, default=60.0, help="seconds per request")
-    s.add_argument("--log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug"])
-    s.set_defaults(func=_cmd_serve)
+def _picture(default: str) -> tuple[Option, ...]:
+    return (Option("--out", f"a .png or .svg file (default {default})", default=default),
+            Option("--device"))
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(("data", "list"), "registered datasets", "data:list_datasets", (), _print_datasets),
+    Command(("data", "fetch"), "download (or take from SCRIVEN_DATA_MIRROR) and cache",
+            "data:fetch", (Option("name"),), _print_returned),
+    Command(("train", "lm"), "next-token text generator", "lm:train_lm", (
+        Option("text", "a text file or a dataset name (e.g. anna)"),
+        Option("--model", "lstm (recurrent) or gpt (decoder-only Transformer)",
+               choices=["lstm", "gpt"]),
+        Option("--preset", "model size: default, seed (the book's), tiny; lstm also large"),
+        Option("--tokenizer", choices=["word", "char", "bpe"]),
+        Option("--min-count", "word: rarer words become <unk>"),
+        Option("--vocab-size", "bpe: vocabulary size"),
+        Option("--batch-size", "parallel streams"),
+        Option("--seq-len", "tokens per BPTT window"),
+        Option("--dropout"),
+        *_TRAINING), _train),
+    Command(("train", "translate"), "English→French (or any pair file) translator",
+            "translation:train_translate", (
+        Option("pairs", "a TSV/CSV sentence-pair file or a dataset name (eng-fra)"),
+        Option("--preset", "model size: default, seed (the book's), tiny"),
+        Option("--vocab-size", "joint BPE vocabulary"),
+        Option("--max-words", "drop pairs with a longer side"),
+        Option("--strict", "a malformed line is an error"),
+        Option("--max-tokens", "padded tokens per batch (per process)"),
+        Option("--label-smoothing"),
+        Option("--dropout", "override the preset's dropout"),
+        Option("--bleu-sentences", "validation pairs translated for BLEU at each validation"),
+        *_TRAINING), _train),
+    Command(("generate",), "continue a prompt with a trained text generator",
+            "generation:generate_stream", (
+        Option("checkpoint", "a checkpoint directory or run folder"),
+        Option("prompt"),
+        Option("--max-new-tokens"),
+        Option("--temperature", "0 = greedy"),
+        Option("--top-k"),
+        Option("--top-p"),
+        Option("--repetition-penalty"),
+        Option("--stop", "stop at this string (repeatable)", action="append"),
+        Option("--seed"),
+        Option("--num-samples"),
+        Option("--device"),
+        Option("--precision", "fp32, bf16 or int8: how the weights are held (bf16, int8 "
+                              "generate faster)")), _generate),
+    Command(("translate",), "translate with a trained translator", "translation:translate", (
+        Option("checkpoint", "a checkpoint directory or run folder"),
+        Option("text", "the sentence; absent or - : one sentence per line from --file or stdin",
+               nargs="?"),
+        Option("--file", "translate this file, one sentence per line", cli_only=True),
+        Option("--beam", "1 = greedy"),
+        Option("--n-best", "print this many hypotheses per sentence (at most --beam)"),
+        Option("--length-penalty", "GNMT alpha for beam search"),
+        Option("--max-len", "longest translation in tokens"),
+        Option("--batch-size", "sentences per batch"),
+        Option("--device")), _translate),
+    Command(("evaluate",), "perplexity/bits per char (LM) or BLEU/chrF (translator)",
+            "evaluation:evaluate", (
+        Option("checkpoint"),
+        Option("text", "a text file, pair file or dataset name"),
+        Option("--device"),
+        Option("--beam", "translators: beam size"),
+        Option("--length-penalty", "translators: GNMT length-penalty exponent for beam search"),
+        Option("--split", "translators on their own training data: test (default) or valid")),
+        _print_json),
+    Command(("export",), "write a model for ONNX Runtime (LSTM, GPT) or CTranslate2 (translator)",
+            "export:export", (
+        Option("checkpoint", "a checkpoint directory or run folder"),
+        Option("--format", "onnx (LSTM, GPT) or ctranslate2 (translator)"),
+        Option("--out", "the export directory to write"),
+        Option("--quantization", "onnx: float32 (default), int8; ctranslate2: float32 (default), "
+                                 "int8, int8_float32, bfloat16")), _print_returned),
+    Command(("plot", "curves"), "training and validation loss of a run",
+            "plots:plot_training_curves", (
+        Option("metrics", "a run folder or its metrics.jsonl", metavar="run"),
+        Option("--out", "a .png or .svg file", default="loss.png")), _print_out),
+    Command(("plot", "attention"), "attention heatmaps of one translation, per head",
+            "plots:plot_attention", (
+        Option("checkpoint", "a translator checkpoint or run folder"),
+        Option("source", "the sentence to translate"),
+        Option("--target", "teacher-force this translation (default: the model's own)"),
+        Option("--layer", "layer, from 0 (negative: from the end)"),
+        Option("--kinds", nargs="+", choices=["encoder_self", "decoder_self", "cross"]),
+        *_picture("attention.png")), _print_attention),
+    Command(("plot", "positions"), "positional encodings and their dot products",
+            "plots:plot_positional_encoding", (
+        Option("--checkpoint", "a translator: its own table (default: the formula)"),
+        Option("--max-len", "positions"),
+        Option("--d-model", "dimensions"),
+        *_picture("positions.png")), _print_positions),
+    Command(("plot", "next-token"), "next-token distribution at several temperatures",
+            "plots:plot_next_token", (
+        Option("checkpoint", "a language-model checkpoint or run folder"),
+        Option("prompt"),
+        Option("--temperatures", type=_number, nargs="+"),
+        Option("--top-k"),
+        Option("--top-p"),
+        Option("--show", "tokens shown"),
+        *_picture("next-token.png")), _print_kept),
+    Command(("plot", "embeddings"), "nearest words and a 2-D projection (PCA)",
+            "plots:plot_embeddings", (
+        Option("checkpoint", "any checkpoint or run folder"),
+        Option("words", nargs="+"),
+        Option("--neighbours"),
+        *_picture("embeddings.png")), _print_neighbours),
+    Command(("serve",), "HTTP API and web playground for checkpoints", "serve.app:serve", (
+        Option("checkpoints", "checkpoints or run folders (language models and translators); "
+                              "NAME=PATH names one", nargs="+", metavar="CKPT"),
+        Option("--host", "address to listen on (default: this machine only)"),
+        Option("--port"),
+        Option("--allowed-hosts", "Host header names to answer (default: localhost, 127.0.0.1, "
+                                  "::1 and --host); *.example.com and * work",
+               nargs="+", metavar="HOST"),
+        Option("--api-key", "require 'Authorization: Bearer KEY' on /v1/ routes (default: "
+                            "$SCRIVEN_API_KEY; none if unset)"),
+        Option("--device"),
+        Option("--threads", "torch threads per operation"),
+        Option("--precision", "fp32, bf16 or int8: how text generators hold their weights"),
+        Option("--max-new-tokens", "cap per request"),
+        Option("--max-beam", "cap per request"),
+        Option("--max-batch", "rows decoded together in one step"),
+        Option("--max-body-bytes"),
+        Option("--timeout", "seconds per request", dest="request_timeout", metavar="TIMEOUT"),
+        Option("--log-level", choices=["critical", "error", "warning", "info", "debug"])),
+        _call, grouped={"limits": "serve.app:ServeLimits"}),
+)
+
+# The help of the words that group commands.
+_GROUPS = {"data": "datasets by name", "train": "train a model",
+           "plot": "pictures of what happens inside a model (PNG or SVG)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scriven", description="Train, evaluate, inspect and serve small generative text models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    data = sub.add_parser("data", help="datasets by name").add_subparsers(dest="data_command", required=True)
-    data.add_parser("list", help="registered datasets").set_defaults(func=_cmd_data_list)
-    f = data.add_parser("fetch", help="download (or take from SCRIVEN_DATA_MIRROR) and cache")
-    f.add_argument("name")
-    f.set_defaults(func=_cmd_data_fetch)
-
-    train = sub.add_parser("train", help="train a model").add_subparsers(dest="train_command", required=True)
-    lm = train.add_parser("lm", help="next-token text generator")
-    lm.add_argument("text", help="a text file or a dataset name (e.g. anna)")
-    lm.add_argument("--model", default="lstm", choices=["lstm", "gpt"],
-                    help="lstm (recurrent) or gpt (decoder-only Transformer)")
-    lm.add_argument("--preset", default="default",
-                    help="model size: default, seed (the book's), tiny; lstm also large")
-    lm.add_argument("--tokenizer", default="word", choices=["word", "char", "bpe"])
-    lm.add_argument("--min-count", type=_positive_int, default=1, help="word: rarer words become <unk>")
-    lm.add_argument("--vocab-size", type=_positive_int, default=8000, help="bpe: vocabulary size")
-    lm.add_argument("--batch-size", type=_positive_int, default=32, help="parallel streams")
-    lm.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per BPTT window")
-    lm.add_argument("--dropout", type=_number)
-    _add_training_length(lm)
-    lm.set_defaults(func=_cmd_train_lm, evals_per_run=10)
-
-    tt = train.add_parser("translate", help="English→French (or any pair file) translator")
-    tt.add_argument("pairs", help="a TSV/CSV sentence-pair file or a dataset name (eng-fra)")
-    tt.add_argument("--preset", default="default", help="model size: default, seed (the book's), tiny")
-    tt.add_argument("--vocab-size", type=_positive_int, default=8000, help="joint BPE vocabulary")
-    tt.add_argument("--max-words", type=_positive_int, help="drop pairs with a longer side")
-    tt.add_argument("--strict", action="store_true", help="a malformed line is an error")
-    tt.add_argument("--max-tokens", type=_positive_int, default=4096,
-                    help="padded tokens per batch (per process)")
-    tt.add_argument("--label-smoothing", type=_number, default=0.1)
-    tt.add_argument("--dropout", type=_number, help="override the preset's dropout")
-    tt.add_argument("--bleu-sentences", type=_positive_int, default=500,
-                    help="validation pairs translated for BLEU at each validation")
-    _add_training_length(tt)
-    tt.set_defaults(func=_cmd_train_translate, evals_per_run=5)
-
-    g = sub.add_parser("generate", help="continue a prompt with a trained text generator")
-    g.add_argument("checkpoint", help="a checkpoint directory or run folder")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    g.add_argument("--temperature", type=_number, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=_positive_int)
-    g.add_argument("--top-p", type=_number)
-    g.add_argument("--repetition-penalty", type=_number, default=1.0)
-    g.add_argument("--stop", action="append", help="stop at this string (repeatable)")
-    g.add_argument("--seed", type=_positive_int)
-    g.add_argument("--num-samples", type=_positive_int, default=1)
-    g.add_argument("--device", default="auto")
-    g.add_argument("--precision", default="fp32",
-                   help="fp32, bf16 or int8: how the weights are held (bf16, int8 generate faster)")
-    g.set_defaults(func=_cmd_generate)
-
-    t = sub.add_parser("translate", help="translate with a trained translator")
-    t.add_argument("checkpoint", help="a checkpoint directory or run folder")
-    t.add_argument("text", nargs="?", help="the sentence; absent or - : one sentence per line "
-                   "from --file or stdin")
-    t.add_argument("--file", help="translate this file, one sentence per line")
-    t.add_argument("--beam", type=_positive_int, default=1, help="1 = greedy")
-    t.add_argument("--n-best", type=_positive_int, default=1,
-                   help="print this many hypotheses per sentence (at most --beam)")
-    t.add_argument("--length-penalty", type=_number, default=1.0, help="GNMT alpha for beam search")
-    t.add_argument("--max-len", type=_positive_int, help="longest translation in tokens")
-    t.add_argument("--batch-size", type=_positive_int, default=64, help="sentences per batch")
-    t.add_argument("--device", default="auto")
-    t.set_defaults(func=_cmd_translate)
-
-    e = sub.add_parser("evaluate", help="perplexity/bits per char (LM) or BLEU/chrF (translator)")
-    e.add_argument("checkpoint")
-    e.add_argument("text", help="a text file, pair file or dataset name")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--beam", type=_positive_int, default=1, help="translators: beam size")
-    e.add_argument("--length-penalty", type=_number, default=1.0,
-                   help="translators: GNMT length-penalty exponent for beam search")
-    e.add_argument("--split", default="test",
-                   help="translators on their own training data: test (default) or valid")
-    e.set_defaults(func=_cmd_evaluate)
-
-    x = sub.add_parser("export", help="write a model for ONNX Runtime (LSTM, GPT) or "
-                       "CTranslate2 (translator)")
-    x.add_argument("checkpoint", help="a checkpoint directory or run folder")
-    x.add_argument("--format", required=True, help="onnx (LSTM, GPT) or ctranslate2 (translator)")
-    x.add_argument("--out", required=True, help="the export directory to write")
-    x.add_argument("--quantization", help="onnx: float32 (default), int8; ctranslate2: float32 "
-                   "(default), int8, int8_float32, bfloat16")
-    x.set_defaults(func=_cmd_export)
-
-    _add_plot_parsers(sub)
-    _add_serve_parser(sub)
+    groups: dict[tuple[str, ...], Any] = {
+        (): parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)}
+    for command in COMMANDS:
+        *group, word = command.words
+        key = tuple(group)
+        if key not in groups:
+            above = groups[key[:-1]].add_parser(key[-1], help=_GROUPS[key[-1]])
+            groups[key] = above.add_subparsers(dest=f"{key[-1]}_command", required=True,
+                                               parser_class=_CommandParser)
+        leaf = groups[key].add_parser(word, help=command.help, command=command)
+        leaf.set_defaults(run_command=command)
     return parser
 
 
@@ -438,12 +500,11 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     warnings.showwarning = _one_line_warnings
-    func: Callable[[argparse.Namespace], None] = args.func
+    args = build_parser().parse_args(argv)
+    command: Command = args.run_command
     try:
-        func(args)
+        command.run(_load(command.function), command.parameters(args))
     except ScrivenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

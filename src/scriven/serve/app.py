@@ -74,7 +74,7 @@ class ServeLimits:
     max_beam: int = 8
     max_sentences: int = 32
     max_batch: int = 64       # rows decoded together by one worker step
-    max_queue: int = 1024     # waiting requests per model before 503
+    max_queue: int = 1024     # waiting requests per model before 429
     request_timeout: float = 60.0  # seconds
 
     def __post_init__(self) -> None:
@@ -386,78 +386,66 @@ async def _result(ticket: Ticket, request: Request, head: dict[str, Any],
 
 
 # ---------------------------------------------------------------------------------------------
-# The app
+# Answers shared by the routes
+
+# A worker ends a timed-out request itself (504 from the worker); the route waits this much
+# longer for its word before answering 504 on its own.
+GRACE = 5.0
 
 
-def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
-               device: str = "auto", limits: ServeLimits | None = None,
-               threads: int | None = None, precision: str = "fp32",
-               allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> FastAPI:
-    """A FastAPI app serving the given checkpoints (language models and translators; see the
-    module docstring for the routes). `threads` sets torch's intra-op threads (the server's
-    workers already run in parallel, one per model); `precision` is how text generators hold
-    their weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted
-    (default: loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer
-    token on the `/v1/` routes. Loading happens now; the workers stop when the app shuts down."""
-    limits = limits or ServeLimits()
-    hosts = list(LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts)
-    check(all(isinstance(h, str) and h.strip() for h in hosts) and hosts, "allowed_hosts",
-          f"must be one or more host names, got {hosts!r}")
-    check(api_key is None or (isinstance(api_key, str) and len(api_key) >= 8), "api_key",
-          "must be at least 8 characters")
-    if threads is not None:
-        check_positive_int(threads, "threads")
-        torch.set_num_threads(threads)
-    served = load_models(checkpoints, device, limits, precision)
-    GenerateRequest, TranslateRequest = _request_models(limits)
-    grace = 5.0
+def _pick(served: Mapping[str, ServedModel], name: str | None,
+          task: str) -> ServedModel | JSONResponse:
+    """The model `name` (default: the first for `task`), or the error response to send."""
+    if name is None:
+        for m in served.values():
+            if m.task == task:
+                return m
+        return JSONResponse({"detail": f"no model for {task} is being served"}, status_code=404)
+    if name not in served:
+        return JSONResponse({"detail": f"model {name!r} is not served; served: "
+                                       f"{', '.join(served)}"}, status_code=404)
+    if served[name].task != task:
+        return _unprocessable(f"model {name!r} is a {served[name].task} model, not a {task} one")
+    return served[name]
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        await asyncio.to_thread(_close, served)
 
-    app = FastAPI(title="scriven", version=__version__, lifespan=lifespan,
-                  description="Generate text and translate with scriven checkpoints. "
-                              "The playground is at /.")
-    app.state.models = served
-    app.state.limits = limits
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(Guard, allowed_hosts=hosts, api_key=api_key)  # outermost: runs first
+def _submit(m: ServedModel, job: GenerationJob | TranslationJob) -> JSONResponse | None:
+    """Queue `job`; the refusal to send when the queue is full, else None."""
+    try:
+        m.worker.submit(job)
+    except QueueFull as e:
+        # 429, not 503: the server is well, this client should come back shortly.
+        return JSONResponse({"detail": f"server busy: {e}"}, status_code=429,
+                            headers={"Retry-After": "1"})
+    return None
+
+
+def _event_stream(ticket: Ticket, head: dict[str, Any]) -> StreamingResponse:
+    return StreamingResponse(_stream(ticket, head, GRACE), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _answer(ticket: Ticket, request: Request, head: dict[str, Any],
+                  stream: bool) -> Response:
+    if stream:
+        return _event_stream(ticket, head)
+    return await _result(ticket, request, head, GRACE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routes, by concern
+
+
+def _add_playground(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    def pick(name: str | None, task: str) -> ServedModel | JSONResponse:
-        if name is None:
-            for m in served.values():
-                if m.task == task:
-                    return m
-            return JSONResponse({"detail": f"no model for {task} is being served"},
-                                status_code=404)
-        if name not in served:
-            return JSONResponse({"detail": f"model {name!r} is not served; served: "
-                                           f"{', '.join(served)}"}, status_code=404)
-        if served[name].task != task:
-            return _unprocessable(f"model {name!r} is a {served[name].task} model, "
-                                  f"not a {task} one")
-        return served[name]
-
-    def submit(m: ServedModel, job: GenerationJob | TranslationJob) -> JSONResponse | None:
-        try:
-            m.worker.submit(job)
-        except QueueFull as e:
-            # 429, not 503: the server is well, this client should come back shortly.
-            return JSONResponse({"detail": f"server busy: {e}"}, status_code=429,
-                                headers={"Retry-After": "1"})
-        return None
-
-    def event_stream(ticket: Ticket, head: dict[str, Any]) -> StreamingResponse:
-        return StreamingResponse(_stream(ticket, head, grace), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
+
+def _add_status_routes(app: FastAPI, served: Mapping[str, ServedModel],
+                       limits: ServeLimits) -> None:
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "version": __version__,
@@ -470,9 +458,12 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
         return {"models": [m.describe() for m in served.values()],
                 "limits": limits.__dict__}
 
+
+def _add_generation_route(app: FastAPI, served: Mapping[str, ServedModel], limits: ServeLimits,
+                          GenerateRequest: type[BaseModel]) -> None:
     @app.post("/v1/generate", responses={200: {"content": {"text/event-stream": {}}}})
     async def generate(body: GenerateRequest, request: Request) -> Response:  # type: ignore[valid-type]
-        m = pick(body.model, "generate")
+        m = _pick(served, body.model, "generate")
         if isinstance(m, JSONResponse):
             return m
         tok = m.loaded.tokenizer
@@ -488,18 +479,19 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
         job = GenerationJob(ticket, ids, body.max_new_tokens, body.temperature, body.top_k,
                             body.top_p, body.repetition_penalty, tuple(s for s in body.stop if s),
                             body.seed, body.num_samples, body.alternatives)
-        refused = submit(m, job)
+        refused = _submit(m, job)
         if refused:
             return refused
         head = {"model": m.name, "prompt": prompt_text(tok, body.prompt, ids),
                 "prompt_tokens": len(ids), "warnings": [str(w.message) for w in caught]}
-        if body.stream:
-            return event_stream(ticket, head)
-        return await _result(ticket, request, head, grace)
+        return await _answer(ticket, request, head, body.stream)
 
+
+def _add_translation_route(app: FastAPI, served: Mapping[str, ServedModel], limits: ServeLimits,
+                           TranslateRequest: type[BaseModel]) -> None:
     @app.post("/v1/translate", responses={200: {"content": {"text/event-stream": {}}}})
     async def translate(body: TranslateRequest, request: Request) -> Response:  # type: ignore[valid-type]
-        m = pick(body.model, "translate")
+        m = _pick(served, body.model, "translate")
         if isinstance(m, JSONResponse):
             return m
         tr = m.loaded
@@ -516,16 +508,16 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
         ticket = Ticket(body.stream, limits.request_timeout)
         job = TranslationJob(ticket, ids, texts, body.beam, body.n_best, body.length_penalty,
                              body.max_len, body.attention)
-        refused = submit(m, job)
+        refused = _submit(m, job)
         if refused:
             return refused
         head = {"model": m.name, "sentences": len(texts),
                 "warnings": [f"{names[i]} is longer than the model's max_len ({tr.max_len} "
                              "tokens) and was cut" for i in cut]}
-        if body.stream:
-            return event_stream(ticket, head)
-        return await _result(ticket, request, head, grace)
+        return await _answer(ticket, request, head, body.stream)
 
+
+def _add_positions_route(app: FastAPI, served: Mapping[str, ServedModel]) -> None:
     @app.get("/v1/positions")
     async def positions(length: int = Query(64, ge=1, le=512),
                         dims: int = Query(64, ge=2, le=1024),
@@ -534,7 +526,7 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
         from ..plots import positional_encoding
         source: Any = None
         if model is not None:
-            m = pick(model, "translate")
+            m = _pick(served, model, "translate")
             if isinstance(m, JSONResponse):
                 return m
             source = m.loaded
@@ -548,6 +540,60 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
             if source is None or getattr(source.model, "src_pos", None) is None
             else "learned"})
 
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def _checked_hosts(allowed_hosts: Sequence[str] | None, api_key: str | None) -> list[str]:
+    """The Host names to answer (loopback by default), once the access settings are valid."""
+    hosts = list(LOOPBACK_HOSTS if allowed_hosts is None else allowed_hosts)
+    check(all(isinstance(h, str) and h.strip() for h in hosts) and hosts, "allowed_hosts",
+          f"must be one or more host names, got {hosts!r}")
+    check(api_key is None or (isinstance(api_key, str) and len(api_key) >= 8), "api_key",
+          "must be at least 8 characters")
+    return hosts
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        check_positive_int(threads, "threads")
+        torch.set_num_threads(threads)
+
+
+def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
+               device: str = "auto", limits: ServeLimits | None = None,
+               threads: int | None = None, precision: str = "fp32",
+               allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> FastAPI:
+    """A FastAPI app serving the given checkpoints (language models and translators; see the
+    module docstring for the routes). `threads` sets torch's intra-op threads (the server's
+    workers already run in parallel, one per model); `precision` is how text generators hold
+    their weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted
+    (default: loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer
+    token on the `/v1/` routes. Loading happens now; the workers stop when the app shuts down."""
+    limits = limits or ServeLimits()
+    hosts = _checked_hosts(allowed_hosts, api_key)
+    _set_threads(threads)
+    served = load_models(checkpoints, device, limits, precision)
+    GenerateRequest, TranslateRequest = _request_models(limits)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(_close, served)
+
+    app = FastAPI(title="scriven", version=__version__, lifespan=lifespan,
+                  description="Generate text and translate with scriven checkpoints. "
+                              "The playground is at /.")
+    app.state.models = served
+    app.state.limits = limits
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, allowed_hosts=hosts, api_key=api_key)  # outermost: runs first
+    _add_playground(app)
+    _add_status_routes(app, served, limits)
+    _add_generation_route(app, served, limits, GenerateRequest)
+    _add_translation_route(app, served, limits, TranslateRequest)
+    _add_positions_route(app, served)
     return app
 
 

@@ -58,7 +58,8 @@ Event = tuple[str, dict[str, Any]]  # ("start" | "token" | "translation" | "done
 
 
 class QueueFull(Exception):
-    """The worker's queue is at its limit: the server answers 503."""
+    """The worker's queue is at its limit: the server answers 429 with Retry-After (the
+    server is well; the client should come back shortly)."""
 
 
 class Ticket:
