@@ -24,17 +24,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import add_profile_argument, enter_profile, machine_info
 
 from scriven import checkpoint as ckpt_io
 from scriven.data import fetch, read_text
 from scriven.generation import sample_ids
-from scriven.lm import LMTask, chars_per_token, lm_metrics, stream_nll
+from scriven.lm import LMTask, LMTrainConfig, chars_per_token, lm_metrics, stream_nll
 from scriven.models.gpt import GPT, GPTConfig
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.precision import PRECISIONS
 from scriven.stepper import LSTMStepper
 from scriven.tokenizers import WordTokenizer, split_words
-from scriven.train import CheckpointSpec, TrainConfig, fit
+from scriven.train import CheckpointSpec, fit
 
 PROMPT = "anna and the prince"
 
@@ -216,7 +217,7 @@ def lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
     # (b) scriven's default: contiguous streams, truncated BPTT, AdamW + warmup/cosine, bf16.
     torch.manual_seed(0)
     ours = LSTMLanguageModel(LSTMConfig.preset("default", tok.vocab_size))
-    ours_config = TrainConfig(minutes=args.minutes, batch_size=32, seq_len=64, lr=3e-3,
+    ours_config = LMTrainConfig(minutes=args.minutes, batch_size=32, seq_len=64, lr=3e-3,
                               warmup_steps=100, eval_every=100, seed=0)
     ours_task = LMTask(train_ids, valid_ids, cpt, 32, 64, torch.device("cpu"))
     ours_result, ours_curve, _ = train("scriven", ours, ours_task, ours_config, tok, workdir)
@@ -224,7 +225,7 @@ def lstm_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
     # (a) the book's method: stride-1 windows of 100, batch 32, Adam 1e-4, clip 5, seed sizes.
     torch.manual_seed(0)
     book = LSTMLanguageModel(LSTMConfig.preset("seed", tok.vocab_size))
-    book_config = TrainConfig(minutes=args.book_minutes, batch_size=32, seq_len=100, lr=1e-4,
+    book_config = LMTrainConfig(minutes=args.book_minutes, batch_size=32, seq_len=100, lr=1e-4,
                               schedule="constant", warmup_steps=0, weight_decay=0.0,
                               betas=(0.9, 0.999), grad_clip=5.0, eval_every=250, amp="off", seed=0)
     book_task = BookWindowsTask(train_ids, valid_ids, cpt)
@@ -263,7 +264,7 @@ def gpt_part(args, tok, train_ids, valid_ids, cpt, workdir, prompt) -> dict:
     """The decoder-only Transformer on the same split: perplexity per minute and generation."""
     torch.manual_seed(0)
     gpt = GPT(GPTConfig.preset("default", tok.vocab_size))
-    config = TrainConfig(minutes=args.gpt_minutes, batch_size=16, seq_len=128, lr=1e-3,
+    config = LMTrainConfig(minutes=args.gpt_minutes, batch_size=16, seq_len=128, lr=1e-3,
                          warmup_steps=200, eval_every=200, seed=0)
     task = LMTask(train_ids, valid_ids, cpt, 16, 128, torch.device("cpu"), carries_state=False)
     result, points, _ = train("gpt", gpt, task, config, tok, workdir)
@@ -290,7 +291,9 @@ def main() -> None:
                          "(needs --trained)")
     ap.add_argument("--trained", default=None,
                     help="for --parts generation: an earlier run's --out (its scriven/ and book/)")
+    add_profile_argument(ap)
     args = ap.parse_args()
+    enter_profile(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
@@ -306,7 +309,7 @@ def main() -> None:
           file=sys.stderr)
 
     summary = {"bench": "lm",
-               "machine": {"threads": torch.get_num_threads(), "torch": torch.__version__},
+               "machine": machine_info(args.profile),
                "data": {"vocab": tok.vocab_size, "train_tokens": train_ids.numel(),
                         "valid_tokens": valid_ids.numel(), "split": "token position 90/5/5"}}
     prompt = torch.tensor([tok.encode(PROMPT)], dtype=torch.long)

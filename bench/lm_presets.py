@@ -18,9 +18,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lm import seed_split, train  # noqa: E402
 
 from scriven.data import fetch, read_text  # noqa: E402
-from scriven.lm import LMTask, chars_per_token  # noqa: E402
+from scriven.lm import (  # noqa: E402
+    LMTask,
+    LMTrainConfig,  # noqa: E402
+    chars_per_token,
+)
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel  # noqa: E402
-from scriven.train import TrainConfig  # noqa: E402
 
 CANDIDATES = {
     "256x2-tied": dict(embed_dim=256, hidden_dim=256, num_layers=2, dropout=0.3, tie_embeddings=True),
@@ -41,7 +44,7 @@ def main() -> None:
     for name in args.only:
         torch.manual_seed(0)
         model = LSTMLanguageModel(LSTMConfig(vocab_size=tok.vocab_size, **CANDIDATES[name]))
-        config = TrainConfig(minutes=args.minutes, lr=3e-3, warmup_steps=100, eval_every=100)
+        config = LMTrainConfig(minutes=args.minutes, lr=3e-3, warmup_steps=100, eval_every=100)
         task = LMTask(train_ids, valid_ids, cpt, 32, 64, torch.device("cpu"))
         result, points, _ = train(name, model, task, config, tok, workdir)
         results[name] = {"best_valid_ppl": min(p for _, p in points),

@@ -253,9 +253,12 @@ def _require(ok: bool, what: str) -> None:
 
 def _cpu_tensor(t: Tensor, name: str, dtypes: tuple[torch.dtype, ...],
                 contiguous: bool = True) -> None:
+    # Checked first, described only on failure: this runs at every call of every binding.
+    if t.device.type == "cpu" and t.dtype in dtypes and (not contiguous or t.is_contiguous()):
+        return
     _require(t.device.type == "cpu", f"{name} must be on the CPU, not {t.device}")
     _require(t.dtype in dtypes, f"{name} must be {' or '.join(map(str, dtypes))}, not {t.dtype}")
-    _require(not contiguous or t.is_contiguous(), f"{name} must be contiguous")
+    _require(False, f"{name} must be contiguous")
 
 
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -377,9 +380,9 @@ class LSTMStepInt8:
         """ids (B,) token ids, h and c (L, B, H) -> logits (B, V), new h and c."""
         ids, h, c = ids.long().contiguous(), h.float().contiguous(), c.float().contiguous()
         shape = (len(self.layers), ids.size(0), self.hidden)
-        _require(ids.dim() == 1 and h.shape == shape and c.shape == shape,
-                 f"ids (B,) and states {shape} expected, got {tuple(ids.shape)}, "
-                 f"{tuple(h.shape)}, {tuple(c.shape)}")
+        if not (ids.dim() == 1 and h.shape == shape and c.shape == shape):
+            raise ValueError(f"native kernel: ids (B,) and states {shape} expected, got "
+                             f"{tuple(ids.shape)}, {tuple(h.shape)}, {tuple(c.shape)}")
         h_out, c_out = torch.empty_like(h), torch.empty_like(c)
         logits = torch.empty(ids.size(0), self.head.n)
         status = self.lib.scriven_lstm_lm_step_i8(*self._args, _ptr(ids), _ptr(h), _ptr(c),
@@ -394,9 +397,10 @@ class LSTMStepInt8:
 
 def _check_top_k(logits: Tensor, k: int) -> None:
     _cpu_tensor(logits, "logits", (torch.float32,))
+    if logits.dim() == 2 and 0 < k <= min(MAX_TOP_K, logits.size(1)):
+        return
     _require(logits.dim() == 2, f"logits must be (B, V), got {tuple(logits.shape)}")
-    _require(0 < k <= min(MAX_TOP_K, logits.size(1)),
-             f"top-k takes 1 <= k <= {min(MAX_TOP_K, logits.size(1))}, got {k}")
+    _require(False, f"top-k takes 1 <= k <= {min(MAX_TOP_K, logits.size(1))}, got {k}")
 
 
 def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -417,9 +421,10 @@ def sample_top_k(logits: Tensor, k: int, temperature: float,
     `sampling.sample_with_probability` draws them from the same numbers."""
     logits, uniform = logits.contiguous(), uniform.float().contiguous()
     _check_top_k(logits, k)
-    _require(temperature > 0, f"temperature must be > 0, got {temperature}")
     b, v = logits.shape
-    _require(uniform.shape == (b,), f"one uniform number per row expected, got {tuple(uniform.shape)}")
+    if not (temperature > 0 and uniform.shape == (b,)):
+        raise ValueError(f"native kernel: temperature must be > 0 (got {temperature}) and one "
+                         f"uniform number given per row (got {tuple(uniform.shape)})")
     ids, probs = torch.empty(b, dtype=torch.long), torch.empty(b)
     _lib().scriven_sample_top_k(_ptr(logits), b, v, k, temperature, _ptr(uniform), _ptr(ids),
                                 _ptr(probs), torch.get_num_threads())

@@ -523,22 +523,30 @@ def _add_positions_route(app: FastAPI, served: Mapping[str, ServedModel]) -> Non
                         dims: int = Query(64, ge=2, le=1024),
                         model: str | None = Query(None, description="a translator: its own "
                                                   "table (its d_model)")) -> Response:
-        from ..plots import positional_encoding
         source: Any = None
         if model is not None:
             m = _pick(served, model, "translate")
             if isinstance(m, JSONResponse):
                 return m
             source = m.loaded
-        table = positional_encoding(length, dims, source).double()          # (L, D)
-        similarity = table @ table.T                                        # (L, L)
-        return JSONResponse({
-            "length": table.size(0), "dims": table.size(1),
-            "encoding": (table * 1e4).round().div(1e4).tolist(),
-            "similarity": (similarity * 1e3).round().div(1e3).tolist(),
-            "formula": "PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))"
-            if source is None or getattr(source.model, "src_pos", None) is None
-            else "learned"})
+        # Up to 512 x 1,024 numbers and their 512 x 512 products: built and serialised in a
+        # worker thread, so that streams on the event loop do not stall meanwhile.
+        body = await asyncio.to_thread(_positions_body, length, dims, source)
+        return Response(body, media_type="application/json")
+
+
+def _positions_body(length: int, dims: int, source: Any) -> bytes:
+    from ..plots import positional_encoding
+
+    table = positional_encoding(length, dims, source).double()              # (L, D)
+    similarity = table @ table.T                                            # (L, L)
+    return json.dumps({
+        "length": table.size(0), "dims": table.size(1),
+        "encoding": (table * 1e4).round().div(1e4).tolist(),
+        "similarity": (similarity * 1e3).round().div(1e3).tolist(),
+        "formula": "PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))"
+        if source is None or getattr(source.model, "src_pos", None) is None
+        else "learned"}).encode()
 
 
 # ---------------------------------------------------------------------------------------------
