@@ -17,6 +17,7 @@ from torch import Tensor
 from .config import check, check_float, check_positive_int
 from .data import normalize_text
 from .errors import ScrivenError
+from .tokenizers import BPETokenizer, Tokenizer
 
 FORMATS = ("tsv", "csv")
 
@@ -262,3 +263,28 @@ def token_batches(
               indices=g)
         for g in groups
     ]
+
+
+def encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text (the BPE tokenizer encodes them all in one call, on all cores)."""
+    if isinstance(tok, BPETokenizer):
+        return [e.ids for e in tok.hf_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    return [tok.encode(t) for t in texts]
+
+
+def encode_sources(tok: Tokenizer, max_len: int, texts: Sequence[str],
+                   names: Sequence[str] | None = None) -> tuple[list[list[int]], list[int]]:
+    """Normalised source ids, and the indices of sources cut to `max_len` tokens. An empty
+    source (after normalisation) is an error naming it (`names[i]`, or text[i])."""
+    normalised = []
+    for i, text in enumerate(texts):
+        where = names[i] if names is not None else f"text[{i}]"
+        if not isinstance(text, str):
+            raise ScrivenError(f"{where} must be a string, got {type(text).__name__}")
+        clean = normalize_text(text, sentence=True)
+        if not clean:
+            raise ScrivenError(f"{where} is empty: nothing to translate")
+        normalised.append(clean)
+    ids = encode_texts(tok, normalised)
+    cut = [i for i, x in enumerate(ids) if len(x) > max_len]
+    return [x[:max_len] for x in ids], cut

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,8 @@ from torch import Tensor
 
 from .errors import ScrivenError
 from .export import read_info, require
+from .pairs import encode_sources
+from .search import output_limit
 from .tokenizers import BOS, EOS, UNK_ID, Tokenizer, load_tokenizer
 
 
@@ -137,8 +138,7 @@ class CT2Translator:
     def encode_sources(self, texts: Sequence[str], names: Sequence[str] | None = None
                        ) -> tuple[list[list[int]], list[int]]:
         """Normalised, encoded sources, exactly as a checkpoint's translator makes them."""
-        from .translation import LoadedTranslator
-        return LoadedTranslator.encode_sources(self, texts, names)  # type: ignore[arg-type]
+        return encode_sources(self.tokenizer, self.max_len, texts, names)
 
     def search_ids(self, sources: Sequence[Sequence[int]], beam: int = 1, n_best: int = 1,
                    length_penalty: float = 1.0, max_len: int | None = None,
@@ -149,10 +149,7 @@ class CT2Translator:
         CTranslate2 divides a finished hypothesis's log-probability by length^length_penalty
         where scriven uses GNMT's ((5 + length) / 6)^length_penalty; with length_penalty 0 both
         rank by plain log-probability."""
-        from .translation import default_max_len
-
-        shape = SimpleNamespace(config=SimpleNamespace(max_len=self.max_len))
-        limit_of = [max_len or default_max_len(shape, len(s)) for s in sources]  # type: ignore
+        limit_of = [max_len or output_limit(self.max_len, len(s)) for s in sources]
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         batches: list[list[int]] = []
         for i in order:

@@ -22,6 +22,12 @@ from .config import check, check_float, check_positive_int
 from .models.transformer import Transformer
 
 
+def output_limit(max_len: int, source_len: int) -> int:
+    """Output length limit when none is given: twice the source plus 10, rounded up to a
+    multiple of 8 (so sentences of similar length share a limit), within the model's max_len."""
+    return min(max_len, -(-(2 * source_len + 10) // 8) * 8)
+
+
 @contextlib.contextmanager
 def _eval_mode(model: Transformer) -> Iterator[None]:
     was_training = model.training

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from . import accel, runtimes
 from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, from_dict, to_dict
-from .data import DATASETS, get_dataset, normalize_text, resolve_text_source
+from .data import DATASETS, get_dataset, resolve_text_source
 from .device import Distributed, resolve_device
 from .errors import ScrivenError
 from .export import is_export
@@ -37,12 +37,14 @@ from .models.transformer import PRESETS, Transformer, TransformerConfig
 from .pairs import (
     Batch,
     Pair,
+    encode_sources,
+    encode_texts,
     pad_sequences,
     read_pairs,
     split_pairs,
     token_batches,
 )
-from .search import beam_search, greedy_search
+from .search import beam_search, greedy_search, output_limit
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, BPETokenizer, Tokenizer
 from .train import (
     CheckpointSpec,
@@ -112,19 +114,13 @@ def load_pairs(pairs: str | Path, max_words: int | None = None, strict: bool = F
                     len(report.too_long))
 
 
-def _encode_texts(tok: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    if isinstance(tok, BPETokenizer):  # the Rust batch encoder: one call, all cores
-        return [e.ids for e in tok.hf_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-    return [tok.encode(t) for t in texts]
-
-
 def encode_pairs(tok: Tokenizer, pairs: Sequence[Pair], max_len: int, strict: bool = False,
                  what: str = "training") -> tuple[list[Example], list[Pair]]:
     """(source ids, <bos> target <eos>) per pair. Pairs whose source is longer than `max_len`
     tokens, or whose target with <bos> is, cannot be fed to the model: they are dropped with a
     warning naming their lines (an error with `strict`)."""
-    sources = _encode_texts(tok, [p.source for p in pairs])
-    targets = _encode_texts(tok, [p.target for p in pairs])
+    sources = encode_texts(tok, [p.source for p in pairs])
+    targets = encode_texts(tok, [p.target for p in pairs])
     examples: list[Example] = []
     kept: list[Pair] = []
     dropped: list[int] = []
@@ -160,9 +156,8 @@ Hypotheses = list[tuple[list[int], float | None]]  # n-best (token ids, score); 
 
 
 def default_max_len(model: Transformer, source_len: int) -> int:
-    """Output length limit when none is given: twice the source plus 10, rounded up to a
-    multiple of 8 (so sentences of similar length share a limit), within the model's max_len."""
-    return min(model.config.max_len, -(-(2 * source_len + 10) // 8) * 8)
+    """Output length limit when none is given (see `search.output_limit`)."""
+    return output_limit(model.config.max_len, source_len)
 
 
 def search_ids(model: Transformer, sources: Sequence[Sequence[int]], beam: int = 1,
@@ -463,20 +458,9 @@ class LoadedTranslator:
 
     def encode_sources(self, texts: Sequence[str], names: Sequence[str] | None = None
                        ) -> tuple[list[list[int]], list[int]]:
-        """Normalised source ids, and the indices of sources cut to the model's max_len. An
-        empty source (after normalisation) is an error naming it (`names[i]`, or text[i])."""
-        normalised = []
-        for i, text in enumerate(texts):
-            where = names[i] if names is not None else f"text[{i}]"
-            if not isinstance(text, str):
-                raise ScrivenError(f"{where} must be a string, got {type(text).__name__}")
-            clean = normalize_text(text, sentence=True)
-            if not clean:
-                raise ScrivenError(f"{where} is empty: nothing to translate")
-            normalised.append(clean)
-        ids = _encode_texts(self.tokenizer, normalised)
-        cut = [i for i, x in enumerate(ids) if len(x) > self.max_len]
-        return [x[: self.max_len] for x in ids], cut
+        """Normalised source ids, and the indices of sources cut to the model's max_len (see
+        `pairs.encode_sources`)."""
+        return encode_sources(self.tokenizer, self.max_len, texts, names)
 
 
 def _resolve(checkpoint: str | Path | LoadedTranslator, device: str) -> LoadedTranslator:
