@@ -8,9 +8,10 @@ import torch
 from conftest import TINY_LM, one_thread
 
 from scriven import checkpoint as ckpt_io
+from scriven.checkpoint import trained_context
 from scriven.data import read_text
 from scriven.generation import LoadedLM, generate
-from scriven.lm import _cut_text, evaluate_lm, lm_metrics, stream_nll, train_lm, trained_context
+from scriven.lm import _cut_text, evaluate_lm, lm_metrics, stream_nll, train_lm
 
 
 def test_gpt_checkpoint_records_its_trained_context(tiny_text, tmp_path):

@@ -300,3 +300,13 @@ def load_model(path: str | Path, device: torch.device, kinds: tuple[str, ...]):
     model = build_model(ckpt.kind, ckpt.config["model"])
     load_weights(model, ckpt.weights, str(ckpt.path))
     return model.to(device).eval(), tokenizer, ckpt
+
+
+def trained_context(config: dict) -> int:
+    """The most tokens a GPT checkpoint (its config.json as a dict) may read at once: the
+    window it was trained on. Checkpoints from this version have max_len equal to it; older ones
+    were built with the preset's max_len (256) and trained on shorter windows, so their training
+    config's seq_len says how far their positions were trained."""
+    max_len = config["model"]["max_len"]
+    seq_len = config.get("train", {}).get("seq_len")
+    return min(max_len, seq_len) if isinstance(seq_len, int) and seq_len > 0 else max_len

@@ -17,7 +17,6 @@ from .config import check_positive_int
 from .device import bf16_matmuls_fast, resolve_device
 from .errors import ScrivenError
 from .export import is_export
-from .lm import trained_context
 from .models import kinds_for
 from .models.lstm import LSTMLanguageModel
 from .precision import check_precision
@@ -45,7 +44,7 @@ class LoadedLM:
     """A language model ready to generate: load once, generate many times (the server does).
     `precision` (fp32, bf16, int8; see `scriven.precision`) is how the weights are held for
     generation; an LSTM's are laid out once in `stepper`. `context`: the most tokens a GPT reads
-    at once, its trained window (`scriven.lm.trained_context`)."""
+    at once, its trained window (`checkpoint.trained_context`)."""
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -77,7 +76,7 @@ class LoadedLM:
             model = model.to(torch.bfloat16)
             if dev.type == "cpu" and not bf16_matmuls_fast():
                 model = model.float()
-        context = None if stepper is not None else trained_context(ckpt.config)
+        context = None if stepper is not None else ckpt_io.trained_context(ckpt.config)
         return cls(model, tok, dev, ckpt.path, precision, stepper, context)
 
     @property

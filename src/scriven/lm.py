@@ -317,22 +317,12 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
                overwrite=overwrite)
 
 
-def trained_context(config: dict) -> int:
-    """The most tokens a GPT checkpoint (its config.json as a dict) may read at once: the
-    window it was trained on. Checkpoints from this version have max_len equal to it; older ones
-    were built with the preset's max_len (256) and trained on shorter windows, so their training
-    config's seq_len says how far their positions were trained."""
-    max_len = config["model"]["max_len"]
-    seq_len = config.get("train", {}).get("seq_len")
-    return min(max_len, seq_len) if isinstance(seq_len, int) and seq_len > 0 else max_len
-
-
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:
     """Perplexity and bits per character of a checkpoint on any text (a file or dataset name).
-    A GPT is scored with windows of its trained context (see `trained_context`)."""
+    A GPT is scored with windows of its trained context (see `checkpoint.trained_context`)."""
     dev = resolve_device(device)
     model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=kinds_for("lm"))
-    window = 256 if model.carries_state else trained_context(ckpt.config)
+    window = 256 if model.carries_state else ckpt_io.trained_context(ckpt.config)
     content = read_text(resolve_text_source(text))
     ids = torch.tensor(tok.encode(content), dtype=torch.long)
     if ids.numel() < 2:
