@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet torch==2.13.0 -e .
 scriven data fetch anna
-scriven train lm anna --out runs/anna --minutes "${MINUTES:-10}"
+scriven train lm anna --out runs/anna --minutes "${MINUTES:-10}" --overwrite  # the demo replaces its own run
 for prompt in "Anna and the prince" "I 'm not going to see" "Anna and the nurse"; do
   scriven generate runs/anna "$prompt" --max-new-tokens 100 --temperature 0.6 --top-k 10 --seed 42
   echo
