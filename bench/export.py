@@ -35,7 +35,8 @@ from scriven import runtimes
 from scriven.export import export
 from scriven.generation import LoadedLM, encode_prompt, sample_ids
 from scriven.lm import train_lm
-from scriven.translation import LoadedTranslator, load_pairs, train_translate, translate
+from scriven.translation import load_pairs, train_translate
+from scriven.translator import LoadedTranslator, translate
 
 
 def log(message: str) -> None:

@@ -42,15 +42,13 @@ from scriven import checkpoint as ckpt_io
 from scriven.device import autocast_dtype, resolve_device, training_precision
 from scriven.tokenizers import BOS_ID, EOS_ID
 from scriven.translation import (
-    LoadedTranslator,
     TranslationTask,
-    default_max_len,
     encode_pairs,
     evaluate_translation,
     load_pairs,
     train_translate,
-    translate,
 )
+from scriven.translator import LoadedTranslator, default_max_len, translate
 
 # Beam sizes and GNMT length-penalty exponents tried on the validation split.
 DECODING_GRID = [(beam, alpha) for beam in (4, 8) for alpha in (0.6, 1.0, 1.4, 2.0)]
@@ -130,7 +128,7 @@ def book_decoding(tr: LoadedTranslator, sources: list[str]) -> tuple[float, list
     prefix. Same limit per sentence as scriven's default."""
     from recompute import recompute_greedy  # bench/recompute.py, next to this script
 
-    from scriven.translation import translation_text
+    from scriven.translator import translation_text
     ids, _ = tr.encode_sources(sources)
     t = time.perf_counter()
     outs = [recompute_greedy(tr.model, torch.tensor(x, device=tr.device), BOS_ID, EOS_ID,

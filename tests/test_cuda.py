@@ -19,7 +19,8 @@ from scriven.generation import LoadedLM, generate
 from scriven.lm import train_lm
 from scriven.models.transformer import Transformer, TransformerConfig
 from scriven.search import beam_search, greedy_search
-from scriven.translation import LoadedTranslator, train_translate, translate
+from scriven.translation import train_translate
+from scriven.translator import LoadedTranslator, translate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -18,7 +18,8 @@ from scriven.export import EXPORT_VERSION, export, read_info
 from scriven.generation import generate
 from scriven.models import build_model
 from scriven.tokenizers import BOS_ID, EOS_ID, BPETokenizer, WordTokenizer
-from scriven.translation import train_translate, translate
+from scriven.translation import train_translate
+from scriven.translator import translate
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX exports need onnxruntime "
                           "(pip install 'scriven[export]')")

@@ -13,7 +13,7 @@ from scriven.errors import ScrivenError
 from scriven.generation import LoadedLM
 from scriven.models.transformer import sinusoidal_positions
 from scriven.sampling import filter_logits
-from scriven.translation import LoadedTranslator, attention
+from scriven.translator import LoadedTranslator, attention
 
 
 @pytest.fixture(scope="module")

@@ -299,7 +299,7 @@ def test_a_request_over_its_time_limit_gets_504(models):
 
 
 def test_translation_equals_the_library_and_attention_is_its_own(client, models):
-    from scriven.translation import attention, translate
+    from scriven.translator import attention, translate
     sentences = ["the big dog sleeps.", "the old cat eats a book."]
     body = client.post("/v1/translate", json={"text": sentences, "attention": True}).json()
     got = body["translations"]
@@ -319,7 +319,7 @@ def test_translation_equals_the_library_and_attention_is_its_own(client, models)
 
 
 def test_greedy_translation_of_several_sentences_equals_the_library(client, models):
-    from scriven.translation import translate
+    from scriven.translator import translate
     sentences = ["the big dog sleeps.", "a cat.", "the old red car runs and the child reads."]
     got = client.post("/v1/translate", json={"text": sentences, "max_len": 6}).json()
     assert [t["text"] for t in got["translations"]] == translate(models[1], sentences, max_len=6)

@@ -31,15 +31,8 @@ from scriven.models.transformer import Transformer
 from scriven.search import greedy_search
 from scriven.tokenizers import BOS_ID, EOS_ID, BPETokenizer
 from scriven.train import CheckpointSpec, TrainConfig, fit
-from scriven.translation import (
-    CrossAttention,
-    LoadedTranslator,
-    TranslateTrainConfig,
-    attention,
-    evaluate_translation,
-    train_translate,
-    translate,
-)
+from scriven.translation import TranslateTrainConfig, evaluate_translation, train_translate
+from scriven.translator import CrossAttention, LoadedTranslator, attention, translate
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,8 +16,8 @@ _PUBLIC = {
     "train_lm": "lm", "evaluate_lm": "lm",
     "generate": "generation", "generate_stream": "generation", "LoadedLM": "generation",
     "evaluate": "evaluation",
-    "train_translate": "translation", "translate": "translation",
-    "LoadedTranslator": "translation", "evaluate_translation": "translation",
+    "train_translate": "translation", "translate": "translator",
+    "LoadedTranslator": "translator", "evaluate_translation": "translation",
     "fetch": "data", "list_datasets": "data", "read_text": "data",
     "TrainConfig": "train", "LMTrainConfig": "lm", "TranslateTrainConfig": "translation",
 }

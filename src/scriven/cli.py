@@ -214,7 +214,7 @@ def _generate(generate_stream: Callable[..., Any], params: dict[str, Any]) -> No
 def _translate(translate: Callable[..., Any], params: dict[str, Any]) -> None:
     from .export import is_export
     from .runtimes import load_translator
-    from .translation import LoadedTranslator
+    from .translator import LoadedTranslator
     checkpoint, device = params.pop("checkpoint"), params.pop("device")
     text, file = params.pop("text"), params.pop("file")
     from_input = text is None or text == "-"
@@ -391,7 +391,7 @@ COMMANDS: tuple[Command, ...] = (
         Option("--device"),
         Option("--precision", "fp32, bf16 or int8: how the weights are held (bf16, int8 "
                               "generate faster)")), _generate),
-    Command(("translate",), "translate with a trained translator", "translation:translate", (
+    Command(("translate",), "translate with a trained translator", "translator:translate", (
         Option("checkpoint", "a checkpoint directory or run folder"),
         Option("text", "the sentence; absent or - : one sentence per line from --file or stdin",
                nargs="?"),

@@ -25,7 +25,7 @@ from .models import KINDS  # noqa: E402
 from .models.transformer import sinusoidal_positions  # noqa: E402
 from .sampling import filter_logits, validate  # noqa: E402
 from .tokenizers import SPECIAL_TOKENS  # noqa: E402
-from .translation import ATTENTION_KINDS, LoadedTranslator, all_attention  # noqa: E402
+from .translator import ATTENTION_KINDS, LoadedTranslator, all_attention  # noqa: E402
 
 
 def _save(fig, out: str | Path) -> Path:

@@ -1,7 +1,7 @@
 """Running exports (see `scriven.export`): language models on ONNX Runtime, translators on
 CTranslate2. They plug into the same loops as the PyTorch models: an `OnnxStepper` reads a
 prompt and steps one token like an `LSTMStepper` (so `generation.sample_ids` drives it with
-scriven's own sampling rules), and `CT2Translator.translate` takes `translation.translate`'s
+scriven's own sampling rules), and `CT2Translator.translate` takes `translator.translate`'s
 options."""
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ class CT2Translator:
     def search_ids(self, sources: Sequence[Sequence[int]], beam: int = 1, n_best: int = 1,
                    length_penalty: float = 1.0, max_len: int | None = None,
                    batch_size: int = 64) -> list[list[tuple[list[int], float | None]]]:
-        """`translation.search_ids` on CTranslate2: sources sorted by length into batches; beam
+        """`translator.search_ids` on CTranslate2: sources sorted by length into batches; beam
         search batches only sentences that share an output limit (the result depends on it).
 
         CTranslate2 divides a finished hypothesis's log-probability by length^length_penalty

@@ -48,8 +48,8 @@ from ..config import check, check_float, check_positive_int
 from ..errors import ScrivenError
 from ..generation import LM_KINDS, LoadedLM, encode_prompt, prompt_text
 from ..sampling import validate
-from ..translation import KIND as TRANSLATOR_KIND
-from ..translation import LoadedTranslator
+from ..translator import KIND as TRANSLATOR_KIND
+from ..translator import LoadedTranslator
 from .batching import (
     GenerationJob,
     GenerationWorker,

@@ -44,7 +44,7 @@ from ..pairs import pad_sequences
 from ..sampling import penalize_rows, sample_rows
 from ..search import GreedyStep, beam_search, greedy_search
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
-from ..translation import (
+from ..translator import (
     CrossAttention,
     LoadedTranslator,
     default_max_len,
@@ -555,7 +555,7 @@ class TranslationWorker(_Worker):
                 "seconds": round(time.monotonic() - job.started, 4)})
 
     def _attention(self, src: list[int], ids: list[int]) -> dict[str, Any]:
-        """Cross-attention of the model reading its own output, as `translation.attention`
+        """Cross-attention of the model reading its own output, as `translator.attention`
         gives it, rounded to 4 decimals (the JSON stays about half as long)."""
         found = CrossAttention.of(read_attention(self.tr, src, ids))
         found.cross = (found.cross * 1e4).round() / 1e4
