@@ -4,11 +4,12 @@ truncated back-propagation through time, the LSTM's hidden state carried between
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from .errors import ScrivenError
 from .models import kinds_for
 from .models.gpt import GPT, GPT_PRESETS, GPTConfig
 from .models.lstm import LSTM_PRESETS, LSTMConfig, LSTMLanguageModel
+from .sizing import Choice, choose_size
 from .tokenizers import BPETokenizer, CharTokenizer, Tokenizer, WordTokenizer
 from .train import (
     CheckpointSpec,
@@ -255,7 +257,7 @@ def _cut_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[s
 def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "lstm",
              tokenizer: str = "word", min_count: int = 1, vocab_size: int = 8000,
              epochs: int | None = None, minutes: float | None = None, max_steps: int | None = None,
-             batch_size: int = 32, seq_len: int = 64, lr: float | None = None,
+             batch_size: int | None = None, seq_len: int | None = None, lr: float | None = None,
              dropout: float | None = None, warmup_steps: int | None = None,
              warmup_fraction: float = 0.05, eval_every: int | None = None,
              evals_per_run: int = 10, patience: int = 0,
@@ -268,12 +270,18 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     `out/metrics.jsonl` (the CLI draws it as `out/loss.png`). `resume=True` continues `out/latest` exactly (same
     settings and text, or an error); a folder that holds a run is kept unless `overwrite`.
     Warmup is `warmup_fraction` of the planned steps (or `warmup_steps`), and there are
-    `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`."""
+    `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`.
+    `preset="auto"` (with `minutes`) times candidate sizes on this machine and trains the largest
+    the budget holds enough tokens for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
+    `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
     config_cls, model_cls, presets = MODELS[model]
-    check(preset in presets, "preset", f"must be one of {', '.join(presets)}, got {preset!r}")
+    check(preset in presets or preset == "auto", "preset",
+          f"must be auto or one of {', '.join(presets)}, got {preset!r}")
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
+    check(preset != "auto" or minutes is not None, "preset",
+          "auto sizes the model for a time budget: give --minutes")
     tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)
     source = resolve_text_source(text)
     train_text, valid_text, _ = _cut_text(read_text(source), 0.05, 0.05)
@@ -283,14 +291,37 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
         if saved.kind != model:
             raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not {model}")
         model_config = from_dict(config_cls, saved.config["model"], "checkpoint model config")
+        shape = saved.config.get("train") or {}  # the run's own shape unless stated again
+        batch_size = shape.get("batch_size") if batch_size is None else batch_size
+        seq_len = shape.get("seq_len") if seq_len is None else seq_len
+        lr = lr if lr is not None else shape.get("lr")
+        sizing = saved.config.get("sizing")  # what chose this size, kept across resumes
     else:
         tok = build_tokenizer(tok_config, train_text)
-        model_config = config_cls.preset(preset, tok.vocab_size)
+        sizing = None
+        model_config = config_cls.preset("default" if preset == "auto" else preset, tok.vocab_size)
         if dropout is not None:
             model_config = replace(model_config, dropout=dropout)
     train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
     valid_ids = torch.tensor(tok.encode(valid_text), dtype=torch.long)
     cpt = chars_per_token(tok, tok.tokenize(valid_text))
+    dist = Distributed.from_env()
+    dev = resolve_device(device, dist)
+    choice = None
+    if preset == "auto" and not resume:
+        choice = _choose_size(model, model_config, minutes, train_ids, valid_ids, cpt, dev, dist,
+                              amp, carries_state=model_cls.carries_state)
+        if progress and dist.main:
+            print(choice.describe(), file=sys.stderr)
+        model_config = choice.model_config
+        if dropout is not None:
+            model_config = replace(model_config, dropout=dropout)
+        batch_size = choice.batch_size if batch_size is None else batch_size
+        seq_len = choice.seq_len if seq_len is None else seq_len
+        lr = lr if lr is not None else choice.lr
+        sizing = choice.record()
+    batch_size = 32 if batch_size is None else batch_size
+    seq_len = 64 if seq_len is None else seq_len
     train_config = LMTrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
                                  batch_size=batch_size, seq_len=seq_len,
                                  lr=lr if lr is not None else 3e-3, warmup_steps=warmup_steps,
@@ -305,16 +336,34 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
         # trained, yet evaluation and generation would read them. So the model is built with
         # max_len = seq_len, and the checkpoint's max_len says how far it may read.
         model_config = replace(model_config, max_len=seq_len) if not resume else model_config
-    dist = Distributed.from_env()
-    dev = resolve_device(device, dist)
     torch.manual_seed(seed)
     net = model_cls(model_config)
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
     spec = CheckpointSpec(model, to_dict(model_config), tok.to_json_str(),
                           {"source": str(text), "split": "position 90/5/5 (train, valid, test)",
-                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)})
+                           "tokenizer": to_dict(tok_config), "sha256": file_sha256(source)},
+                          sizing=sizing)
     return fit(net, task, train_config, out, spec, resume=resume, progress_bar=progress,
-               overwrite=overwrite)
+               overwrite=overwrite, spent=choice.seconds if choice else 0.0)
+
+
+def _choose_size(family: str, base: Any, minutes: float, train_ids: Tensor, valid_ids: Tensor,
+                 cpt: float, device: torch.device, dist: Distributed, amp: str,
+                 carries_state: bool) -> Choice:
+    """`--preset auto` for a text generator: time each candidate on this text's batches."""
+    model_cls = MODELS[family][1]
+
+    def batches(batch_size: int, seq_len: int) -> Iterator[Batch]:
+        task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, device, dist, carries_state)
+        return task.batches(0, 0)
+
+    def loss(model: nn.Module, batch: Batch) -> tuple[Tensor, int]:
+        x, y = batch
+        logits, _ = model(x, None)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), y.numel()
+
+    return choose_size(family, base, minutes, train_ids.numel(), model_cls, batches, loss,
+                       device, amp)
 
 
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:

@@ -269,6 +269,7 @@ class CheckpointSpec:
     model_config: dict[str, Any]
     tokenizer_json: str
     data: dict[str, Any]
+    sizing: dict[str, Any] | None = None  # what `--preset auto` measured and chose
 
 
 class _Log:
@@ -415,19 +416,23 @@ def _budget_progress(config: TrainConfig, p: Progress, steps_per_epoch: int) -> 
 
 
 def fit(model: nn.Module, task: Task, config: TrainConfig, out: str | Path, spec: CheckpointSpec,
-        resume: bool = False, progress_bar: bool = True, overwrite: bool = False) -> TrainResult:
+        resume: bool = False, progress_bar: bool = True, overwrite: bool = False,
+        spent: float = 0.0) -> TrainResult:
     """Train `model` on `task` and write `out/latest`, `out/best`, `out/metrics.jsonl`.
 
     A fresh run into a folder that holds a run is an error unless `overwrite`; `resume`
-    continues `out/latest` and refuses changed settings or data. `out` is locked meanwhile."""
+    continues `out/latest` and refuses changed settings or data. `out` is locked meanwhile.
+    `spent`: seconds of a --minutes budget already used before training (choosing a size)."""
     out = Path(out)
     dist = Distributed.from_env()
     with RunLock(out) if dist.main else contextlib.nullcontext():
-        return _fit(model, task, config, out, spec, dist, resume, progress_bar, overwrite)
+        return _fit(model, task, config, out, spec, dist, resume, progress_bar, overwrite,
+                        spent)
 
 
 def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: CheckpointSpec,
-         dist: Distributed, resume: bool, progress_bar: bool, overwrite: bool) -> TrainResult:
+         dist: Distributed, resume: bool, progress_bar: bool, overwrite: bool,
+         spent: float) -> TrainResult:
     if not resume and dist.main:
         _prepare_fresh(out, overwrite)
     device = resolve_device(config.device, dist)
@@ -436,7 +441,7 @@ def _fit(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: Che
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    run = _start(model, task, config, out, spec, dist, device, resume, progress_bar)
+    run = _start(model, task, config, out, spec, dist, device, resume, progress_bar, spent)
     _train(run, resume)
     if run.bar is not None:
         run.bar.close()
@@ -489,7 +494,8 @@ class _Run:
 
 
 def _start(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: CheckpointSpec,
-           dist: Distributed, device: torch.device, resume: bool, progress_bar: bool) -> _Run:
+           dist: Distributed, device: torch.device, resume: bool, progress_bar: bool,
+           spent: float = 0.0) -> _Run:
     """Seed, place and accelerate the model, make the optimizer, restore a resumed run, then the
     bf16 working copy, wrappers, log, plan and progress bar."""
     precision = training_precision(config.amp, device, getattr(task, "pure_bf16", False))
@@ -501,7 +507,8 @@ def _start(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: C
     if progress_bar and dist.main:
         print(f"accelerated: {json.dumps(accelerated)}", file=sys.stderr)
     opt = make_optimizer(model, config)
-    p = _restore(model, task, opt, config, out, spec, dist, device) if resume else Progress()
+    p = (_restore(model, task, opt, config, out, spec, dist, device) if resume
+         else Progress(elapsed=spent))
 
     # bf16-pure: steps run on `working`, a bf16 copy; `model` keeps the fp32 master weights.
     working = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16-pure" else model
@@ -720,6 +727,8 @@ def _save(run: _Run, best: bool) -> None:
     state.update({f"task.{k}": v.detach().cpu() for k, v in task_state.items()})
     config_dict = {"model": run.spec.model_config, "train": to_dict(run.config),
                    "data": run.spec.data, "metrics": run.metrics}
+    if run.spec.sizing is not None:
+        config_dict["sizing"] = run.spec.sizing
     weights = ckpt_io.model_weights(run.model)
     trainer = {"progress": vars(run.p), "param_groups": groups, "world": run.dist.world}
     kind, tokenizer = run.spec.kind, run.spec.tokenizer_json

@@ -1,0 +1,197 @@
+"""`--preset auto`: the model size chosen for the budget and the machine.
+
+A fixed preset wastes a short budget on a slow machine (a large model that sees too few tokens)
+and a long budget on a fast one (a small model that stops improving). `choose_size` times a few
+training steps of each candidate on this machine, turns the speed into the tokens the budget
+holds, and takes the largest candidate that still sees `TOKENS_PER_PARAMETER` tokens per
+parameter (embeddings not counted: at these sizes a word vocabulary's table would dominate the
+count without costing matmul time per token).
+
+Where the rule comes from: nanoGPT's published CPU recipe for character-level text (4 layers,
+128 wide, 2,000 steps of 12 x 64 tokens) trains its 0.8 M non-embedding parameters on 1.5 M
+tokens, about 2 per parameter, and beats a 4 x 256 model given the same minutes (issue 20).
+That is far below the compute-optimal ~20 of Hoffmann et al. (2022): at a few minutes on a CPU
+the loss is still falling fast, and more steps on a smaller model pay off more than width.
+`bench/budget.py` measures the rule against fixed presets and the reference recipe.
+
+Dropout follows the epochs the budget holds: a model that sees each token about once does not
+overfit, and dropout only slows it; repeated passes over a small text need it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import accel
+from .device import autocast_dtype, training_precision
+
+TOKENS_PER_PARAMETER = 2.0
+TIMED_STEPS = 3          # after one warm-up step, per candidate
+MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
+BUDGET_SHARE = 0.01       # ... and so does any candidate past 1% of the budget
+
+# Candidates, smallest first. Each names a model size and the training shape that suits it:
+# small models learn best from many small steps; wider ones from larger batches, a longer
+# context and a lower learning rate (the settings of the published recipes at these widths).
+GPT_LADDER: list[dict[str, Any]] = [
+    dict(name="gpt-4x128", model=dict(d_model=128, n_heads=4, n_layers=4, d_ff=512),
+         batch_size=12, seq_len=64, lr=1e-3),
+    dict(name="gpt-4x192", model=dict(d_model=192, n_heads=4, n_layers=4, d_ff=768),
+         batch_size=16, seq_len=64, lr=1e-3),
+    dict(name="gpt-4x256", model=dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024),
+         batch_size=16, seq_len=128, lr=1e-3),
+    dict(name="gpt-6x384", model=dict(d_model=384, n_heads=6, n_layers=6, d_ff=1536),
+         batch_size=16, seq_len=128, lr=6e-4),
+    dict(name="gpt-8x512", model=dict(d_model=512, n_heads=8, n_layers=8, d_ff=2048),
+         batch_size=16, seq_len=256, lr=5e-4),
+]
+LSTM_LADDER: list[dict[str, Any]] = [
+    dict(name="lstm-2x128", model=dict(embed_dim=128, hidden_dim=128, num_layers=2,
+                                       tie_embeddings=True), batch_size=32, seq_len=64, lr=3e-3),
+    dict(name="lstm-2x256", model=dict(embed_dim=256, hidden_dim=256, num_layers=2,
+                                       tie_embeddings=True), batch_size=32, seq_len=64, lr=3e-3),
+    dict(name="lstm-2x384", model=dict(embed_dim=384, hidden_dim=384, num_layers=2,
+                                       tie_embeddings=True), batch_size=32, seq_len=64, lr=3e-3),
+    dict(name="lstm-2x512", model=dict(embed_dim=512, hidden_dim=512, num_layers=2,
+                                       tie_embeddings=True), batch_size=32, seq_len=64, lr=2e-3),
+]
+LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
+# (epochs the budget holds up to, dropout): the GPT's from nanoGPT's recipes (0 for its 1.5-epoch
+# CPU run, 0.2 for its 80-epoch GPU run); the LSTM's from scriven's presets (0.3 at about 10
+# epochs of word-level text).
+DROPOUT_BY_EPOCHS = {"gpt": ((2.0, 0.0), (8.0, 0.1), (float("inf"), 0.2)),
+                     "lstm": ((2.0, 0.0), (8.0, 0.2), (float("inf"), 0.3))}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    parameters: int          # without embeddings
+    tokens_per_s: float
+    budget_tokens: float
+
+    @property
+    def tokens_per_parameter(self) -> float:
+        return self.budget_tokens / max(self.parameters, 1)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What `auto` chose: the model config, its training shape, and the measurements behind it."""
+
+    name: str
+    model_config: Any
+    batch_size: int
+    seq_len: int
+    lr: float
+    dropout: float
+    candidates: tuple[Candidate, ...]
+    seconds: float           # spent timing, taken from the budget
+
+    def describe(self) -> str:
+        lines = [f"preset auto: {self.name} (batch {self.batch_size} x {self.seq_len} tokens, "
+                 f"lr {self.lr:g}, dropout {self.dropout:g}); timed in {self.seconds:.1f} s:"]
+        for c in self.candidates:
+            mark = "*" if c.name == self.name else " "
+            lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
+                         f"{c.tokens_per_s:,.0f} tokens/s -> {c.budget_tokens / 1e6:.2f} M tokens "
+                         f"= {c.tokens_per_parameter:.1f} per parameter")
+        lines.append(f"   rule: the largest with >= {TOKENS_PER_PARAMETER:g} tokens per parameter")
+        return "\n".join(lines)
+
+    def record(self) -> dict[str, Any]:
+        """For the checkpoint: what was chosen and the speeds that chose it."""
+        return {"chose": self.name, "rule_tokens_per_parameter": TOKENS_PER_PARAMETER,
+                "timing_seconds": round(self.seconds, 2),
+                "candidates": [{"name": c.name, "parameters": c.parameters,
+                                "tokens_per_s": round(c.tokens_per_s),
+                                "budget_tokens": round(c.budget_tokens)}
+                               for c in self.candidates]}
+
+
+def parameters_without_embeddings(model: nn.Module) -> int:
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embedded)
+
+
+def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.device,
+                  amp: str, lr: float, seconds: float = MAX_TIMING_SECONDS) -> float:
+    """Tokens/s of training steps as `fit` takes them (accelerated, in the run's precision):
+    one warm-up step, then up to TIMED_STEPS, stopping early past `seconds`. The
+    median step counts, so one step slowed by another process does not decide the size."""
+    model.to(device).train()
+    accel.apply(model, device, "train")
+    dtype = autocast_dtype(training_precision(amp, device, False), device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    rates: list[float] = []
+    began = time.perf_counter()
+    for i, batch in enumerate(batches):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss, n = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # step 0 warms up (allocations, kernel choices)
+            rates.append(n / max(time.perf_counter() - start, 1e-9))
+        if i >= TIMED_STEPS or (rates and time.perf_counter() - began > seconds):
+            break
+    return statistics.median(rates) if rates else 0.0
+
+
+def pick(candidates: list[Candidate]) -> int:
+    """Index of the largest candidate that sees enough tokens per parameter (the smallest if
+    none does)."""
+    fitting = [i for i, c in enumerate(candidates) if c.tokens_per_parameter >= TOKENS_PER_PARAMETER]
+    return fitting[-1] if fitting else 0
+
+
+def dropout_for(family: str, epochs: float) -> float:
+    return next(p for limit, p in DROPOUT_BY_EPOCHS[family] if epochs <= limit)
+
+
+def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int,
+                make_model: Callable[[Any], nn.Module],
+                make_batches: Callable[[int, int], Any], loss_fn: Callable,
+                device: torch.device, amp: str) -> Choice:
+    """Time each candidate of `family`'s ladder and choose one for `minutes` of training.
+
+    `base_config` is the model config to resize (its vocabulary and other fields are kept);
+    `make_batches(batch_size, seq_len)` yields training batches; `train_tokens` is the size of
+    the training text in tokens, for the epochs the budget holds."""
+    start = time.perf_counter()
+    seconds = min(MAX_TIMING_SECONDS, BUDGET_SHARE * minutes * 60)
+    ladder = LADDERS[family]
+    measured = []
+    for rung in ladder:
+        config = replace(base_config, **rung["model"], **_context(family, rung))
+        torch.manual_seed(0)
+        model = make_model(config)
+        speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
+                              device, amp, rung["lr"], seconds)
+        measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
+                                  speed * minutes * 60))
+        del model
+        if measured[-1].tokens_per_parameter < TOKENS_PER_PARAMETER:
+            break  # larger candidates are slower still: none of them can fit
+    best = pick(measured)
+    rung = ladder[best]
+    epochs = measured[best].budget_tokens / max(train_tokens, 1)
+    dropout = dropout_for(family, epochs)
+    config = replace(base_config, **rung["model"], **_context(family, rung), dropout=dropout)
+    return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"], dropout,
+                  tuple(measured), time.perf_counter() - start)
+
+
+def _context(family: str, rung: dict[str, Any]) -> dict[str, Any]:
+    # A GPT reads exactly the context it trains on (see lm.train_lm).
+    return {"max_len": rung["seq_len"]} if family == "gpt" else {}

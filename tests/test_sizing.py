@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from scriven import sizing
+from scriven.errors import ScrivenError
+from scriven.lm import train_lm
+from scriven.models.gpt import GPT, GPTConfig
+from scriven.sizing import Candidate, dropout_for, parameters_without_embeddings, pick
+
+
+def candidates(*ratios: float) -> list[Candidate]:
+    return [Candidate(f"c{i}", 1000, r * 1000, r * 1000) for i, r in enumerate(ratios)]
+
+
+def test_pick_takes_the_largest_candidate_that_sees_enough_tokens_per_parameter():
+    r = sizing.TOKENS_PER_PARAMETER
+    assert pick(candidates(4 * r, 2 * r, r, r / 2)) == 2
+    assert pick(candidates(4 * r)) == 0
+
+
+def test_pick_falls_back_to_the_smallest_when_none_fits():
+    r = sizing.TOKENS_PER_PARAMETER
+    assert pick(candidates(r / 2, r / 4)) == 0
+
+
+@pytest.mark.parametrize("family", ["gpt", "lstm"])
+def test_dropout_never_falls_as_the_budget_holds_more_epochs(family):
+    values = [dropout_for(family, e) for e in (0.1, 1, 2, 3, 10, 100)]
+    assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
+
+
+def test_parameters_without_embeddings_leave_out_the_tables_and_the_tied_head():
+    model = GPT(GPTConfig(vocab_size=1000, d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=16))
+    tables = model.embed.weight.numel() + model.pos.weight.numel()
+    assert parameters_without_embeddings(model) == sum(p.numel() for p in model.parameters()) - tables
+
+
+def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
+    # Speed falls with size, as on any machine: 2e11 parameter-tokens/s.
+    timed = []
+
+    def fake_timing(model, batches, loss_fn, device, amp, lr, seconds):
+        n = parameters_without_embeddings(model)
+        timed.append(n)
+        return 2e11 / n
+
+    monkeypatch.setattr(sizing, "time_training", fake_timing)
+    base = GPTConfig(vocab_size=50, dropout=0.3)
+    choice = sizing.choose_size("gpt", base, 1.0, 10**6, GPT, lambda b, t: iter(()), None,
+                                torch.device("cpu"), "fp32")
+    ratios = [c.tokens_per_parameter for c in choice.candidates]
+    chosen = next(c for c in choice.candidates if c.name == choice.name)
+    assert chosen.tokens_per_parameter >= sizing.TOKENS_PER_PARAMETER
+    assert ratios[-1] < sizing.TOKENS_PER_PARAMETER       # it stopped at the first that failed
+    assert len(timed) == len(choice.candidates) < len(sizing.GPT_LADDER)
+    assert choice.name == choice.candidates[-2].name      # the largest that fits
+    rung = next(r for r in sizing.GPT_LADDER if r["name"] == choice.name)
+    assert choice.model_config.d_model == rung["model"]["d_model"]
+    assert choice.model_config.max_len == choice.seq_len == rung["seq_len"]
+    assert choice.model_config.vocab_size == 50
+    assert choice.dropout == dropout_for("gpt", chosen.budget_tokens / 10**6)
+    assert choice.name in choice.describe() and choice.record()["chose"] == choice.name
+
+
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_auto_trains_the_chosen_size_records_why_and_resumes_it(tiny_text, tmp_path, model):
+    run = tmp_path / "run"
+    result = train_lm(str(tiny_text), run, preset="auto", model=model, tokenizer="char",
+                      minutes=0.02, progress=False, evals_per_run=1)
+    saved = json.loads((run / "latest" / "config.json").read_text())
+    record = saved["sizing"]
+    rung = next(r for r in sizing.LADDERS[model] if r["name"] == record["chose"])
+    assert record["candidates"][0]["tokens_per_s"] > 0
+    assert saved["train"]["batch_size"] == rung["batch_size"]
+    assert saved["train"]["seq_len"] == rung["seq_len"]
+    assert saved["train"]["lr"] == rung["lr"]
+    width = "d_model" if model == "gpt" else "hidden_dim"
+    assert saved["model"][width] == rung["model"][width]
+    # The budget's clock includes the timing: a --minutes run ends when the user asked.
+    assert result.elapsed >= record["timing_seconds"] - 0.01  # the record is rounded
+    # A resume takes the run's size and shape from the checkpoint; it does not choose again.
+    train_lm(str(tiny_text), run, preset="auto", model=model, tokenizer="char", minutes=0.04,
+             progress=False, resume=True, evals_per_run=1)
+    again = json.loads((run / "latest" / "config.json").read_text())
+    assert again["model"] == saved["model"] and again["sizing"] == record
+    assert again["train"]["batch_size"] == saved["train"]["batch_size"]
+
+
+def test_auto_needs_a_time_budget(tiny_text, tmp_path):
+    with pytest.raises(ScrivenError, match="preset"):
+        train_lm(str(tiny_text), tmp_path / "run", preset="auto", max_steps=5, progress=False)
+
+
+def test_an_unknown_preset_names_auto_among_the_choices(tiny_text, tmp_path):
+    with pytest.raises(ScrivenError, match="auto"):
+        train_lm(str(tiny_text), tmp_path / "run", preset="huge", minutes=0.1, progress=False)
