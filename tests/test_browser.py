@@ -141,3 +141,45 @@ def test_narrow_screen_has_no_sideways_scrolling(browser, server, tmp_path):
     assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.screenshot(path=str(tmp_path / "narrow.png"), full_page=True)
     context.close()
+
+
+@pytest.fixture(scope="module")
+def export_server(tmp_path_factory):
+    """The same two models, exported: served through ONNX Runtime and CTranslate2."""
+    for package in ("onnx", "onnxruntime", "ctranslate2"):
+        pytest.importorskip(package, reason="serving exports needs pip install 'scriven[export]'")
+    from test_serve import ServerThread, one_thread, trained_models
+
+    from scriven.export import export
+    from scriven.serve import create_app
+    root = tmp_path_factory.mktemp("browser-exports")
+    with one_thread():
+        lm, tr = trained_models(tmp_path_factory)
+        app = create_app([export(lm, "onnx", root / "lm"), export(tr, "ctranslate2", root / "fr")])
+        with ServerThread(app) as running:
+            yield running
+
+
+def test_an_export_is_served_and_its_missing_attention_explained(browser, export_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(export_server.url + "/")
+    page.wait_for_selector("#tr-model option", state="attached")
+    assert "onnxruntime export" in page.inner_text("#gen-model")
+    assert "ctranslate2 export" in page.inner_text("#tr-model")
+    # Its position table is inside CTranslate2's files: only the formula is offered.
+    assert page.locator("#pos-model option").count() == 1
+    page.fill("#gen-prompt", "anna said")
+    page.fill("#gen-max-tokens", "5")
+    page.click("#gen-submit")
+    page.wait_for_function("document.getElementById('gen-stats').textContent.includes('tokens in')")
+    assert page.locator("#gen-output .tok").count() == 5
+    page.click("#tr-submit")  # "Show cross-attention" is ticked by default
+    page.wait_for_function("document.getElementById('tr-stats').textContent.includes('Translated')")
+    assert page.inner_text("#tr-output")
+    assert "does not give attention weights" in page.inner_text("#tr-error")
+    assert page.locator("#attention-box").is_hidden()
+    context.close()
+    assert not problems, problems

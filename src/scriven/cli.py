@@ -452,9 +452,10 @@ COMMANDS: tuple[Command, ...] = (
         Option("words", nargs="+"),
         Option("--neighbours"),
         *_picture("embeddings.png")), _print_neighbours),
-    Command(("serve",), "HTTP API and web playground for checkpoints", "serve.app:serve", (
-        Option("checkpoints", "checkpoints or run folders (language models and translators); "
-                              "NAME=PATH names one", nargs="+", metavar="CKPT"),
+    Command(("serve",), "HTTP API and web playground for checkpoints and exports",
+            "serve.app:serve", (
+        Option("checkpoints", "checkpoints, run folders or export directories (language models "
+                              "and translators); NAME=PATH names one", nargs="+", metavar="CKPT"),
         Option("--host", "address to listen on (default: this machine only)"),
         Option("--port"),
         Option("--allowed-hosts", "Host header names to answer (default: localhost, 127.0.0.1, "
@@ -464,7 +465,8 @@ COMMANDS: tuple[Command, ...] = (
                             "$SCRIVEN_API_KEY; none if unset)"),
         Option("--device"),
         Option("--threads", "torch threads per operation"),
-        Option("--precision", "fp32, bf16 or int8: how text generators hold their weights"),
+        Option("--precision", "fp32, bf16 or int8: how text generators hold their weights "
+                              "(an export keeps the quantization it was exported with)"),
         Option("--max-new-tokens", "cap per request"),
         Option("--max-beam", "cap per request"),
         Option("--max-batch", "rows decoded together in one step"),

@@ -44,7 +44,9 @@ def _checked(path: str | Path, kinds: tuple[str, ...]) -> dict[str, Any]:
 class OnnxStepper:
     """An exported language model, one token per call: `read(ids (B, T))` → logits (B, V) and
     a state; `step(ids (B,), state)` → logits and the next state. Logits come back as torch
-    tensors, so scriven's sampling functions apply unchanged.
+    tensors, so scriven's sampling functions apply unchanged. An LSTM's state is a torch (h, c)
+    laid out as `LSTMStepper`'s, (L, B, H) each: the server's continuous batching stacks and
+    selects rows of it along B the same way for both.
 
     A GPT's context is bounded the way `generation.sample_ids` bounds it: when the cache holds
     max_len positions, the newest half of the text is read again into a fresh cache."""
@@ -82,20 +84,20 @@ class OnnxStepper:
             h = np.zeros((self.h_shape[0], b, self.h_shape[1]), np.float32)
             c = np.zeros((self.c_shape[0], b, self.c_shape[1]), np.float32)
         else:
-            h, c = (s.cpu().numpy() for s in state)
+            h, c = _arrays(state)
         if self.prompt_session is not None:
             logits, h, c = self.prompt_session.run(None, {"ids": ids_np, "h": h, "c": c})
         else:  # an LSTM with a projection: no prompt graph, so one step per prompt token
             for t in range(ids_np.shape[1]):
                 logits, h, c = self.step_session.run(None, {"ids": ids_np[:, t], "h": h, "c": c})
-        return torch.from_numpy(logits), (h, c)
+        return torch.from_numpy(logits), (torch.from_numpy(h), torch.from_numpy(c))
 
     def step(self, ids: Tensor, state: Any) -> tuple[Tensor, Any]:
         ids_np = ids.cpu().numpy().astype(np.int64)                          # (B,)
         if self.kind == "lstm":
-            h, c = state
+            h, c = _arrays(state)
             logits, h, c = self.step_session.run(None, {"ids": ids_np, "h": h, "c": c})
-            return torch.from_numpy(logits), (h, c)
+            return torch.from_numpy(logits), (torch.from_numpy(h), torch.from_numpy(c))
         keys, values, history = state
         history = np.concatenate([history, ids_np[:, None]], axis=1)
         if keys.shape[3] >= self.max_len:
@@ -103,6 +105,13 @@ class OnnxStepper:
         logits, keys, values = self.step_session.run(None, {"ids": ids_np[:, None], "keys": keys,
                                                             "values": values})
         return torch.from_numpy(logits), (keys, values, history)
+
+
+def _arrays(state: tuple[Tensor, Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """(h, c) as ONNX Runtime takes them: C-contiguous float32 arrays, whatever layout the
+    tensors that the caller stacked or selected rows of have."""
+    h, c = (np.ascontiguousarray(s.detach().cpu().numpy(), np.float32) for s in state)
+    return h, c
 
 
 def load_lm(path: str | Path, threads: int | None = None) -> tuple[OnnxStepper, Tokenizer]:

@@ -1,4 +1,5 @@
-"""The HTTP server: a FastAPI app over loaded checkpoints, with the playground at `/`.
+"""The HTTP server: a FastAPI app over loaded checkpoints and exports (`scriven.export`), with
+the playground at `/`.
 
     POST /v1/generate    continue a prompt (LSTM language model); "stream": true for
                          server-sent events, one per token
@@ -14,6 +15,12 @@ Parameters are validated by pydantic (422 naming the field, unknown fields refus
 `max_body_bytes` get 413; max tokens, samples, beams and sentences are capped; each request has
 a timeout (504); a full queue gives 429 with `Retry-After`. Model work runs on one worker thread
 per model (see `batching`), never on the event loop; a client that disconnects stops its work.
+
+An export is served through the same routes, decoded by the path `generate` and `translate`
+take for it (`LoadedLM.load`, `translator.loaded_translator`). What its runtime cannot give is
+said, not left empty: an exported translator's "attention" is `{"available": false, "reason":
+...}`, `/v1/models` gives its runtime and `"attention_maps": false`, and `/v1/positions` cannot
+read its own table (422).
 
 A request body is read as JSON whatever its content type (curl's `-d` sends a form type). The
 Host header must name an allowed host (loopback names by default: a web page elsewhere cannot
@@ -46,10 +53,12 @@ from .. import __version__
 from .. import checkpoint as ckpt_io
 from ..config import check, check_float, check_positive_int
 from ..errors import ScrivenError
+from ..export import is_export, read_info
 from ..generation import LM_KINDS, LoadedLM, encode_prompt, prompt_text
+from ..runtimes import CT2Translator
 from ..sampling import validate
 from ..translator import KIND as TRANSLATOR_KIND
-from ..translator import LoadedTranslator
+from ..translator import LoadedTranslator, loaded_translator
 from .batching import (
     GenerationJob,
     GenerationWorker,
@@ -87,33 +96,63 @@ class ServeLimits:
               f"must be at most max_batch ({self.max_batch}), got {self.max_samples}")
 
 
+RUNTIMES = {"onnx": "onnxruntime", "ctranslate2": "ctranslate2"}  # export format -> runtime
+
+
 @dataclass
 class ServedModel:
     name: str
     task: Literal["generate", "translate"]
     kind: str
-    loaded: LoadedLM | LoadedTranslator
+    loaded: LoadedLM | LoadedTranslator | CT2Translator
     worker: GenerationWorker | TranslationWorker
+    export: dict[str, Any] | None = None  # an export's export.json; None for a checkpoint
 
     def describe(self) -> dict[str, Any]:
+        about = {"name": self.name, "task": self.task, "kind": self.kind,
+                 "vocab_size": self.loaded.tokenizer.vocab_size,
+                 "tokenizer": self.loaded.tokenizer.kind,
+                 "attention_maps": self.task == "translate" and self.export is None}
+        if self.export is not None:
+            # The weights sit in the runtime's own files, unread by scriven: no count.
+            return {**about, "runtime": RUNTIMES[self.export["format"]], "parameters": None,
+                    "precision": self.export["quantization"], "config": self.export["model"]}
         model = self.loaded.model
-        return {"name": self.name, "task": self.task, "kind": self.kind,
-                "vocab_size": self.loaded.tokenizer.vocab_size,
-                "tokenizer": self.loaded.tokenizer.kind,
+        return {**about, "runtime": "pytorch",
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "precision": getattr(self.loaded, "precision", "fp32"),
                 "config": getattr(model.config, "__dict__", {})}
 
 
 def _name_for(path: Path) -> str:
+    if is_export(path):
+        return path.resolve().name
     directory = ckpt_io.resolve(path)
     return directory.parent.name if directory.name in ("best", "latest") else directory.name
 
 
+def _kind_of(path: Path) -> tuple[str, dict[str, Any] | None]:
+    """The model kind at `path`, and its export.json if it is an export (checked: a format this
+    scriven reads). A directory that is neither is called that: here an export would do as
+    well as a checkpoint, so "not a checkpoint" alone would mislead."""
+    if is_export(path):
+        info = read_info(path)
+        return info["kind"], info
+    try:
+        ckpt_io.resolve(path)
+    except ScrivenError:
+        if not path.is_dir():
+            raise
+        raise ScrivenError(f"{path}: neither a scriven checkpoint (no config.json) nor an "
+                           "export (no export.json)") from None
+    return ckpt_io.load(path).kind, None
+
+
 def load_models(checkpoints: Sequence[str | Path] | Mapping[str, str | Path], device: str,
                 limits: ServeLimits, precision: str = "fp32") -> dict[str, ServedModel]:
-    """Load each checkpoint and start its worker. Names: the mapping's keys, or "NAME=PATH"
-    items, or the run folder's name (made unique with -2, -3, ...)."""
+    """Load each checkpoint or export and start its worker. Names: the mapping's keys, or
+    "NAME=PATH" items, or the run folder's (or export directory's) name (made unique with -2,
+    -3, ...)."""
     items: list[tuple[str | None, Path]] = []
     if isinstance(checkpoints, Mapping):
         items = [(str(k), Path(v)) for k, v in checkpoints.items()]
@@ -128,19 +167,20 @@ def load_models(checkpoints: Sequence[str | Path] | Mapping[str, str | Path], de
     served: dict[str, ServedModel] = {}
     try:
         for name, path in items:
-            kind = ckpt_io.load(path).kind
+            kind, export = _kind_of(path)
             base = name or _name_for(path)
             unique, n = base, 2
             while unique in served:
                 unique, n = f"{base}-{n}", n + 1
+            # The loaders dispatch an export to its runtime, as `generate`/`translate` do.
             if kind in LM_KINDS:
                 lm = LoadedLM.load(path, device, precision)
                 served[unique] = ServedModel(unique, "generate", kind, lm, GenerationWorker(
-                    lm, limits.max_batch, limits.max_queue, unique))
+                    lm, limits.max_batch, limits.max_queue, unique), export)
             elif kind == TRANSLATOR_KIND:
-                tr = LoadedTranslator.load(path, device)
+                tr = loaded_translator(path, device)
                 served[unique] = ServedModel(unique, "translate", kind, tr, TranslationWorker(
-                    tr, limits.max_batch, limits.max_queue, unique))
+                    tr, limits.max_batch, limits.max_queue, unique), export)
             else:
                 raise ScrivenError(f"checkpoint {path} holds a {kind} model, which cannot be served")
     except BaseException:
@@ -495,7 +535,7 @@ def _add_translation_route(app: FastAPI, served: Mapping[str, ServedModel], limi
         if isinstance(m, JSONResponse):
             return m
         tr = m.loaded
-        assert isinstance(tr, LoadedTranslator)
+        assert isinstance(tr, (LoadedTranslator, CT2Translator))
         texts = [body.text] if isinstance(body.text, str) else list(body.text)
         names = ["text"] if isinstance(body.text, str) else [f"text[{i}]" for i in range(len(texts))]
         if body.max_len is not None and body.max_len > tr.max_len:
@@ -528,6 +568,10 @@ def _add_positions_route(app: FastAPI, served: Mapping[str, ServedModel]) -> Non
             m = _pick(served, model, "translate")
             if isinstance(m, JSONResponse):
                 return m
+            if m.export is not None:
+                return _unprocessable(f"model {model!r} is a {m.export['format']} export, whose "
+                                      "position table stays inside the runtime's files; leave "
+                                      "out model for the formula's table")
             source = m.loaded
         # Up to 512 x 1,024 numbers and their 512 x 512 products: built and serialised in a
         # worker thread, so that streams on the event loop do not stall meanwhile.
@@ -573,8 +617,8 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
                device: str = "auto", limits: ServeLimits | None = None,
                threads: int | None = None, precision: str = "fp32",
                allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> FastAPI:
-    """A FastAPI app serving the given checkpoints (language models and translators; see the
-    module docstring for the routes). `threads` sets torch's intra-op threads (the server's
+    """A FastAPI app serving the given checkpoints and exports (language models and translators;
+    see the module docstring for the routes). `threads` sets torch's intra-op threads (the server's
     workers already run in parallel, one per model); `precision` is how text generators hold
     their weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted
     (default: loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer

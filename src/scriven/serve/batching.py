@@ -18,6 +18,13 @@ has timed out, and drops its sentences. A request with "attention": true whose m
 more than `MAX_ATTENTION_FLOATS` numbers is answered 413 before any decoding, with a detail
 that says so.
 
+An exported translator decodes through `CT2Translator.search_ids`, the path `translate` takes
+for it: CTranslate2 runs a batch to its end with no step hook, so its sentences stream as each
+batch finishes (no token events) and a cancelled request is dropped between batches. It has no
+attention weights: "attention": true answers `{"available": false, "reason": ...}` for each
+sentence instead of maps. An exported LSTM steps through its `OnnxStepper` in the same
+continuous batch as a checkpoint's `LSTMStepper`.
+
 The event loop and a worker talk through a `Ticket`: the worker sends events, collected per
 step and handed to the loop in one call; the loop sets `cancelled` when the client leaves, and
 the worker drops the request at its next step (so does the deadline).
@@ -41,13 +48,13 @@ from torch import Tensor
 from ..errors import ScrivenError
 from ..generation import LoadedLM, next_piece, stop_at
 from ..pairs import pad_sequences
+from ..runtimes import CT2Translator, OnnxStepper
 from ..sampling import penalize_rows, sample_rows
-from ..search import GreedyStep, beam_search, greedy_search
+from ..search import GreedyStep, beam_search, greedy_search, output_limit
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
 from ..translator import (
     CrossAttention,
     LoadedTranslator,
-    default_max_len,
     read_attention,
     translation_text,
 )
@@ -235,8 +242,10 @@ class GenerationWorker(_Worker):
 
     def __init__(self, lm: LoadedLM, max_batch: int = 64, max_queue: int = 1024,
                  name: str = "lm") -> None:
-        if lm.stepper is None:
-            # Rows of an LSTM state stack along the batch; a GPT's caches differ in length.
+        # Rows of an LSTM state stack along the batch; a GPT's caches (checkpoint or export)
+        # differ in length from request to request.
+        exported_gpt = isinstance(lm.stepper, OnnxStepper) and lm.stepper.kind != "lstm"
+        if lm.stepper is None or exported_gpt:
             raise ScrivenError(f"{lm.path}: only LSTM text generators can be served so far "
                                "(continuous batching stacks their state row by row)")
         self.lm = lm
@@ -423,6 +432,10 @@ class _Sentence:
         return self.job.sources[self.index]
 
 
+EXPORT_HAS_NO_ATTENTION = (
+    "this translator is a CTranslate2 export, which does not give attention weights; "
+    "serve its checkpoint to see them")
+
 # Cross-attention numbers one request may ask for (about 10 bytes each in JSON): enough for
 # dozens of long sentences, not for a whole document's maps in one answer.
 MAX_ATTENTION_FLOATS = 2_000_000
@@ -431,10 +444,11 @@ MAX_ATTENTION_FLOATS = 2_000_000
 class TranslationWorker(_Worker):
     """Micro-batching for one translator (see the module docstring)."""
 
-    def __init__(self, translator: LoadedTranslator, max_batch: int = 64,
+    def __init__(self, translator: LoadedTranslator | CT2Translator, max_batch: int = 64,
                  max_queue: int = 1024, name: str = "translator",
                  max_attention_floats: int = MAX_ATTENTION_FLOATS) -> None:
         self.tr = translator
+        self.exported = isinstance(translator, CT2Translator)
         self.max_attention_floats = max_attention_floats
         self.max_batch = max_batch
         self.running: list[TranslationJob] = []
@@ -450,7 +464,19 @@ class TranslationWorker(_Worker):
         return {"batches": self.batches, "peak_batch": self.peak_batch}
 
     def _limit(self, sentence: _Sentence) -> int:
-        return sentence.job.max_len or default_max_len(self.tr.model, len(sentence.src))
+        return sentence.job.max_len or output_limit(self.tr.max_len, len(sentence.src))
+
+    def _group(self, sentence: _Sentence) -> tuple:
+        """Sentences with equal keys decode together. Beam search needs one length limit per
+        batch (greedy rows each keep their own), so every sentence gets what `translate`
+        gives it; an export's search takes one `max_len` (or none) per call, as `translate`
+        passes it."""
+        job = sentence.job
+        if self.exported:
+            return ("export", job.beam, job.n_best, job.length_penalty, job.max_len)
+        if job.beam == 1:
+            return (1,)
+        return (job.beam, job.n_best, job.length_penalty, self._limit(sentence))
 
     def _step(self) -> None:
         jobs = self._take(True, 4 * self.max_batch, lambda job: len(job.sources))
@@ -459,7 +485,8 @@ class TranslationWorker(_Worker):
             if reason:
                 self.outbox.put(job.ticket, "error", _stop_error(reason))
                 continue
-            if job.attention and self._attention_floats(job) > self.max_attention_floats:
+            if (job.attention and not self.exported
+                    and self._attention_floats(job) > self.max_attention_floats):
                 self.outbox.put(job.ticket, "error", {"status": 413, "detail": (
                     f"the attention maps asked for could hold up to "
                     f"{self._attention_floats(job):,} numbers, over this server's limit of "
@@ -469,15 +496,11 @@ class TranslationWorker(_Worker):
             job.started = time.monotonic()
             job.results = [None] * len(job.sources)
             self.running.append(job)
-        # Same search settings decode together; beam search also needs the same length limit
-        # (greedy rows each keep their own), so every sentence gets what `translate` gives it.
         groups: dict[tuple, list[_Sentence]] = defaultdict(list)
         for job in self.running:
             for i in range(len(job.sources)):
                 s = _Sentence(job, i)
-                key = (1,) if job.beam == 1 else (job.beam, job.n_best, job.length_penalty,
-                                                  self._limit(s))
-                groups[key].append(s)
+                groups[self._group(s)].append(s)
         for key, sentences in groups.items():
             sentences.sort(key=lambda s: len(s.src))
             for start in range(0, len(sentences), self.max_batch):
@@ -486,7 +509,9 @@ class TranslationWorker(_Worker):
                 if not chunk:
                     continue
                 self.peak_batch = max(self.peak_batch, len(chunk))
-                if key[0] == 1:
+                if key[0] == "export":
+                    self._exported(chunk, *key[1:])
+                elif key[0] == 1:
                     self._greedy(chunk)
                 else:
                     self._beam(chunk, *key)
@@ -533,6 +558,15 @@ class TranslationWorker(_Worker):
             if hyps and not sentence.job.ticket.stopped():
                 self._done(sentence, hyps)
 
+    def _exported(self, chunk: list[_Sentence], beam: int, n_best: int, length_penalty: float,
+                  max_len: int | None) -> None:
+        """The export's own search (`CT2Translator.search_ids`), as `translate` runs it."""
+        found = self.tr.search_ids([s.src for s in chunk], beam, n_best, length_penalty, max_len,
+                                   batch_size=len(chunk))
+        for sentence, hyps in zip(chunk, found):
+            if not sentence.job.ticket.stopped():
+                self._done(sentence, hyps)
+
     def _done(self, sentence: _Sentence, hyps: list[tuple[list[int], float | None]]) -> None:
         job, tok = sentence.job, self.tr.tokenizer
         ids = hyps[0][0]
@@ -556,10 +590,14 @@ class TranslationWorker(_Worker):
 
     def _attention(self, src: list[int], ids: list[int]) -> dict[str, Any]:
         """Cross-attention of the model reading its own output, as `translator.attention`
-        gives it, rounded to 4 decimals (the JSON stays about half as long)."""
+        gives it, rounded to 4 decimals (the JSON stays about half as long). `available`
+        says whether there are maps: an export has none, and an empty list would read as a
+        model that attended to nothing."""
+        if self.exported:
+            return {"available": False, "reason": EXPORT_HAS_NO_ATTENTION}
         found = CrossAttention.of(read_attention(self.tr, src, ids))
         found.cross = (found.cross * 1e4).round() / 1e4
-        return found.to_dict()
+        return {"available": True, **found.to_dict()}
 
     def _attention_floats(self, job: TranslationJob) -> int:
         """The most numbers the job's cross-attention maps can hold: layers × heads × source

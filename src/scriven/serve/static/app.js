@@ -66,7 +66,10 @@ function fillModels(select, models, task) {
   for (const m of models.filter((x) => x.task === task)) {
     const option = document.createElement("option");
     option.value = m.name;
-    option.textContent = `${m.name} (${m.kind}, ${m.parameters.toLocaleString()} parameters)`;
+    // An export's weights live in its runtime's files: it says which runtime, not a count.
+    const size = m.parameters === null ? `${m.runtime} export`
+      : `${m.parameters.toLocaleString()} parameters`;
+    option.textContent = `${m.name} (${m.kind}, ${size})`;
     select.append(option);
   }
   return select.options.length > 0;
@@ -79,7 +82,8 @@ async function loadModels() {
     const { models } = await response.json();
     const hasLM = fillModels($("gen-model"), models, "generate");
     const hasTranslator = fillModels($("tr-model"), models, "translate");
-    for (const m of models.filter((x) => x.task === "translate")) {
+    // An export's own position table stays inside its runtime: only checkpoints offer theirs.
+    for (const m of models.filter((x) => x.task === "translate" && x.runtime === "pytorch")) {
       const option = document.createElement("option");
       option.value = m.name;
       option.textContent = `${m.name}'s own table`;
@@ -234,7 +238,8 @@ async function translate(event) {
         out.textContent = data.text;
       } else if (kind === "translation") {
         out.textContent = data.text || "(empty translation)";
-        if (data.attention) showAttention(data.attention);
+        if (data.attention && data.attention.available) showAttention(data.attention);
+        else if (data.attention) $("tr-error").textContent = data.attention.reason;
       } else if (kind === "done") {
         const seconds = (performance.now() - started) / 1000;
         $("tr-stats").textContent = `Translated in ${seconds.toFixed(2)} s with ` +
