@@ -37,6 +37,7 @@ from scriven.lm import LMTask, LMTrainConfig, _cut_text, train_lm
 from scriven.models.gpt import GPT, GPTConfig
 from scriven.tokenizers import CharTokenizer
 from scriven.train import CheckpointSpec, TrainResult, fit
+from scriven.translation import evaluate_translation, train_translate
 
 # nanoGPT's README, "I only have a macbook" (CPU): config/train_shakespeare_char.py with
 # --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
@@ -67,11 +68,17 @@ def arm(result: TrainResult, run: Path, config: dict) -> dict:
             "best_bits_per_char": min(b for _, b in points), "curve": points, "config": config}
 
 
-def scriven_default(minutes: float, workdir: Path) -> dict:
-    run = workdir / "scriven"
-    result = train_lm("anna", run, model="gpt", tokenizer="char", minutes=minutes, progress=False)
-    saved = json.loads((run / "latest" / "config.json").read_text(encoding="utf-8"))
-    return arm(result, run, {"model": saved["model"], "train": saved["train"]})
+def scriven_arm(model: str, preset: str):
+    """What `scriven train lm anna --model MODEL --tokenizer char --preset PRESET --minutes M`
+    trains, with everything else at its defaults."""
+    def run_arm(minutes: float, workdir: Path) -> dict:
+        run = workdir / f"{model}_{preset}"
+        result = train_lm("anna", run, preset=preset, model=model, tokenizer="char",
+                          minutes=minutes, progress=False)
+        saved = json.loads((run / "latest" / "config.json").read_text(encoding="utf-8"))
+        return arm(result, run, {key: saved[key] for key in ("model", "train", "sizing")
+                                 if key in saved})
+    return run_arm
 
 
 def reference(minutes: float, workdir: Path) -> dict:
@@ -92,12 +99,68 @@ def reference(minutes: float, workdir: Path) -> dict:
     return arm(result, run, {"model": asdict(model_config), "train": asdict(config)})
 
 
+# JoeyNMT's Transformer recipe for small data (configs/transformer_*.yaml, "Joey NMT" docs):
+# 3+3 pre-norm layers, d_model 256, 4 heads, feed-forward 1,024, dropout 0.1, tied embeddings,
+# label smoothing 0.1, batches of 2,048 tokens, Adam betas (0.9, 0.98), lr 1e-3 with 500 warmup
+# steps then inverse-square-root decay. scriven's default preset has the same sizes, so only the
+# training recipe differs.
+JOEYNMT_TRAIN = dict(max_tokens=2048, lr=1e-3, warmup_steps=500, schedule="inverse_sqrt",
+                     label_smoothing=0.1)
+
+
+def translator_arm(name: str, **recipe):
+    def run_arm(minutes: float, workdir: Path) -> dict:
+        run = workdir / name
+        result = train_translate("eng-fra", run, minutes=minutes, progress=False, **recipe)
+        scores = evaluate_translation(run / "best", "eng-fra", beam=4, split="test")
+        saved = json.loads((run / "latest" / "config.json").read_text(encoding="utf-8"))
+        return {"steps": result.steps, "minutes": round(result.elapsed / 60, 2),
+                "target_tokens_per_s": round(result.tokens_per_second),
+                "valid_bleu_greedy": round(result.best, 2) if result.best is not None else None,
+                "test_bleu_beam4": round(scores["bleu"], 2),
+                "test_chrf_beam4": round(scores["chrf"], 2), "test_pairs": scores.get("pairs"),
+                "config": {"model": saved["model"], "train": saved["train"]}}
+    return run_arm
+
+
+ARMS = {
+    "gpt_default": scriven_arm("gpt", "default"),
+    "gpt_auto": scriven_arm("gpt", "auto"),
+    "lstm_default": scriven_arm("lstm", "default"),
+    "lstm_auto": scriven_arm("lstm", "auto"),
+    "reference": reference,
+    "translate_default": translator_arm("translate_default"),
+    "translate_joeynmt": translator_arm("translate_joeynmt", **JOEYNMT_TRAIN),
+}
+
+
+def compare(arms: dict) -> dict:
+    """Each scriven arm against its reference: bits/char (negative: scriven lower) and BLEU."""
+    out = {}
+    ref = arms.get("reference")
+    for name, a in arms.items():
+        if ref and "final_bits_per_char" in a and name != "reference":
+            diff = a["final_bits_per_char"] - ref["final_bits_per_char"]
+            out[f"{name}_vs_nanogpt_recipe"] = {
+                "bits_per_char": round(diff, 4),
+                "percent": round(100 * diff / ref["final_bits_per_char"], 1),
+                "target_5_percent_fewer": diff <= -0.05 * ref["final_bits_per_char"]}
+    joey, ours = arms.get("translate_joeynmt"), arms.get("translate_default")
+    if joey and ours:
+        out["translate_default_vs_joeynmt_recipe"] = {
+            "test_bleu_beam4": round(ours["test_bleu_beam4"] - joey["test_bleu_beam4"], 2),
+            "target_3_bleu_above": ours["test_bleu_beam4"] - joey["test_bleu_beam4"] >= 3,
+            "target_test_bleu_32": ours["test_bleu_beam4"] >= 32}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="each arm's training budget")
     ap.add_argument("--quick", action="store_true", help="half a minute each: a smoke run")
     ap.add_argument("--out", default=None, help="where to keep the runs (default: a temp dir)")
-    ap.add_argument("--arms", default="scriven_default,reference", help="which arms to run")
+    ap.add_argument("--arms", default="gpt_default,gpt_auto,lstm_default,lstm_auto,reference",
+                    help=f"which arms to run, in order: {', '.join(ARMS)}")
     add_profile_argument(ap)
     args = ap.parse_args()
     enter_profile(args)
@@ -108,15 +171,13 @@ def main() -> None:
                      "data": {"text": "anna", "tokenizer": "char",
                               "split": "position 90/5/5 (train, valid, test)"}, "arms": {}}
     for name in args.arms.split(","):
-        runner = {"scriven_default": scriven_default, "reference": reference}.get(name)
-        if runner is None:
-            ap.error(f"unknown arm {name!r}: scriven_default or reference")
+        if name not in ARMS:
+            ap.error(f"unknown arm {name!r}: one of {', '.join(ARMS)}")
+    for name in args.arms.split(","):
         print(f"[{name}] {minutes:g} minutes ...", file=sys.stderr, flush=True)
-        summary["arms"][name] = runner(minutes, workdir)
-    arms = summary["arms"]
-    if len(arms) == 2:  # negative: scriven's default ends below the reference
-        summary["scriven_minus_reference_bits_per_char"] = round(
-            arms["scriven_default"]["final_bits_per_char"] - arms["reference"]["final_bits_per_char"], 4)
+        summary["arms"][name] = ARMS[name](minutes, workdir)
+        print(json.dumps({name: summary["arms"][name]}), file=sys.stderr, flush=True)
+    summary["comparisons"] = compare(summary["arms"])
     print(json.dumps(summary, indent=2))
 
 

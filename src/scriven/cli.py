@@ -326,6 +326,9 @@ _TRAINING = (
                              "plan)"),
     Option("--warmup-fraction", "warmup as a fraction of the planned steps; a --minutes run "
                                 "plans its steps from its speed in its first steps"),
+    Option("--schedule", "learning rate after warmup: cosine decay over the plan, inverse "
+                         "square root of the step, or constant",
+           choices=("cosine", "inverse_sqrt", "constant")),
     Option("--eval-every", "steps between validations (default: --evals-per-run over the plan)"),
     Option("--evals-per-run", "validations spread over the planned steps (text generators 10, "
                               "translators 5)"),
