@@ -68,10 +68,9 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
                                     ("bias", _p), ("keep", _f), ("spread", _f), ("scale", _f),
                                     ("loss", _p), ("bias_grad", _p), ("scratch", _p),
                                     ("threads", _i)]),
-    "scriven_dropout": (None, [("x", _p), ("residual", _p), ("out", _p), ("n", _i64),
-                               ("is_bf16", _i), ("relu", _i), ("threshold", _u32),
-                               ("scale", _f), ("seed_a", _u32), ("seed_b", _u32),
-                               ("threads", _i)]),
+    "scriven_dropout": (None, [("x", _p), ("out", _p), ("n", _i64), ("is_bf16", _i),
+                               ("threshold", _u32), ("scale", _f), ("seed_a", _u32),
+                               ("seed_b", _u32), ("threads", _i)]),
     "scriven_layer_norm_fwd": (None, [("x", _p), ("gamma", _p), ("beta", _p), ("y", _p),
                                       ("mean", _p), ("rstd", _p), ("N", _i64), ("D", _i),
                                       ("eps", _f), ("is_bf16", _i), ("threads", _i)]),
@@ -467,8 +466,8 @@ def dropout(x: Tensor, threshold: int, scale: float, seed_a: int, seed_b: int) -
     _cpu_tensor(x, "x", _FLOATS)
     _require(x.numel() < 2**32, "the mask hash counts elements in 32 bits")
     out = torch.empty_like(x)
-    _lib().scriven_dropout(_ptr(x), None, _ptr(out), x.numel(), int(x.dtype == torch.bfloat16),
-                           0, threshold, scale, seed_a, seed_b, torch.get_num_threads())
+    _lib().scriven_dropout(_ptr(x), _ptr(out), x.numel(), int(x.dtype == torch.bfloat16),
+                           threshold, scale, seed_a, seed_b, torch.get_num_threads())
     return out
 
 
