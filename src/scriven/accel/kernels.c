@@ -345,14 +345,6 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
     }
 }
 
-/* torch.topk(x (B, V), k) (up to the order of ties). */
-void scriven_topk(const float *x, int B, int V, int k, float *values, int64_t *indices, int threads) {
-    if (k < 1 || k > 64 || k > V) return;  /* the binding refuses these first */
-    #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
-    for (int b = 0; b < B; b++)
-        topk_row(x + (size_t)b * V, V, k, values + (size_t)b * k, indices + (size_t)b * k);
-}
-
 /* Top-k sampling at a temperature, one token per row of x (B, V), as sampling.py does it: the
  * k best logits, softmax of them / temperature, then the first index whose running total
  * passes uniform[b] · total. Writes the token ids (B,) and their probabilities (B,). */

@@ -59,8 +59,6 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
                                      ("V", _i), ("table", _p), ("vocab", _i), ("ids", _p),
                                      ("h", _p), ("c", _p), ("B", _i), ("h_out", _p),
                                      ("c_out", _p), ("logits", _p), ("threads", _i)]),
-    "scriven_topk": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _i), ("values", _p),
-                            ("indices", _p), ("threads", _i)]),
     "scriven_sample_top_k": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _i),
                                     ("temperature", _f), ("uniform", _p), ("ids", _p),
                                     ("probs", _p), ("threads", _i)]),
@@ -400,17 +398,6 @@ def _check_top_k(logits: Tensor, k: int) -> None:
         return
     _require(logits.dim() == 2, f"logits must be (B, V), got {tuple(logits.shape)}")
     _require(False, f"top-k takes 1 <= k <= {min(MAX_TOP_K, logits.size(1))}, got {k}")
-
-
-def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """torch.topk(logits (B, V) float32 on the CPU, k) for k ≤ MAX_TOP_K, in one pass per row."""
-    logits = logits.contiguous()
-    _check_top_k(logits, k)
-    b, v = logits.shape
-    values, indices = torch.empty(b, k), torch.empty(b, k, dtype=torch.long)
-    _lib().scriven_topk(_ptr(logits), b, v, k, _ptr(values), _ptr(indices),
-                        torch.get_num_threads())
-    return values, indices
 
 
 def sample_top_k(logits: Tensor, k: int, temperature: float,
