@@ -85,15 +85,20 @@ def test_whole_int8_step_matches_the_stepper_without_kernels(monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows, vocab, k", [(1, 12157, 10), (5, 33, 33), (4, 1000, 1), (64, 500, 64)])
-def test_top_k_equals_torch_topk(rows, vocab, k):
-    x = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(k))
+@pytest.mark.parametrize("rows, vocab, k", [(1, 12157, 10), (5, 33, 32), (4, 1000, 1), (64, 500, 64)])
+def test_native_top_k_sampling_at_the_edges_draws_what_the_pytorch_sampler_draws(rows, vocab, k):
+    """Row tails shorter than 16, k of 1, k one short of V, the largest k, -inf logits kept.
+    (At k = V PyTorch's sampler does not filter, so it walks the ids in another order.)"""
+    from scriven.sampling import sample_shared
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(rows, vocab, generator=g) * 3
     x[0, ::3] = float("-inf")
-    values, ids = native.top_k(x, k)
-    ref_values, ref_ids = torch.topk(x, k)
-    assert torch.equal(values, ref_values)
-    finite = ref_values > float("-inf")  # ties at -inf may come in any order
-    assert torch.equal(ids[finite], ref_ids[finite])
+    u = torch.rand(rows, generator=g)
+    ids, probs = native.sample_top_k(x, k, 0.7, u)
+    ref_ids, ref_probs, _ = sample_shared(x, 0.7, k, None, u)
+    assert torch.equal(ids, ref_ids)
+    assert torch.allclose(probs, ref_probs, atol=1e-6)
 
 
 def test_disabled_by_environment(monkeypatch, fresh_library):
@@ -183,9 +188,9 @@ def test_the_kernels_compile_without_warnings(tmp_path):
 
 @needs_kernels
 @pytest.mark.parametrize("call", [
-    lambda: native.top_k(torch.randn(2, 100), 0),
-    lambda: native.top_k(torch.randn(2, 10), 11),
-    lambda: native.top_k(torch.randn(2, 100).double(), 5),
+    lambda: native.sample_top_k(torch.randn(2, 100), 0, 1.0, torch.rand(2)),
+    lambda: native.sample_top_k(torch.randn(2, 10), 11, 1.0, torch.rand(2)),
+    lambda: native.sample_top_k(torch.randn(2, 100).double(), 5, 1.0, torch.rand(2)),
     lambda: native.layer_norm_forward(torch.randn(3, 2048), torch.ones(2048), torch.zeros(2048),
                                       1e-5),
     lambda: native.layer_norm_forward(torch.randn(3, 32).t(), torch.ones(3), torch.zeros(3), 1e-5),
@@ -216,6 +221,12 @@ def test_native_top_k_sampling_draws_what_the_pytorch_sampler_draws():
         assert torch.allclose(probs, ref_probs, atol=1e-6)
     assert accel.sample_top_k(x, 65, 0.7, u) is None  # more than the kernel keeps
     assert accel.sample_top_k(x.double(), 10, 0.7, u) is None
+    # k at the vocabulary size cuts nothing: the PyTorch sampler walks ids, so the kernel
+    # declines rather than draw other tokens from the same numbers.
+    small = x[:, :40].contiguous()
+    assert accel.sample_top_k(small, 40, 0.7, u) is None
+    ids, _ = accel.sample_top_k(small, 39, 0.7, u)
+    assert torch.equal(ids, sample_shared(small, 0.7, 39, None, u)[0])
 
 
 @needs_kernels

@@ -449,6 +449,39 @@ def test_cli_serve_reports_a_bad_checkpoint_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "missing" in err and "Traceback" not in err
 
 
+def test_create_app_leaves_torch_threads_alone(models):
+    before = torch.get_num_threads()
+    torch.set_num_threads(before + 1)  # not the fixture's 1, so a reset to a default shows
+    try:
+        app = create_app({"lm": models[0]}, device="cpu")
+        with TestClient(app, base_url="http://127.0.0.1") as c:
+            assert c.post("/v1/generate", json={"prompt": "anna said", "max_new_tokens": 2,
+                                                "seed": 0}).status_code == 200
+        assert torch.get_num_threads() == before + 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cli_serve_threads_set_torch_threads_before_the_app(monkeypatch, capsys):
+    from scriven import cli
+    from scriven.serve import app as app_module
+    seen = {}
+
+    def stop(*args):
+        seen["threads"] = torch.get_num_threads()
+        raise ScrivenError("stop here")
+
+    monkeypatch.setattr(app_module, "create_app", stop)
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["serve", "x", "--threads", str(before + 1)]) == 2
+        assert seen["threads"] == before + 1
+    finally:
+        torch.set_num_threads(before)
+    assert cli.main(["serve", "x", "--threads", "0"]) == 2
+    assert "threads" in capsys.readouterr().err and torch.get_num_threads() == before
+
+
 def test_limits_are_validated():
     with pytest.raises(ScrivenError, match="max_batch"):
         ServeLimits(max_batch=0)

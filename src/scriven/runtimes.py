@@ -18,7 +18,7 @@ from torch import Tensor
 from .errors import ScrivenError
 from .export import read_info, require
 from .pairs import encode_sources
-from .search import output_limit
+from .search import length_batches, output_limit
 from .tokenizers import BOS, EOS, UNK_ID, Tokenizer, load_tokenizer
 
 
@@ -159,17 +159,9 @@ class CT2Translator:
         where scriven uses GNMT's ((5 + length) / 6)^length_penalty; with length_penalty 0 both
         rank by plain log-probability."""
         limit_of = [max_len or output_limit(self.max_len, len(s)) for s in sources]
-        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-        batches: list[list[int]] = []
-        for i in order:
-            if (batches and len(batches[-1]) < batch_size
-                    and (beam == 1 or limit_of[batches[-1][0]] == limit_of[i])):
-                batches[-1].append(i)
-            else:
-                batches.append([i])
         tok = self.tokenizer
         results: list[list[tuple[list[int], float | None]]] = [[] for _ in sources]
-        for rows in batches:
+        for rows in length_batches(sources, limit_of, beam, batch_size):
             tokens = [[tok.id_to_token(t) for t in sources[i]] for i in rows]
             limit = max(limit_of[i] for i in rows)
             found = self.translator.translate_batch(

@@ -28,6 +28,21 @@ def output_limit(max_len: int, source_len: int) -> int:
     return min(max_len, -(-(2 * source_len + 10) // 8) * 8)
 
 
+def length_batches(sources: Sequence[Sequence[int]], limits: Sequence[int], beam: int,
+                   batch_size: int) -> list[list[int]]:
+    """Indices of `sources` sorted by length into batches of at most `batch_size` (little
+    padding). Beam search's result depends on the output limit, so for beam > 1 a batch only
+    holds sources that share one (`limits`, one per source); greedy batches mix them."""
+    batches: list[list[int]] = []
+    for i in sorted(range(len(sources)), key=lambda i: len(sources[i])):
+        if (batches and len(batches[-1]) < batch_size
+                and (beam == 1 or limits[batches[-1][0]] == limits[i])):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @contextlib.contextmanager
 def _eval_mode(model: Transformer) -> Iterator[None]:
     was_training = model.training

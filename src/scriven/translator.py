@@ -25,7 +25,7 @@ from .pairs import (
     encode_sources,
     pad_sequences,
 )
-from .search import beam_search, greedy_search, output_limit
+from .search import beam_search, greedy_search, length_batches, output_limit
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 (KIND,) = kinds_for("translate")  # the checkpoint kind a translator is saved as
@@ -51,17 +51,9 @@ def search_ids(model: Transformer, sources: Sequence[Sequence[int]], beam: int =
     Each sentence gets what it would get alone: greedy stops each sentence at its own limit;
     beam search, whose result depends on the limit, only batches sentences that share one."""
     device = next(model.parameters()).device
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     limits = [max_len or default_max_len(model, len(s)) for s in sources]
-    batches: list[list[int]] = []
-    for i in order:
-        if (batches and len(batches[-1]) < batch_size
-                and (beam == 1 or limits[batches[-1][0]] == limits[i])):
-            batches[-1].append(i)
-        else:
-            batches.append([i])
     results: list[Hypotheses] = [[] for _ in sources]
-    for rows in batches:
+    for rows in length_batches(sources, limits, beam, batch_size):
         src = pad_sequences([sources[i] for i in rows], PAD_ID).to(device)  # (B, S)
         limit = limits[rows[0]]  # beam batches share it
         if beam == 1:

@@ -103,10 +103,12 @@ def sample_top_k(logits: torch.Tensor, k: int, temperature: float,
                  uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Top-k sampling in one pass over each row on the native kernel: the ids and probabilities
     `sampling.sample_shared` draws from the same uniform numbers, or None where the kernel does
-    not apply (no kernels, not float32 on the CPU, k over `native.MAX_TOP_K`)."""
+    not apply (no kernels, not float32 on the CPU, k over `native.MAX_TOP_K`). With k at the
+    vocabulary size nothing is cut, and `sample_shared` then walks the tokens by id rather than
+    by rank: the kernel declines, so a seed picks the same tokens with and without it."""
     if (native.library() is None or logits.device.type != "cpu" or logits.dim() != 2
-            or logits.dtype != torch.float32 or not 0 < k <= min(native.MAX_TOP_K, logits.size(1))
-            or temperature <= 0):
+            or logits.dtype != torch.float32 or not 0 < k <= native.MAX_TOP_K
+            or k >= logits.size(1) or temperature <= 0):
         return None
     return native.sample_top_k(logits, k, temperature, uniform)
 

@@ -345,14 +345,6 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
     }
 }
 
-/* torch.topk(x (B, V), k) (up to the order of ties). */
-void scriven_topk(const float *x, int B, int V, int k, float *values, int64_t *indices, int threads) {
-    if (k < 1 || k > 64 || k > V) return;  /* the binding refuses these first */
-    #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
-    for (int b = 0; b < B; b++)
-        topk_row(x + (size_t)b * V, V, k, values + (size_t)b * k, indices + (size_t)b * k);
-}
-
 /* Top-k sampling at a temperature, one token per row of x (B, V), as sampling.py does it: the
  * k best logits, softmax of them / temperature, then the first index whose running total
  * passes uniform[b] · total. Writes the token ids (B,) and their probabilities (B,). */
@@ -549,12 +541,11 @@ static inline void store1(void *p, int64_t i, float x, int bf16) {
     else ((float *)p)[i] = x;
 }
 
-/* out[i] = residual[i] + (kept(i) ? f(x[i]) · scale : 0), f = relu when `relu` else identity,
- * no residual when it is NULL; n bf16 (is_bf16) or float values, summed in float and rounded
- * once. x and out may be the same. threshold = p · 2^32 (elements with hash < threshold drop). */
-void scriven_dropout(const void *x, const void *residual, void *out, int64_t n, int is_bf16,
-                     int relu, uint32_t threshold, float scale, uint32_t seed_a, uint32_t seed_b,
-                     int threads) {
+/* out[i] = kept(i) ? x[i] · scale : 0, for n bf16 (is_bf16) or float values, computed in float
+ * and rounded once. x and out may be the same. threshold = p · 2^32 (elements with hash <
+ * threshold drop). */
+void scriven_dropout(const void *x, void *out, int64_t n, int is_bf16, uint32_t threshold,
+                     float scale, uint32_t seed_a, uint32_t seed_b, int threads) {
     const int64_t blocks = (n + 15) / 16;
     const __m512i steps = drop_steps(seed_b);
     #pragma omp parallel for schedule(static) num_threads(n >= (1 << 16) ? threads : 1)
@@ -562,19 +553,12 @@ void scriven_dropout(const void *x, const void *residual, void *out, int64_t n, 
         const int64_t i = blk * 16;
         if (i + 16 <= n) {
             const __mmask16 keep = drop_kept16(i, steps, threshold, seed_a, seed_b);
-            __m512 v = load16(x, i, is_bf16);
-            if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-            v = _mm512_maskz_mul_ps(keep, v, _mm512_set1_ps(scale));
-            if (residual) v = _mm512_add_ps(v, load16(residual, i, is_bf16));
-            store16(out, i, v, is_bf16);
+            store16(out, i, _mm512_maskz_mul_ps(keep, load16(x, i, is_bf16), _mm512_set1_ps(scale)),
+                    is_bf16);
         } else {
-            for (int64_t j = i; j < n; j++) {
-                float v = load1(x, j, is_bf16);
-                if (relu && !(v > 0.0f)) v = 0.0f;
-                v = drop_kept(j, threshold, seed_a, seed_b) ? v * scale : 0.0f;
-                if (residual) v += load1(residual, j, is_bf16);
-                store1(out, j, v, is_bf16);
-            }
+            for (int64_t j = i; j < n; j++)
+                store1(out, j, drop_kept(j, threshold, seed_a, seed_b) ? load1(x, j, is_bf16) * scale
+                                                                        : 0.0f, is_bf16);
         }
     }
 }

@@ -59,8 +59,6 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
                                      ("V", _i), ("table", _p), ("vocab", _i), ("ids", _p),
                                      ("h", _p), ("c", _p), ("B", _i), ("h_out", _p),
                                      ("c_out", _p), ("logits", _p), ("threads", _i)]),
-    "scriven_topk": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _i), ("values", _p),
-                            ("indices", _p), ("threads", _i)]),
     "scriven_sample_top_k": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _i),
                                     ("temperature", _f), ("uniform", _p), ("ids", _p),
                                     ("probs", _p), ("threads", _i)]),
@@ -68,10 +66,9 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
                                     ("bias", _p), ("keep", _f), ("spread", _f), ("scale", _f),
                                     ("loss", _p), ("bias_grad", _p), ("scratch", _p),
                                     ("threads", _i)]),
-    "scriven_dropout": (None, [("x", _p), ("residual", _p), ("out", _p), ("n", _i64),
-                               ("is_bf16", _i), ("relu", _i), ("threshold", _u32),
-                               ("scale", _f), ("seed_a", _u32), ("seed_b", _u32),
-                               ("threads", _i)]),
+    "scriven_dropout": (None, [("x", _p), ("out", _p), ("n", _i64), ("is_bf16", _i),
+                               ("threshold", _u32), ("scale", _f), ("seed_a", _u32),
+                               ("seed_b", _u32), ("threads", _i)]),
     "scriven_layer_norm_fwd": (None, [("x", _p), ("gamma", _p), ("beta", _p), ("y", _p),
                                       ("mean", _p), ("rstd", _p), ("N", _i64), ("D", _i),
                                       ("eps", _f), ("is_bf16", _i), ("threads", _i)]),
@@ -403,17 +400,6 @@ def _check_top_k(logits: Tensor, k: int) -> None:
     _require(False, f"top-k takes 1 <= k <= {min(MAX_TOP_K, logits.size(1))}, got {k}")
 
 
-def top_k(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """torch.topk(logits (B, V) float32 on the CPU, k) for k ≤ MAX_TOP_K, in one pass per row."""
-    logits = logits.contiguous()
-    _check_top_k(logits, k)
-    b, v = logits.shape
-    values, indices = torch.empty(b, k), torch.empty(b, k, dtype=torch.long)
-    _lib().scriven_topk(_ptr(logits), b, v, k, _ptr(values), _ptr(indices),
-                        torch.get_num_threads())
-    return values, indices
-
-
 def sample_top_k(logits: Tensor, k: int, temperature: float,
                  uniform: Tensor) -> tuple[Tensor, Tensor]:
     """Top-k sampling of logits (B, V) float32 on the CPU at `temperature` > 0, k ≤ MAX_TOP_K,
@@ -467,8 +453,8 @@ def dropout(x: Tensor, threshold: int, scale: float, seed_a: int, seed_b: int) -
     _cpu_tensor(x, "x", _FLOATS)
     _require(x.numel() < 2**32, "the mask hash counts elements in 32 bits")
     out = torch.empty_like(x)
-    _lib().scriven_dropout(_ptr(x), None, _ptr(out), x.numel(), int(x.dtype == torch.bfloat16),
-                           0, threshold, scale, seed_a, seed_b, torch.get_num_threads())
+    _lib().scriven_dropout(_ptr(x), _ptr(out), x.numel(), int(x.dtype == torch.bfloat16),
+                           threshold, scale, seed_a, seed_b, torch.get_num_threads())
     return out
 
 

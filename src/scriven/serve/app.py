@@ -607,25 +607,18 @@ def _checked_hosts(allowed_hosts: Sequence[str] | None, api_key: str | None) -> 
     return hosts
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        check_positive_int(threads, "threads")
-        torch.set_num_threads(threads)
-
-
 def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
                device: str = "auto", limits: ServeLimits | None = None,
-               threads: int | None = None, precision: str = "fp32",
-               allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> FastAPI:
+               precision: str = "fp32", allowed_hosts: Sequence[str] | None = None,
+               api_key: str | None = None) -> FastAPI:
     """A FastAPI app serving the given checkpoints and exports (language models and translators;
-    see the module docstring for the routes). `threads` sets torch's intra-op threads (the server's
-    workers already run in parallel, one per model); `precision` is how text generators hold
-    their weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted
-    (default: loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer
-    token on the `/v1/` routes. Loading happens now; the workers stop when the app shuts down."""
+    see the module docstring for the routes). `precision` is how text generators hold their
+    weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted (default:
+    loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer token on the
+    `/v1/` routes. Loading happens now; the workers stop when the app shuts down. It changes no
+    process-wide setting (torch's thread count is the caller's: see `serve`)."""
     limits = limits or ServeLimits()
     hosts = _checked_hosts(allowed_hosts, api_key)
-    _set_threads(threads)
     served = load_models(checkpoints, device, limits, precision)
     GenerateRequest, TranslateRequest = _request_models(limits)
 
@@ -653,18 +646,23 @@ def serve(checkpoints: Sequence[str | Path], host: str = "127.0.0.1", port: int 
           device: str = "auto", limits: ServeLimits | None = None, threads: int | None = None,
           log_level: str = "warning", precision: str = "fp32",
           allowed_hosts: Sequence[str] | None = None, api_key: str | None = None) -> None:
-    """Run the server until interrupted (Ctrl-C). `allowed_hosts` defaults to the loopback
-    names plus `host` when that is one address; `api_key` defaults to $SCRIVEN_API_KEY."""
+    """Run the server until interrupted (Ctrl-C). `threads` sets torch's intra-op threads for
+    this process (the server's workers already run in parallel, one per model). `allowed_hosts`
+    defaults to the loopback names plus `host` when that is one address; `api_key` defaults to
+    $SCRIVEN_API_KEY."""
     import uvicorn
     check_positive_int(port, "port", allow_zero=True)
     check(port < 65536, "port", f"must be below 65536, got {port}")
+    if threads is not None:  # process-wide, so set here where the process starts
+        check_positive_int(threads, "threads")
+        torch.set_num_threads(threads)
     if allowed_hosts is None:
         allowed_hosts = list(LOOPBACK_HOSTS)
         if host not in ("0.0.0.0", "::", ""):
             allowed_hosts.append(host)
     if api_key is None:
         api_key = os.environ.get("SCRIVEN_API_KEY") or None
-    app = create_app(checkpoints, device, limits, threads, precision, allowed_hosts, api_key)
+    app = create_app(checkpoints, device, limits, precision, allowed_hosts, api_key)
     shown = f"[{host}]" if ":" in host else host
     print(f"scriven serving {', '.join(app.state.models)} on http://{shown}:{port}/ "
           f"(docs at /docs)", flush=True)
