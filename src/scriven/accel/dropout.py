@@ -9,7 +9,12 @@ The seeds come from PyTorch's generator, so runs are reproducible and resume exa
 backward pass recomputes the mask from the seeds instead of storing it.
 
 `keep_mask` computes the same mask with PyTorch ops: it is the reference the kernel is tested
-against, not a fallback (without the kernels `nn.Dropout` is the cheaper choice).
+against, not a fallback.
+
+Without the kernels, `BitsDropout` is the cheaper mask in PyTorch ops: PyTorch's generator fills
+64 random bits per draw, cheaply, where `nn.Dropout` pays one draw per element; each 16 bits
+decide one element. The rate is then p rounded to a multiple of 2^-16 (under 1e-5 from p) and
+the kept elements are scaled by the rounded rate, so the expectation is exact.
 """
 
 from __future__ import annotations
@@ -75,3 +80,47 @@ class HashDropout(nn.Dropout):
             return super().forward(x)
         seed_a, seed_b = draw_seeds()
         return _HashDropout.apply(x, self.p, seed_a, seed_b)
+
+
+def bits_threshold(p: float) -> tuple[int, float]:
+    """(t, q): an element whose 16 random bits, read as a signed int16, fall below t drops, which
+    happens with probability q = p rounded to a multiple of 2^-16."""
+    drops = min(max(round(p * 65536), 0), 65535)
+    return drops - 32768, drops / 65536
+
+
+def bits_keep_mask(shape: torch.Size, p: float) -> tuple[Tensor, float]:
+    """A bool keep mask of `shape` from 16 random bits per element, and the drop rate it has."""
+    n = 1
+    for size in shape:
+        n *= size
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
+    threshold, q = bits_threshold(p)
+    keep = words.view(torch.int16)[:n].view(shape) >= threshold
+    return keep, q
+
+
+class _BitsDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        keep, q = bits_keep_mask(x.shape, p)
+        scale = 1.0 / (1.0 - q)
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None
+
+
+class BitsDropout(nn.Dropout):
+    """`nn.Dropout` with masks of 16 random bits per element, for float CPU tensors while
+    training; anything else goes to `nn.Dropout`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace
+                or not x.is_floating_point()):
+            return super().forward(x)
+        return _BitsDropout.apply(x, self.p)
