@@ -93,7 +93,10 @@ def test_plain_pytorch_without_the_kernels_or_on_another_device(monkeypatch):
         model = _transformer(dropout=0.1)
         report = accel.apply(model, "cpu", "train")
         assert "plain PyTorch" in report["all"] and "SCRIVEN_NATIVE=0" in report["all"]
-        assert all(type(m) in (nn.Dropout, nn.LayerNorm) or "Norm" not in type(m).__name__
+        assert "64 at a time" in report["dropout"]
+        kinds = {type(m).__name__ for m in model.modules()}
+        assert "BitsDropout" in kinds and "Dropout" not in kinds and "HashDropout" not in kinds
+        assert all(type(m) is nn.LayerNorm or "Norm" not in type(m).__name__
                    for m in model.modules())
         assert model.fused_loss is None
         loss, _ = _loss_and_grads(model)

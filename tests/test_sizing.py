@@ -15,14 +15,14 @@ def candidates(*ratios: float) -> list[Candidate]:
 
 
 def test_pick_takes_the_largest_candidate_that_sees_enough_tokens_per_parameter():
-    r = sizing.TOKENS_PER_PARAMETER
-    assert pick(candidates(4 * r, 2 * r, r, r / 2)) == 2
-    assert pick(candidates(4 * r)) == 0
+    r = 5.0
+    assert pick(candidates(4 * r, 2 * r, r, r / 2), r) == 2
+    assert pick(candidates(4 * r), r) == 0
 
 
 def test_pick_falls_back_to_the_smallest_when_none_fits():
-    r = sizing.TOKENS_PER_PARAMETER
-    assert pick(candidates(r / 2, r / 4)) == 0
+    r = 5.0
+    assert pick(candidates(r / 2, r / 4), r) == 0
 
 
 @pytest.mark.parametrize("family", ["gpt", "lstm"])
@@ -45,7 +45,7 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     def fake_timing(model, batches, loss_fn, device, amp, lr, seconds):
         n = parameters_without_embeddings(model)
         timed.append(n)
-        return (4, 2, 0.5)[len(timed) - 1] * sizing.TOKENS_PER_PARAMETER * n / 60
+        return (4, 2, 0.5)[len(timed) - 1] * sizing.TOKENS_PER_PARAMETER["gpt"] * n / 60
 
     monkeypatch.setattr(sizing, "time_training", fake_timing)
     base = GPTConfig(vocab_size=50, dropout=0.3)
@@ -53,8 +53,8 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
                                 torch.device("cpu"), "fp32")
     ratios = [c.tokens_per_parameter for c in choice.candidates]
     chosen = next(c for c in choice.candidates if c.name == choice.name)
-    assert chosen.tokens_per_parameter >= sizing.TOKENS_PER_PARAMETER
-    assert ratios[-1] < sizing.TOKENS_PER_PARAMETER       # it stopped at the first that failed
+    assert chosen.tokens_per_parameter >= choice.ratio == sizing.TOKENS_PER_PARAMETER["gpt"]
+    assert ratios[-1] < choice.ratio                      # it stopped at the first that failed
     assert len(timed) == len(choice.candidates) < len(sizing.GPT_LADDER)
     assert choice.name == choice.candidates[-2].name      # the largest that fits
     rung = next(r for r in sizing.GPT_LADDER if r["name"] == choice.name)

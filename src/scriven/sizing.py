@@ -3,17 +3,20 @@
 A fixed preset wastes a short budget on a slow machine (a large model that sees too few tokens)
 and a long budget on a fast one (a small model that stops improving). `choose_size` times a few
 training steps of each candidate on this machine, turns the speed into the tokens the budget
-holds, and takes the largest candidate that still sees `TOKENS_PER_PARAMETER` tokens per
-parameter (embeddings not counted: at these sizes a word vocabulary's table would dominate the
-count without costing matmul time per token).
+holds, and takes the largest candidate that still sees `TOKENS_PER_PARAMETER[family]` tokens
+per parameter (embeddings not counted: at these sizes a word vocabulary's table would dominate
+the count without costing matmul time per token).
 
-Where the rule comes from: measured on this project's own data (docs/benchmarks.md, "Sizing").
-Character-level GPTs on Anna Karenina given 3 minutes on 2 cores, each with its best learning
-rate: 2 x 128 (0.39 M parameters, 17 tokens per parameter in the budget) ended at 1.83 bits per
-character; 4 x 128 (4.4 per parameter) at 1.97; 3 x 192 (3.5 per parameter) at 1.98. More steps
-on a smaller model paid off more than width, close to the compute-optimal ratio of about 20
-that Hoffmann et al. (2022) fit for much larger Transformers. `bench/budget.py` measures the
-rule against the fixed presets and against peers' recipes.
+Where the rule comes from: measured on this project's own data (docs/benchmarks.md, "Sizing"),
+character-level models on Anna Karenina given 3 minutes on 2 cores.
+- GPTs, each at its best learning rate: 2 x 128 (0.39 M parameters, 17 tokens per parameter in
+  the budget) ended at 1.83 bits per character; 4 x 128 (4.4 per parameter) at 1.97; 3 x 192
+  (3.5 per parameter) at 1.98. More steps on a smaller model paid off more than width, close to
+  the compute-optimal ratio of about 20 that Hoffmann et al. (2022) fit for much larger
+  Transformers.
+- LSTMs learn from fewer tokens per parameter: 2 x 256 (7 per parameter) ended at 1.77, 2 x 128
+  (64 per parameter) at 1.88.
+`bench/budget.py` measures the rule against the fixed presets and against peers' recipes.
 
 Dropout follows the epochs the budget holds: a model that sees each token about once does not
 overfit, and dropout only slows it; repeated passes over a small text need it.
@@ -33,7 +36,7 @@ from torch import nn
 from . import accel
 from .device import autocast_dtype, training_precision
 
-TOKENS_PER_PARAMETER = 15.0
+TOKENS_PER_PARAMETER = {"gpt": 15.0, "lstm": 5.0}
 TIMED_STEPS = 3          # after one warm-up step, per candidate
 MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
 BUDGET_SHARE = 0.01       # ... and so does any candidate past 1% of the budget
@@ -69,9 +72,10 @@ LSTM_LADDER: list[dict[str, Any]] = [
 ]
 LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
 # (epochs the budget holds up to, dropout): the GPT's from nanoGPT's recipes (0 for its 1.5-epoch
-# CPU run, 0.2 for its 80-epoch GPU run); the LSTM's from scriven's presets (0.3 at about 10
-# epochs of word-level text).
-DROPOUT_BY_EPOCHS = {"gpt": ((2.0, 0.0), (8.0, 0.1), (float("inf"), 0.2)),
+# CPU run, 0.2 for its 80-epoch GPU run) and from the 3-minute runs above (a 2 x 128 GPT at 4
+# epochs ended 0.1 bits per character worse with dropout 0.1 than without); the LSTM's from
+# scriven's presets (0.3 at about 10 epochs of word-level text).
+DROPOUT_BY_EPOCHS = {"gpt": ((8.0, 0.0), (32.0, 0.1), (float("inf"), 0.2)),
                      "lstm": ((2.0, 0.0), (8.0, 0.2), (float("inf"), 0.3))}
 
 
@@ -98,6 +102,7 @@ class Choice:
     lr: float
     dropout: float
     candidates: tuple[Candidate, ...]
+    ratio: float             # the rule: tokens per parameter the chosen size must see
     seconds: float           # spent timing, taken from the budget
 
     def describe(self) -> str:
@@ -108,12 +113,12 @@ class Choice:
             lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
                          f"{c.tokens_per_s:,.0f} tokens/s -> {c.budget_tokens / 1e6:.2f} M tokens "
                          f"= {c.tokens_per_parameter:.1f} per parameter")
-        lines.append(f"   rule: the largest with >= {TOKENS_PER_PARAMETER:g} tokens per parameter")
+        lines.append(f"   rule: the largest with >= {self.ratio:g} tokens per parameter")
         return "\n".join(lines)
 
     def record(self) -> dict[str, Any]:
         """For the checkpoint: what was chosen and the speeds that chose it."""
-        return {"chose": self.name, "rule_tokens_per_parameter": TOKENS_PER_PARAMETER,
+        return {"chose": self.name, "rule_tokens_per_parameter": self.ratio,
                 "timing_seconds": round(self.seconds, 2),
                 "candidates": [{"name": c.name, "parameters": c.parameters,
                                 "tokens_per_s": round(c.tokens_per_s),
@@ -153,10 +158,10 @@ def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.de
     return statistics.median(rates) if rates else 0.0
 
 
-def pick(candidates: list[Candidate]) -> int:
-    """Index of the largest candidate that sees enough tokens per parameter (the smallest if
-    none does)."""
-    fitting = [i for i, c in enumerate(candidates) if c.tokens_per_parameter >= TOKENS_PER_PARAMETER]
+def pick(candidates: list[Candidate], ratio: float) -> int:
+    """Index of the largest candidate that sees `ratio` tokens per parameter or more (the
+    smallest if none does)."""
+    fitting = [i for i, c in enumerate(candidates) if c.tokens_per_parameter >= ratio]
     return fitting[-1] if fitting else 0
 
 
@@ -175,6 +180,7 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
     the training text in tokens, for the epochs the budget holds."""
     start = time.perf_counter()
     seconds = min(MAX_TIMING_SECONDS, BUDGET_SHARE * minutes * 60)
+    ratio = TOKENS_PER_PARAMETER[family]
     ladder = LADDERS[family]
     measured = []
     for rung in ladder:
@@ -186,15 +192,15 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
         measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
                                   speed * minutes * 60))
         del model
-        if measured[-1].tokens_per_parameter < TOKENS_PER_PARAMETER:
+        if measured[-1].tokens_per_parameter < ratio:
             break  # larger candidates are slower still: none of them can fit
-    best = pick(measured)
+    best = pick(measured, ratio)
     rung = ladder[best]
     epochs = measured[best].budget_tokens / max(train_tokens, 1)
     dropout = dropout_for(family, epochs)
     config = replace(base_config, **rung["model"], **_context(family, rung), dropout=dropout)
     return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"], dropout,
-                  tuple(measured), time.perf_counter() - start)
+                  tuple(measured), ratio, time.perf_counter() - start)
 
 
 def _context(family: str, rung: dict[str, Any]) -> dict[str, Any]:

@@ -61,6 +61,20 @@ def _swap_modules(model: nn.Module, counts: Counter) -> None:
             counts["linear"] += 1
 
 
+def _swap_portable(model: nn.Module, mode: str) -> dict[str, str]:
+    """Without the kernels, training still swaps dropout for masks drawn 64 bits at a time:
+    PyTorch ops, so any CPU runs them, measured faster than `nn.Dropout` (bench/translate.py)."""
+    from .dropout import BitsDropout
+
+    n = 0
+    if mode == "train":
+        for module in model.modules():
+            if type(module) is nn.Dropout and module.p > 0.0 and not module.inplace:
+                module.__class__ = BitsDropout
+                n += 1
+    return {"dropout": f"16 random bits per element, drawn 64 at a time ({n})"} if n else {}
+
+
 def apply(model: nn.Module, device: torch.device | str = "cpu", mode: str = "train") -> dict[str, str]:
     """Swap into `model`, in place, what this machine runs faster than plain PyTorch, for
     `mode` "train" or "infer"; returns {part: what runs it, and why}. Safe to call twice."""
@@ -74,7 +88,8 @@ def apply(model: nn.Module, device: torch.device | str = "cpu", mode: str = "tra
         return {"all": f"PyTorch's kernels on {device.type} (SDPA, fused AdamW)"}
     why = native.unavailable()
     if why is not None:
-        return {"all": f"plain PyTorch (native kernels unavailable: {why})"}
+        return {**_swap_portable(model, mode), "all": f"plain PyTorch otherwise (native kernels "
+                                                      f"unavailable: {why})"}
     from .attention import short_attention
     from .losses import linear_cross_entropy
 
