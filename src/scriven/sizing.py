@@ -37,7 +37,8 @@ from . import accel
 from .device import autocast_dtype, training_precision
 
 TOKENS_PER_PARAMETER = {"gpt": 15.0, "lstm": 5.0}
-TIMED_STEPS = 3          # after one warm-up step, per candidate
+WARMUP_STEPS = 2         # per candidate: allocations, kernel choices, first-touch pages
+TIMED_STEPS = 5          # then these, the median step counting
 MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
 BUDGET_SHARE = 0.01       # ... and so does any candidate past 1% of the budget
 
@@ -134,7 +135,7 @@ def parameters_without_embeddings(model: nn.Module) -> int:
 def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.device,
                   amp: str, lr: float, seconds: float = MAX_TIMING_SECONDS) -> float:
     """Tokens/s of training steps as `fit` takes them (accelerated, in the run's precision):
-    one warm-up step, then up to TIMED_STEPS, stopping early past `seconds`. The
+    WARMUP_STEPS steps, then up to TIMED_STEPS, stopping early past `seconds`. The
     median step counts, so one step slowed by another process does not decide the size."""
     model.to(device).train()
     accel.apply(model, device, "train")
@@ -151,9 +152,9 @@ def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.de
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i:  # step 0 warms up (allocations, kernel choices)
+        if i >= WARMUP_STEPS:
             rates.append(n / max(time.perf_counter() - start, 1e-9))
-        if i >= TIMED_STEPS or (rates and time.perf_counter() - began > seconds):
+        if len(rates) >= TIMED_STEPS or (rates and time.perf_counter() - began > seconds):
             break
     return statistics.median(rates) if rates else 0.0
 
