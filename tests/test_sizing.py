@@ -5,7 +5,7 @@ import torch
 
 from scriven import sizing
 from scriven.errors import ScrivenError
-from scriven.lm import train_lm
+from scriven.lm import default_preset, train_lm
 from scriven.models.gpt import GPT, GPTConfig
 from scriven.sizing import Candidate, dropout_for, parameters_without_embeddings, pick
 
@@ -97,3 +97,10 @@ def test_auto_needs_a_time_budget(tiny_text, tmp_path):
 def test_an_unknown_preset_names_auto_among_the_choices(tiny_text, tmp_path):
     with pytest.raises(ScrivenError, match="auto"):
         train_lm(str(tiny_text), tmp_path / "run", preset="huge", minutes=0.1, progress=False)
+
+
+def test_a_gpt_given_only_minutes_is_sized_for_them_and_the_rest_keep_the_default():
+    assert default_preset("gpt", 10.0, None, None) == "auto"
+    assert default_preset("gpt", 10.0, None, 500) == "default"   # a step budget too
+    assert default_preset("gpt", None, 3, None) == "default"
+    assert default_preset("lstm", 10.0, None, None) == "default"

@@ -360,7 +360,8 @@ COMMANDS: tuple[Command, ...] = (
         Option("--model", "lstm (recurrent) or gpt (decoder-only Transformer)",
                choices=["lstm", "gpt"]),
         Option("--preset", "model size: default, seed (the book's), tiny, gpu; lstm also "
-               "large; auto: timed on this machine for --minutes (see scriven.sizing)"),
+               "large; auto: timed on this machine for --minutes (see scriven.sizing). "
+               "Default: auto for a GPT given only --minutes, else default"),
         Option("--tokenizer", choices=["word", "char", "bpe"]),
         Option("--min-count", "word: rarer words become <unk>"),
         Option("--vocab-size", "bpe: vocabulary size"),

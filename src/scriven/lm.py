@@ -254,7 +254,18 @@ def _cut_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[s
     return text[:a], text[a:b], text[b:]
 
 
-def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "lstm",
+def default_preset(model: str, minutes: float | None, epochs: int | None,
+                   max_steps: int | None) -> str:
+    """A GPT trained for a time budget alone is sized for it (`auto`): measured against
+    nanoGPT's CPU recipe given the same minutes, the fixed default GPT ends well above it in bits
+    per character and auto below it (docs/benchmarks.md, "Budget"). The LSTM keeps its fixed
+    default, chosen by measuring word-level perplexity per minute, until auto is measured on
+    words too."""
+    timed_only = minutes is not None and epochs is None and max_steps is None
+    return "auto" if model == "gpt" and timed_only else "default"
+
+
+def train_lm(text: str, out: str | Path, preset: str | None = None, model: str = "lstm",
              tokenizer: str = "word", min_count: int = 1, vocab_size: int = 8000,
              epochs: int | None = None, minutes: float | None = None, max_steps: int | None = None,
              batch_size: int | None = None, seq_len: int | None = None, lr: float | None = None,
@@ -274,13 +285,16 @@ def train_lm(text: str, out: str | Path, preset: str = "default", model: str = "
     `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`.
     `preset="auto"` (with `minutes`) times candidate sizes on this machine and trains the largest
     the budget holds enough tokens for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
-    `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's."""
+    `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's.
+    Without a preset, see `default_preset`."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
     config_cls, model_cls, presets = MODELS[model]
-    check(preset in presets or preset == "auto", "preset",
-          f"must be auto or one of {', '.join(presets)}, got {preset!r}")
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
+    if preset is None:
+        preset = default_preset(model, minutes, epochs, max_steps)
+    check(preset in presets or preset == "auto", "preset",
+          f"must be auto or one of {', '.join(presets)}, got {preset!r}")
     check(preset != "auto" or minutes is not None, "preset",
           "auto sizes the model for a time budget: give --minutes")
     tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)

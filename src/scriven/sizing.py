@@ -7,16 +7,13 @@ holds, and takes the largest candidate that still sees `TOKENS_PER_PARAMETER[fam
 per parameter (embeddings not counted: at these sizes a word vocabulary's table would dominate
 the count without costing matmul time per token).
 
-Where the rule comes from: measured on this project's own data (docs/benchmarks.md, "Sizing"),
-character-level models on Anna Karenina given 3 minutes on 2 cores.
-- GPTs, each at its best learning rate: 2 x 128 (0.39 M parameters, 17 tokens per parameter in
-  the budget) ended at 1.83 bits per character; 4 x 128 (4.4 per parameter) at 1.97; 3 x 192
-  (3.5 per parameter) at 1.98. More steps on a smaller model paid off more than width, close to
-  the compute-optimal ratio of about 20 that Hoffmann et al. (2022) fit for much larger
-  Transformers.
-- LSTMs learn from fewer tokens per parameter: 2 x 256 (7 per parameter) ended at 1.77, 2 x 128
-  (64 per parameter) at 1.88.
-`bench/budget.py` measures the rule against the fixed presets and against peers' recipes.
+Where the rule comes from: character-level models on Anna Karenina given 3 minutes on 2 cores
+(docs/benchmarks.md, "Budget"). A 2-layer GPT that saw about 17 tokens per parameter ended
+lower in bits per character than 4-layer and wider ones that saw 3 to 5: more steps on a
+smaller model paid off more than width, close to the compute-optimal ratio of about 20 that
+Hoffmann et al. (2022) fit for much larger Transformers. LSTMs paid off at fewer tokens per
+parameter: 7 beat 60. `bench/budget.py` measures the rule against the fixed presets and
+against peers' recipes.
 
 Dropout follows the epochs the budget holds: a model that sees each token about once does not
 overfit, and dropout only slows it; repeated passes over a small text need it.
@@ -74,8 +71,8 @@ LSTM_LADDER: list[dict[str, Any]] = [
 LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
 # (epochs the budget holds up to, dropout): the GPT's from nanoGPT's recipes (0 for its 1.5-epoch
 # CPU run, 0.2 for its 80-epoch GPU run) and from the 3-minute runs above (a 2 x 128 GPT at 4
-# epochs ended 0.1 bits per character worse with dropout 0.1 than without); the LSTM's from
-# scriven's presets (0.3 at about 10 epochs of word-level text).
+# epochs did worse with dropout 0.1 than without); the LSTM's from scriven's presets (0.3 at
+# about 10 epochs of word-level text).
 DROPOUT_BY_EPOCHS = {"gpt": ((8.0, 0.0), (32.0, 0.1), (float("inf"), 0.2)),
                      "lstm": ((2.0, 0.0), (8.0, 0.2), (float("inf"), 0.3))}
 
