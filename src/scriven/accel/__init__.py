@@ -63,7 +63,7 @@ def _swap_modules(model: nn.Module, counts: Counter) -> None:
 
 def _swap_portable(model: nn.Module, mode: str) -> dict[str, str]:
     """Without the kernels, training still swaps dropout for masks drawn 64 bits at a time:
-    PyTorch ops, so any CPU runs them, measured faster than `nn.Dropout` (bench/translate.py)."""
+    PyTorch ops, so any CPU runs them, measured faster than `nn.Dropout` (docs/benchmarks.md)."""
     from .dropout import BitsDropout
 
     n = 0
