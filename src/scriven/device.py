@@ -46,6 +46,8 @@ class Distributed:
 def resolve_device(name: str, dist: Distributed | None = None) -> torch.device:
     """"auto", "cpu", "cuda" or "cuda:N" as a device with an index where it has one; under
     torchrun, "cuda" is this process's own GPU. Asking for a GPU that is not there is an error."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu") or name.startswith("cuda")):
+        raise ScrivenError(f"device: must be auto, cpu or cuda[:N], got {name!r}")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
