@@ -19,6 +19,8 @@ the kept elements are scaled by the rounded rate, so the expectation is exact.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -91,9 +93,7 @@ def bits_threshold(p: float) -> tuple[int, float]:
 
 def bits_keep_mask(shape: torch.Size, p: float) -> tuple[Tensor, float]:
     """A bool keep mask of `shape` from 16 random bits per element, and the drop rate it has."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
     threshold, q = bits_threshold(p)
     keep = words.view(torch.int16)[:n].view(shape) >= threshold
