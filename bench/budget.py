@@ -110,7 +110,7 @@ def reference(minutes: float, workdir: Path) -> dict:
 # steps then inverse-square-root decay. scriven's default preset has the same sizes, so only the
 # training recipe differs.
 JOEYNMT_TRAIN = dict(max_tokens=2048, lr=1e-3, warmup_steps=500, schedule="inverse_sqrt",
-                     label_smoothing=0.1)
+                     label_smoothing=0.1, dropout=0.1)
 
 
 def translator_arm(name: str, **recipe):
@@ -124,7 +124,7 @@ def translator_arm(name: str, **recipe):
                 "valid_bleu_greedy": round(result.best, 2) if result.best is not None else None,
                 "test_bleu_beam4": round(scores["bleu"], 2),
                 "test_chrf_beam4": round(scores["chrf"], 2), "test_pairs": scores.get("pairs"),
-                "config": {"model": saved["model"], "train": saved["train"]}}
+                "config": {key: saved[key] for key in ("model", "train", "sizing") if key in saved}}
     return run_arm
 
 

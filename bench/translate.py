@@ -144,11 +144,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: short training unless --minutes, small evaluation")
     ap.add_argument("--preset", default="default", help="the model's preset (gpu: sized for a GPU)")
-    ap.add_argument("--max-tokens", type=int, default=4096, help="padded tokens per batch")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="padded tokens per batch (default: the preset's recipe)")
+    ap.add_argument("--lr", type=float, default=None, help="default: the preset's recipe")
     ap.add_argument("--warmup-steps", type=int, default=None,
                     help="default: scriven's planned fraction of the run")
-    ap.add_argument("--dropout", type=float, default=None, help="override the preset's 0.1")
+    ap.add_argument("--dropout", type=float, default=None,
+                    help="default: scriven's, which follows the passes the budget holds")
     ap.add_argument("--eval-every", type=int, default=None,
                     help="default: scriven's planned validations")
     ap.add_argument("--speed-sentences", type=int, default=500)
@@ -214,6 +216,8 @@ def main() -> None:
               flush=True)
 
     tr = LoadedTranslator.load(out, str(device))  # best/: the highest validation BLEU
+    saved = ckpt_io.load(out / "best")
+    recipe = saved.config["train"]  # what the run trained with, defaults resolved
     data = load_pairs("eng-fra")
     examples, _ = encode_pairs(tr.tokenizer, data.train, tr.max_len)
     src_tokens = sum(len(s) for s, _ in examples)
@@ -248,7 +252,7 @@ def main() -> None:
     if args.baseline_batches:
         from scriven.pairs import token_batches
 
-        every = token_batches(examples, args.max_tokens, shuffle=True, seed=0)
+        every = token_batches(examples, recipe["max_tokens"], shuffle=True, seed=0)
         picked = every[:: max(1, len(every) // args.baseline_batches)][: args.baseline_batches]
         baseline = speed_vs_plain(tr.model.config, picked, precision, device)
         per = flops_per_target_token(tr, examples)
@@ -260,12 +264,11 @@ def main() -> None:
     history = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(round(r["elapsed"] / 60, 2), round(r["val_bleu"], 2)) for r in history
              if "val_bleu" in r]
-    saved = ckpt_io.load(out / "best")
     cfg = tr.model.config
     if not args.trained:
         settings = {"preset": args.preset, "parameters": tr.model.num_parameters(),
                     "d_model": cfg.d_model, "layers": [cfg.encoder_layers, cfg.decoder_layers],
-                    "dropout": cfg.dropout, "max_tokens": args.max_tokens, "lr": args.lr,
+                    "dropout": cfg.dropout, "max_tokens": recipe["max_tokens"], "lr": recipe["lr"],
                     "warmup_steps": args.warmup_steps or "5% of the planned steps",
                     "schedule": "cosine to 5% over the planned steps",
                     "label_smoothing": 0.1, "betas": [0.9, 0.98], "minutes_budget": args.minutes}

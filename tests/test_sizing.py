@@ -104,3 +104,13 @@ def test_a_gpt_given_only_minutes_is_sized_for_them_and_the_rest_keep_the_defaul
     assert default_preset("gpt", 10.0, None, 500) == "default"   # a step budget too
     assert default_preset("gpt", None, 3, None) == "default"
     assert default_preset("lstm", 10.0, None, None) == "default"
+
+
+def test_auto_is_refused_under_torchrun(tiny_text, tmp_path, monkeypatch):
+    """Each process would time the candidates itself and might choose another size."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert default_preset("gpt", 10.0, None, None) == "default"
+    with pytest.raises(ScrivenError, match="preset auto times this machine"):
+        train_lm(str(tiny_text), tmp_path / "run", model="gpt", preset="auto", minutes=1.0,
+                 progress=False)

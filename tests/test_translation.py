@@ -203,6 +203,64 @@ def test_a_translator_checkpoint_from_before_per_task_configs_resumes(pair_file,
     assert result.steps == 3
 
 
+def _saved_config(run):
+    return json.loads((run / "latest" / "config.json").read_text())
+
+
+def test_dropout_follows_the_passes_the_budget_holds(pair_file, tmp_path):
+    """Without --dropout, a budget of few passes over the pairs trains without dropout (it only
+    slows learning there); a longer one keeps the preset's; an explicit dropout always wins."""
+    args = {**TINY, "eval_every": 50}
+    train_translate(pair_file, tmp_path / "few", epochs=1, **args)
+    few = _saved_config(tmp_path / "few")
+    assert few["model"]["dropout"] == 0.0
+    assert few["sizing"] == {"dropout": 0.0, "budget_epochs": 1.0, "timed_tokens_per_s": None,
+                             "timing_seconds": 0.0}
+    train_translate(pair_file, tmp_path / "many", epochs=6, **args)
+    many = _saved_config(tmp_path / "many")
+    assert many["model"]["dropout"] == translate_module.TRANSLATOR_PRESETS["tiny"]["dropout"] > 0
+    assert many["sizing"]["budget_epochs"] == 6.0
+    train_translate(pair_file, tmp_path / "stated", epochs=1, dropout=0.2, **args)
+    stated = _saved_config(tmp_path / "stated")
+    assert stated["model"]["dropout"] == 0.2 and "sizing" not in stated
+
+
+def test_a_budget_of_minutes_times_the_model_for_its_dropout(pair_file, tmp_path, monkeypatch):
+    """For --minutes the passes come from the speed of a few timed steps on this machine,
+    taken from the budget; the checkpoint records it and a resume keeps it."""
+    import scriven.sizing as sizing
+
+    timed = []
+
+    def fake_speed(model, batches, loss_fn, device, amp, lr, seconds):
+        loss, n = loss_fn(model, next(iter(batches)))  # real batches and loss
+        timed.append((n, seconds))
+        return 1.0  # target tokens/s: far below one pass in the budget
+    monkeypatch.setattr(translate_module, "time_training", fake_speed)
+    run = tmp_path / "run"
+    train_translate(pair_file, run, minutes=0.02, **TINY)
+    saved = _saved_config(run)
+    assert timed and timed[0][0] > 0 and timed[0][1] <= sizing.BUDGET_SHARE * 0.02 * 60
+    assert saved["model"]["dropout"] == 0.0
+    assert saved["sizing"]["timed_tokens_per_s"] == 1 and saved["sizing"]["budget_epochs"] < 0.01
+    train_translate(pair_file, run, minutes=0.04, resume=True, **TINY)
+    assert len(timed) == 1 and _saved_config(run)["sizing"] == saved["sizing"]
+
+
+def test_a_resume_keeps_the_runs_own_recipe(pair_file, tmp_path):
+    """max_tokens and lr left out of a resume are the run's own, not today's preset recipe."""
+    run = tmp_path / "run"
+    recipe = {k: v for k, v in TINY.items() if k not in ("max_tokens", "lr")}
+    train_translate(pair_file, run, max_steps=2, eval_every=2, max_tokens=256, lr=1e-3, **recipe)
+    result = train_translate(pair_file, run, max_steps=3, eval_every=2, resume=True, **recipe)
+    assert result.steps == 3
+    saved = _saved_config(run)["train"]
+    assert (saved["max_tokens"], saved["lr"]) == (256, 1e-3)
+    fresh = train_translate(pair_file, tmp_path / "fresh", max_steps=1, eval_every=1, **recipe)
+    assert _saved_config(fresh.out)["train"]["max_tokens"] == translate_module.RECIPES["tiny"][
+        "max_tokens"]
+
+
 def test_bf16_pure_steps_update_fp32_master_weights(pair_file, tmp_path):
     """bf16-pure runs the steps on a bf16 copy but keeps fp32 weights: updates far below bf16's
     resolution (about 0.4 % of a weight) still accumulate, and checkpoints hold fp32."""

@@ -321,7 +321,7 @@ _TRAINING = (
     Option("--epochs", "passes over the training data"),
     Option("--minutes", "wall-clock budget (default 10 if no length is given)"),
     Option("--max-steps", "optimizer steps"),
-    Option("--lr", "peak learning rate"),
+    Option("--lr", "peak learning rate (default: the preset's, or auto's choice)"),
     Option("--warmup-steps", "steps of learning-rate warmup (default: --warmup-fraction of the "
                              "plan)"),
     Option("--warmup-fraction", "warmup as a fraction of the planned steps; a --minutes run "
@@ -372,13 +372,15 @@ COMMANDS: tuple[Command, ...] = (
     Command(("train", "translate"), "English→French (or any pair file) translator",
             "translation:train_translate", (
         Option("pairs", "a TSV/CSV sentence-pair file or a dataset name (eng-fra)"),
-        Option("--preset", "model size: default, seed (the book's), tiny"),
+        Option("--preset", "model size: default, seed (the book's), tiny, gpu"),
         Option("--vocab-size", "joint BPE vocabulary"),
         Option("--max-words", "drop pairs with a longer side"),
         Option("--strict", "a malformed line is an error"),
-        Option("--max-tokens", "padded tokens per batch (per process)"),
+        Option("--max-tokens", "padded tokens per batch, per process (default: the preset's, "
+                               "2048 for default)"),
         Option("--label-smoothing"),
-        Option("--dropout", "override the preset's dropout"),
+        Option("--dropout", "override the preset's dropout (default: 0 when the budget holds "
+                            "up to 4 passes over the pairs, else the preset's)"),
         Option("--bleu-sentences", "validation pairs translated for BLEU at each validation"),
         *_TRAINING), _train),
     Command(("generate",), "continue a prompt with a trained text generator",

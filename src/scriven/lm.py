@@ -262,7 +262,8 @@ def default_preset(model: str, minutes: float | None, epochs: int | None,
     default, chosen by measuring word-level perplexity per minute, until auto is measured on
     words too."""
     timed_only = minutes is not None and epochs is None and max_steps is None
-    return "auto" if model == "gpt" and timed_only else "default"
+    alone = Distributed.from_env().world == 1  # see train_lm: auto is not for torchrun
+    return "auto" if model == "gpt" and timed_only and alone else "default"
 
 
 def train_lm(text: str, out: str | Path, preset: str | None = None, model: str = "lstm",
@@ -297,6 +298,9 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
           f"must be auto or one of {', '.join(presets)}, got {preset!r}")
     check(preset != "auto" or minutes is not None, "preset",
           "auto sizes the model for a time budget: give --minutes")
+    # Each process would time the candidates itself and could choose another size.
+    check(preset != "auto" or Distributed.from_env().world == 1, "preset",
+          "auto times this machine and cannot run under torchrun: name a preset")
     tok_config = TokenizerConfig(kind=tokenizer, min_count=min_count, vocab_size=vocab_size)
     source = resolve_text_source(text)
     train_text, valid_text, _ = _cut_text(read_text(source), 0.05, 0.05)

@@ -72,9 +72,12 @@ LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
 # (epochs the budget holds up to, dropout): the GPT's from nanoGPT's recipes (0 for its 1.5-epoch
 # CPU run, 0.2 for its 80-epoch GPU run) and from the 3-minute runs above (a 2 x 128 GPT at 4
 # epochs did worse with dropout 0.1 than without); the LSTM's from scriven's presets (0.3 at
-# about 10 epochs of word-level text).
+# about 10 epochs of word-level text); the translator's from eng-fra runs of the default preset
+# (at 2 epochs dropout 0.1 cost several BLEU; the 60-minute runs of many epochs use 0.1, the
+# paper's rate).
 DROPOUT_BY_EPOCHS = {"gpt": ((8.0, 0.0), (32.0, 0.1), (float("inf"), 0.2)),
-                     "lstm": ((2.0, 0.0), (8.0, 0.2), (float("inf"), 0.3))}
+                     "lstm": ((2.0, 0.0), (8.0, 0.2), (float("inf"), 0.3)),
+                     "translator": ((4.0, 0.0), (float("inf"), 0.1))}
 
 
 @dataclass(frozen=True)

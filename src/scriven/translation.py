@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,7 @@ from .pairs import (
     split_pairs,
     token_batches,
 )
+from .sizing import BUDGET_SHARE, MAX_TIMING_SECONDS, dropout_for, time_training
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, BPETokenizer, Tokenizer
 from .train import (
     CheckpointSpec,
@@ -71,6 +73,17 @@ TRANSLATOR_PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.1, "activation": "relu", "norm_first": True, "positions": "sinusoidal",
         "max_len": 64, "share_embeddings": True, "bias": False,
     },
+}
+
+# How each preset trains, where the caller does not say: batches of about `max_tokens` padded
+# tokens at peak rate `lr`. Within a budget of minutes on a CPU, the default preset learns most
+# from many small steps at a high rate (docs/benchmarks.md, "Budget"); the book's post-norm
+# model keeps the paper's rate, and the GPU preset the large batches a GPU wants.
+RECIPES: dict[str, dict[str, Any]] = {
+    "seed": {"max_tokens": 4096, "lr": 1e-3},
+    "default": {"max_tokens": 2048, "lr": 2e-3},
+    "gpu": {"max_tokens": 4096, "lr": 1e-3},
+    "tiny": {"max_tokens": 512, "lr": 3e-3},
 }
 
 Example = tuple[list[int], list[int]]  # source ids, <bos> target ids <eos>
@@ -298,7 +311,8 @@ class TranslationTask:
 def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_size: int = 8000,
                     max_words: int | None = None, strict: bool = False,
                     epochs: int | None = None, minutes: float | None = None,
-                    max_steps: int | None = None, max_tokens: int = 4096, lr: float | None = None,
+                    max_steps: int | None = None, max_tokens: int | None = None,
+                    lr: float | None = None,
                     warmup_steps: int | None = None, warmup_fraction: float = 0.05,
                     schedule: str = "cosine",
                     label_smoothing: float = 0.1, dropout: float | None = None,
@@ -316,8 +330,10 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     `warmup_steps`; see `scriven.train.Plan`). `evals_per_run` validations (or one every
     `eval_every` steps; fewer than a text generator's, as each decodes sentences): loss, and BLEU/chrF
     of greedy translations of a fixed sample of `bleu_sentences` validation pairs; `best` and
-    early stopping (`patience`) follow BLEU. `dropout` overrides the preset's. `max_words`
-    drops pairs with a longer side; pairs longer than the model's max_len tokens are always
+    early stopping (`patience`) follow BLEU. `max_tokens` (padded tokens per batch) and `lr`
+    default to the preset's recipe (`RECIPES`; a resumed run's own). `dropout` overrides the
+    preset's; left out, a run whose budget holds few passes over the pairs trains without it
+    (`budget_dropout`). `max_words` drops pairs with a longer side; pairs longer than the model's max_len tokens are always
     dropped (with a warning). Writes
     `out/latest`, `out/best`, `out/metrics.jsonl` (the CLI draws `out/loss.png`); `resume` continues exactly
     (same settings and pairs, or an error); a folder that holds a run is kept unless `overwrite`.
@@ -327,8 +343,14 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     check_positive_int(bleu_sentences, "bleu_sentences")
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
+    recipe = dict(RECIPES[preset])
+    saved = _saved(out) if resume else None
+    if saved is not None:  # the run's own recipe unless stated again
+        recipe.update((k, v) for k, v in (saved.config.get("train") or {}).items()
+                      if k in recipe)
     config = TranslateTrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
-                                  max_tokens=max_tokens, lr=lr if lr is not None else 1e-3,
+                                  max_tokens=recipe["max_tokens"] if max_tokens is None
+                                  else max_tokens, lr=recipe["lr"] if lr is None else lr,
                                   warmup_steps=warmup_steps, warmup_fraction=warmup_fraction,
                                   schedule=schedule,
                                   betas=(0.9, 0.98), label_smoothing=label_smoothing,
@@ -336,12 +358,10 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                                   patience=patience, amp=amp, device=device, seed=seed,
                                   log_every=log_every, compile=compile)
     data = load_pairs(pairs, max_words=max_words, strict=strict)
-    if resume:  # the run's own tokenizer and model, so the data encodes as before
-        saved = ckpt_io.load(Path(out) / "latest")
-        if saved.kind != KIND:
-            raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not a translator")
+    if saved is not None:  # the run's own tokenizer and model, so the data encodes as before
         tok = ckpt_io.tokenizer_of(saved)
         net_config = from_dict(TransformerConfig, saved.config["model"], "checkpoint model config")
+        sizing = saved.config.get("sizing")  # what chose the dropout, kept across resumes
     else:
         if not data.train:
             raise ScrivenError(f"{pairs}: no pairs left for training after the split")
@@ -356,11 +376,22 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     subset = bleu_subset(len(valid_pairs), bleu_sentences)
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
-    torch.manual_seed(seed)
-    net = Transformer(net_config)
     task = TranslationTask(train_examples, valid_examples,
                            [valid_examples[i][0] for i in subset],
-                           [valid_pairs[i].target for i in subset], tok, max_tokens, seed, dev, dist)
+                           [valid_pairs[i].target for i in subset], tok, config.max_tokens, seed,
+                           dev, dist)
+    spent = 0.0
+    if not resume:
+        sizing = None
+        if dropout is None:
+            choice = budget_dropout(net_config, config, task, dev, dist)
+            if choice is not None:
+                net_config = replace(net_config, dropout=choice.dropout)
+                sizing, spent = choice.record(), choice.seconds
+                if progress and dist.main:
+                    print(choice.describe(), file=sys.stderr)
+    torch.manual_seed(seed)
+    net = Transformer(net_config)
     notes: dict[str, Any] = {
         "source": str(pairs), "path": str(data.path.resolve()), "dataset": data.dataset,
         "sha256": file_sha256(data.path),
@@ -375,9 +406,67 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     if data.dataset is not None:
         ds = get_dataset(data.dataset)
         notes.update(licence=ds.licence, attribution=ds.attribution)
-    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes)
+    spec = CheckpointSpec(KIND, to_dict(net_config), tok.to_json_str(), notes, sizing=sizing)
     return fit(net, task, config, out, spec, resume=resume, progress_bar=progress,
-               overwrite=overwrite)
+               overwrite=overwrite, spent=spent)
+
+
+def _saved(out: str | Path) -> ckpt_io.Checkpoint:
+    saved = ckpt_io.load(Path(out) / "latest")
+    if saved.kind != KIND:
+        raise ScrivenError(f"--resume: {out} holds a {saved.kind} run, not a translator")
+    return saved
+
+
+def budget_dropout(net_config: TransformerConfig, config: TranslateTrainConfig,
+                   task: TranslationTask, device: torch.device,
+                   dist: Distributed) -> DropoutChoice | None:
+    """The dropout for the passes over the training data that the budget holds
+    (`sizing.dropout_for`): known from `epochs`, or from `max_steps` and the batches an epoch
+    has; for `minutes`, from the speed of a few timed steps of this model on this machine (the
+    seconds spent count against the budget). None under torchrun with minutes alone, where the
+    processes would time themselves apart and could disagree: the preset's dropout stays."""
+    seconds, speed = 0.0, None
+    steps = task.steps_per_epoch()
+    epochs = float(config.epochs) if config.epochs is not None else math.inf
+    if config.max_steps is not None:
+        epochs = min(epochs, config.max_steps / max(steps, 1))
+    if config.minutes is not None:
+        if dist.world > 1:
+            return None if math.isinf(epochs) else DropoutChoice(
+                dropout_for("translator", epochs), epochs, None, 0.0)
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        speed = time_training(Transformer(net_config), task.batches(0, 0),
+                              lambda model, batch: task.loss(model, batch, config.label_smoothing),
+                              device, config.amp, config.lr,
+                              min(MAX_TIMING_SECONDS, BUDGET_SHARE * config.minutes * 60))
+        seconds = time.perf_counter() - start
+        target_tokens = sum(len(target) - 1 for _, target in task.train)
+        epochs = min(epochs, speed * (config.minutes * 60 - seconds) / max(target_tokens, 1))
+    return DropoutChoice(dropout_for("translator", epochs), epochs, speed, seconds)
+
+
+@dataclass(frozen=True)
+class DropoutChoice:
+    """What `budget_dropout` chose and what it measured."""
+
+    dropout: float
+    epochs: float             # passes over the training pairs the budget holds
+    tokens_per_s: float | None  # the timed speed (target tokens), for a budget of minutes
+    seconds: float            # spent timing, taken from the budget
+
+    def describe(self) -> str:
+        timed = (f", at the {self.tokens_per_s:,.0f} target tokens/s timed here in "
+                 f"{self.seconds:.1f} s" if self.tokens_per_s is not None else "")
+        return (f"dropout {self.dropout:g}: the budget holds about {self.epochs:.1f} passes over "
+                f"the training pairs{timed}")
+
+    def record(self) -> dict[str, Any]:
+        """For the checkpoint."""
+        return {"dropout": self.dropout, "budget_epochs": round(self.epochs, 2),
+                "timed_tokens_per_s": None if self.tokens_per_s is None
+                else round(self.tokens_per_s), "timing_seconds": round(self.seconds, 2)}
 
 
 # ---------------------------------------------------------------------------------------------
