@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lm import seed_split, train  # noqa: E402
 
 from scriven.data import fetch, read_text  # noqa: E402
+from scriven.device import tune_process_for_training  # noqa: E402
 from scriven.lm import (  # noqa: E402
     LMTask,
     LMTrainConfig,  # noqa: E402
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--only", nargs="*", default=list(CANDIDATES))
     args = ap.parse_args()
+    tune_process_for_training()  # as the CLI does: measure what `scriven train` runs
     tok, train_ids, valid_ids, valid_words = seed_split(read_text(fetch("anna")))
     cpt = chars_per_token(tok, valid_words)
     workdir = Path(tempfile.mkdtemp(prefix="scriven-presets-"))

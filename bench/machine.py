@@ -43,8 +43,13 @@ def add_profile_argument(parser: argparse.ArgumentParser) -> None:
 
 def enter_profile(args: argparse.Namespace) -> None:
     """Where `--profile portable` is asked for and this is not yet the portable child, run this
-    script again in one, with the same arguments, and exit with its status."""
+    script again in one, with the same arguments, and exit with its status. The process that
+    runs the work gets the settings the CLI gives its own (`tune_process_for_training`), so a
+    benchmark measures what `scriven train` runs."""
     if args.profile != "portable" or os.environ.get(_CHILD_ENV) == "portable":
+        from scriven.device import tune_process_for_training
+
+        tune_process_for_training()
         return
     env = {**os.environ, **PORTABLE_ENV, _CHILD_ENV: "portable"}
     sys.exit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
