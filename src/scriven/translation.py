@@ -333,9 +333,9 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     early stopping (`patience`) follow BLEU. `max_tokens` (padded tokens per batch) and `lr`
     default to the preset's recipe (`RECIPES`; a resumed run's own). `dropout` overrides the
     preset's; left out, a run whose budget holds few passes over the pairs trains without it
-    (`budget_dropout`). `max_words` drops pairs with a longer side; pairs longer than the model's max_len tokens are always
-    dropped (with a warning). Writes
-    `out/latest`, `out/best`, `out/metrics.jsonl` (the CLI draws `out/loss.png`); `resume` continues exactly
+    (`budget_dropout`). `max_words` drops pairs with a longer side; pairs longer than the
+    model's max_len tokens are always dropped (with a warning). Writes `out/latest`,
+    `out/best`, `out/metrics.jsonl` (the CLI draws `out/loss.png`); `resume` continues exactly
     (same settings and pairs, or an error); a folder that holds a run is kept unless `overwrite`.
     """
     check(preset in TRANSLATOR_PRESETS, "preset",
