@@ -361,7 +361,6 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     if saved is not None:  # the run's own tokenizer and model, so the data encodes as before
         tok = ckpt_io.tokenizer_of(saved)
         net_config = from_dict(TransformerConfig, saved.config["model"], "checkpoint model config")
-        sizing = saved.config.get("sizing")  # what chose the dropout, kept across resumes
     else:
         if not data.train:
             raise ScrivenError(f"{pairs}: no pairs left for training after the split")
@@ -380,16 +379,16 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                            [valid_examples[i][0] for i in subset],
                            [valid_pairs[i].target for i in subset], tok, config.max_tokens, seed,
                            dev, dist)
+    # What chose the dropout: a resumed run keeps its own record and is not timed again.
+    sizing = saved.config.get("sizing") if saved is not None else None
     spent = 0.0
-    if not resume:
-        sizing = None
-        if dropout is None:
-            choice = budget_dropout(net_config, config, task, dev, dist)
-            if choice is not None:
-                net_config = replace(net_config, dropout=choice.dropout)
-                sizing, spent = choice.record(), choice.seconds
-                if progress and dist.main:
-                    print(choice.describe(), file=sys.stderr)
+    choice = (budget_dropout(net_config, config, task, dev, dist)
+              if saved is None and dropout is None else None)
+    if choice is not None:
+        net_config = replace(net_config, dropout=choice.dropout)
+        sizing, spent = choice.record(), choice.seconds
+        if progress and dist.main:
+            print(choice.describe(), file=sys.stderr)
     torch.manual_seed(seed)
     net = Transformer(net_config)
     notes: dict[str, Any] = {
@@ -427,10 +426,9 @@ def budget_dropout(net_config: TransformerConfig, config: TranslateTrainConfig,
     seconds spent count against the budget). None under torchrun with minutes alone, where the
     processes would time themselves apart and could disagree: the preset's dropout stays."""
     seconds, speed = 0.0, None
-    steps = task.steps_per_epoch()
     epochs = float(config.epochs) if config.epochs is not None else math.inf
     if config.max_steps is not None:
-        epochs = min(epochs, config.max_steps / max(steps, 1))
+        epochs = min(epochs, config.max_steps / max(task.steps_per_epoch(), 1))
     if config.minutes is not None:
         if dist.world > 1:
             return None if math.isinf(epochs) else DropoutChoice(
