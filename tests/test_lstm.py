@@ -89,6 +89,27 @@ def test_lower_precision_steps_stay_close_to_fp32(precision, tolerance, layers_t
     assert not torch.equal(approx, reference)  # it really ran in lower precision
 
 
+def test_int8_without_the_native_kernels_steps_each_stream_as_if_alone(monkeypatch):
+    """On PyTorch's int8 matmul every layer runs in int8, and a stream's logits are the same
+    alone and batched with others (served requests share batches)."""
+    from scriven import accel
+    from scriven.precision import PackedInt8
+
+    if not PackedInt8.available():
+        pytest.skip("PyTorch has no int8 matmul on this CPU")
+    monkeypatch.setattr(accel, "lstm_int8_step", lambda model: None)
+    m = model(vocab_size=300, embed_dim=32, hidden_dim=48)
+    stepper = LSTMStepper(m, "int8")
+    assert all(layer.gates.packed is not None for layer in stepper.layers)
+    ids = torch.randint(0, 300, (4, 6))
+    with torch.no_grad():
+        _, state = LSTMStepper(m).read(ids)
+        batch, (h, c) = stepper.step(ids[:, 0], state)
+        for i in range(4):
+            alone, (h_i, c_i) = stepper.step(ids[i:i + 1, 0], (state[0][:, i:i + 1], state[1][:, i:i + 1]))
+            assert torch.equal(alone, batch[i:i + 1]) and torch.equal(h_i, h[:, i:i + 1])
+
+
 def test_unknown_precision_is_named():
     with pytest.raises(ScrivenError, match="precision"):
         LSTMStepper(model(), "fp8")
