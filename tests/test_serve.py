@@ -487,13 +487,18 @@ def test_limits_are_validated():
         ServeLimits(max_batch=0)
 
 
-def test_generators_can_be_served_in_lower_precision(models):
+def test_generators_and_translators_can_be_served_in_lower_precision(models):
     from scriven.generation import LoadedLM, generate
-    app = create_app({"lm": models[0]}, precision="int8")
+    from scriven.translator import translate
+    app = create_app({"lm": models[0], "fr": models[1]}, precision="int8")
+    sentences = ["the big dog sleeps.", "the old cat eats a book."]
     with TestClient(app, base_url="http://127.0.0.1") as c:
-        assert c.get("/v1/models").json()["models"][0]["precision"] == "int8"
+        assert [m["precision"] for m in c.get("/v1/models").json()["models"]] == ["int8"] * 2
         body = c.post("/v1/generate", json={"prompt": "anna said", "max_new_tokens": 8,
                                             "temperature": 0}).json()
+        got = c.post("/v1/translate", json={"text": sentences, "beam": 2}).json()
+    assert [t["text"] for t in got["translations"]] == translate(
+        models[1], sentences, beam=2, device="cpu", precision="int8")
     expected = generate(LoadedLM.load(models[0], precision="int8"), "anna said",
                         max_new_tokens=8, temperature=0)[0]
     assert "anna said".title().split()[0] in expected

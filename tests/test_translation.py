@@ -110,6 +110,32 @@ def test_beam_and_n_best(tr):
     assert len(lists) == 2 and all(len(h) == 2 for h in lists)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_lower_precision_translates_with_the_same_rules(tr, run, precision):
+    """Held in lower precision, the decoder's logits stay close to fp32's, beam 1 is still
+    greedy, and batching still changes nothing; asking a loaded translator for another
+    precision is an error, not ignored."""
+    held = LoadedTranslator.load(run, "cpu", precision)
+    assert held.precision == precision
+    assert sum(p.numel() for p in held.model.parameters()) == sum(
+        p.numel() for p in tr.model.parameters())
+    src = torch.tensor([tr.tokenizer.encode("We see the moon today.")])
+    tgt = torch.tensor([[BOS_ID, *tr.tokenizer.encode("Nous voyons")]])
+    with torch.inference_mode():
+        exact, low = tr.model(src, tgt), held.model(src, tgt)
+    assert not torch.equal(low, exact)
+    assert (low - exact).abs().max() <= 0.05 * exact.abs().max()
+    sentences = ["He sees the cat.", "We see the moon today.", "My friends see my brother."]
+    assert translate(held, sentences, beam=1) == translate(held, sentences)
+    assert translate(held, sentences, beam=3) == [translate(held, s, beam=3) for s in sentences]
+    assert translate(run, sentences[0], device="cpu", precision=precision) == translate(
+        held, sentences[0])
+    with pytest.raises(ScrivenError, match="precision"):
+        translate(held, "I see.", precision="fp32")
+    with pytest.raises(ScrivenError, match="precision"):
+        translate(run, "I see.", device="cpu", precision="fp8")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(beam=0), "beam"),
     (dict(beam=2, n_best=3), "n_best"),
@@ -376,6 +402,8 @@ def test_cli_translates_text_file_and_stdin(tr, run, tmp_path, capsys, monkeypat
     rows = [line.split("\t") for line in out.splitlines()]
     assert code == 0 and [r[0] for r in rows] == ["1", "1", "2", "2"]
     assert rows[0][2] == translate(tr, sentences[0], beam=3)
+    code, out, _ = _cli(capsys, monkeypatch, "translate", run, sentences[1], "--precision", "int8")
+    assert code == 0 and out == translate(run, sentences[1], device="cpu", precision="int8") + "\n"
 
 
 def test_cli_errors_are_one_line(run, tmp_path, capsys, monkeypatch):

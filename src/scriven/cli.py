@@ -212,18 +212,13 @@ def _generate(generate_stream: Callable[..., Any], params: dict[str, Any]) -> No
 
 
 def _translate(translate: Callable[..., Any], params: dict[str, Any]) -> None:
-    from .export import is_export
-    from .runtimes import load_translator
-    from .translator import LoadedTranslator
+    from .translator import loaded_translator
     checkpoint, device = params.pop("checkpoint"), params.pop("device")
     text, file = params.pop("text"), params.pop("file")
     from_input = text is None or text == "-"
     if not from_input and file is not None:
         raise ScrivenError("give either a TEXT argument or --file, not both")
-    if is_export(checkpoint):  # an exported translator runs on CTranslate2
-        tr = load_translator(checkpoint, device)
-    else:
-        tr = LoadedTranslator.load(checkpoint, device)
+    tr = loaded_translator(checkpoint, device, params.pop("precision"))
     n_best = params["n_best"]
     if not from_input:
         _print_translations(translate(tr, [text], names=["TEXT"], **params), 1, n_best)
@@ -408,7 +403,9 @@ COMMANDS: tuple[Command, ...] = (
         Option("--length-penalty", "GNMT alpha for beam search"),
         Option("--max-len", "longest translation in tokens"),
         Option("--batch-size", "sentences per batch"),
-        Option("--device")), _translate),
+        Option("--device"),
+        Option("--precision", "fp32, bf16 or int8: how the weights are held (int8 decodes "
+                              "faster on CPUs)")), _translate),
     Command(("evaluate",), "perplexity/bits per char (LM) or BLEU/chrF (translator)",
             "evaluation:evaluate", (
         Option("checkpoint"),
@@ -471,7 +468,7 @@ COMMANDS: tuple[Command, ...] = (
                             "$SCRIVEN_API_KEY; none if unset)"),
         Option("--device"),
         Option("--threads", "torch threads per operation"),
-        Option("--precision", "fp32, bf16 or int8: how text generators hold their weights "
+        Option("--precision", "fp32, bf16 or int8: how generators and translators hold their weights "
                               "(an export keeps the quantization it was exported with)"),
         Option("--max-new-tokens", "cap per request"),
         Option("--max-beam", "cap per request"),

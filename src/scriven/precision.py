@@ -19,7 +19,7 @@ import functools
 import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .config import check
 
@@ -133,3 +133,30 @@ class PackedInt8:
         x = torch.cat([x / s, self.span.expand(x.size(0), 2)], 1)       # (B, K + 2) in [-1, 1]
         y = torch.ops.quantized.linear_dynamic(x, self.packed, self.reduce_range)   # (B, N)
         return y * s if self.bias is None else torch.addcmul(self.bias, y, s)
+
+
+class HeldLinear(nn.Module):
+    """An `nn.Linear` for inference with its weights held in a precision (`FrozenLinear`);
+    input (..., K) -> (..., N) float32. It keeps the original parameters, so the model's
+    parameter count and state-dict keys do not change, but computes with the held copy."""
+
+    def __init__(self, linear: nn.Linear, precision: str) -> None:
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+        self.held = FrozenLinear(linear.weight, linear.bias, precision)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.held(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], -1)
+
+
+def hold_linears(model: nn.Module, precision: str) -> int:
+    """Replace, in place, every `nn.Linear` of a model used for inference only by a
+    `HeldLinear` in `precision` (fp32 changes nothing); returns how many were replaced."""
+    check_precision(precision)
+    if precision == "fp32":
+        return 0
+    swaps = [(parent, name, child) for parent in model.modules()
+             for name, child in parent.named_children() if type(child) is nn.Linear]
+    for parent, name, child in swaps:
+        setattr(parent, name, HeldLinear(child, precision))
+    return len(swaps)

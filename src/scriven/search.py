@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import padding_mask
@@ -209,13 +208,19 @@ def beam_search(
 
         for step in range(max_len):
             a = len(alive)
-            logits = model.decode_step(tokens, memory, src_mask, cache)  # (A*K, V)
+            logits = model.decode_step(tokens, memory, src_mask, cache).float()  # (A*K, V)
             v = logits.size(-1)
-            logp = F.log_softmax(logits.float(), dim=-1).view(a, k, v)
-            candidates = (scores[:, :, None] + logp).view(a, k * v)  # (A, K*V)
-            # Each beam has one <eos> extension, so 2K candidates leave at least K others.
-            top_scores, top_index = candidates.topk(min(2 * k, k * v), dim=1)  # (A, 2K)
-            top_beam, top_token = top_index // v, top_index % v
+            # Each beam has one <eos> extension, so 2K candidates leave at least K others. A
+            # beam adds the same score to all its tokens, so the 2K best of all K·V candidates
+            # are among each beam's 2K best tokens: select those first (cheaper than a
+            # log-softmax of all V), then the best of the K·2K.
+            c = min(2 * k, v)
+            best, token = logits.topk(c, dim=-1)                          # (A*K, C)
+            logp = best - torch.logsumexp(logits, dim=-1, keepdim=True)   # log-probabilities
+            candidates = (scores[:, :, None] + logp.view(a, k, c)).view(a, k * c)  # (A, K*C)
+            top_scores, top_index = candidates.topk(min(2 * k, k * c), dim=1)  # (A, 2K)
+            top_beam = top_index // c
+            top_token = token.view(a, k * c).gather(1, top_index)
             dead = ~torch.isfinite(top_scores)
             is_eos = top_token == eos_id
 

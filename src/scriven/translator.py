@@ -25,6 +25,7 @@ from .pairs import (
     encode_sources,
     pad_sequences,
 )
+from .precision import check_precision, hold_linears
 from .search import beam_search, greedy_search, length_batches, output_limit
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -92,13 +93,17 @@ class LoadedTranslator:
     device: torch.device
     path: Path | None = None
     data: dict[str, Any] = field(default_factory=dict)  # the checkpoint's data notes
+    precision: str = "fp32"  # how the linear layers hold their weights (`scriven.precision`)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str = "auto") -> LoadedTranslator:
+    def load(cls, checkpoint: str | Path, device: str = "auto",
+             precision: str = "fp32") -> LoadedTranslator:
+        check_precision(precision)
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=(KIND,))
         accel.apply(model, dev, "infer")
-        return cls(model, tok, dev, ckpt.path, dict(ckpt.config.get("data") or {}))
+        hold_linears(model, precision)
+        return cls(model, tok, dev, ckpt.path, dict(ckpt.config.get("data") or {}), precision)
 
     @property
     def max_len(self) -> int:
@@ -111,13 +116,27 @@ class LoadedTranslator:
         return encode_sources(self.tokenizer, self.max_len, texts, names)
 
 
-def loaded_translator(checkpoint: str | Path | LoadedTranslator, device: str) -> LoadedTranslator:
-    """`checkpoint` itself if already loaded, else the translator (or export) it names."""
-    if isinstance(checkpoint, (LoadedTranslator, runtimes.CT2Translator)):
+def loaded_translator(checkpoint: str | Path | LoadedTranslator, device: str,
+                      precision: str | None = None) -> LoadedTranslator:
+    """`checkpoint` itself if already loaded, else the translator (or export) it names;
+    `precision` None means fp32, or a loaded translator's own."""
+    if precision is not None:
+        check_precision(precision)
+    if isinstance(checkpoint, LoadedTranslator):
+        if precision is not None and precision != checkpoint.precision:
+            raise ScrivenError(f"precision {precision!r} asked of a translator loaded in "
+                               f"{checkpoint.precision!r}; load it with LoadedTranslator.load("
+                               f"..., precision={precision!r})")
         return checkpoint
-    if is_export(checkpoint):  # an exported translator runs on CTranslate2
+    exported = isinstance(checkpoint, runtimes.CT2Translator) or is_export(checkpoint)
+    if exported and precision not in (None, "fp32"):
+        raise ScrivenError("an export keeps the precision it was exported in; "
+                           "export again with --quantization int8 instead")
+    if isinstance(checkpoint, runtimes.CT2Translator):
+        return checkpoint
+    if exported:  # an exported translator runs on CTranslate2
         return runtimes.load_translator(checkpoint, device)
-    return LoadedTranslator.load(checkpoint, device)
+    return LoadedTranslator.load(checkpoint, device, precision or "fp32")
 
 
 def check_search(beam: int, n_best: int, length_penalty: float, max_len: int | None,
@@ -142,7 +161,7 @@ def warn_cut(tr: LoadedTranslator, cut: list[int], names: Sequence[str] | None) 
 def translate(checkpoint: str | Path | LoadedTranslator, text: str | Sequence[str], beam: int = 1,
               n_best: int = 1, length_penalty: float = 1.0, max_len: int | None = None,
               batch_size: int = 64, device: str = "auto", names: Sequence[str] | None = None,
-              ) -> Any:
+              precision: str | None = None) -> Any:
     """Translate one sentence (`text` a str → a str) or many (a list → a list, same order).
 
     beam: 1 is greedy search, more is beam search of that width; n_best (≤ beam): return the
@@ -150,7 +169,9 @@ def translate(checkpoint: str | Path | LoadedTranslator, text: str | Sequence[st
     penalty with exponent `length_penalty`; max_len: the longest output in tokens (default
     `default_max_len`: about twice the source plus 10, at most the model's max_len); batch_size:
     sentences decoded together (sorted by length first). `names` label the sentences in error
-    messages (e.g. "line 3"); default text[i].
+    messages (e.g. "line 3"); default text[i]. precision: fp32 (the default: the model's own
+    numbers), bf16 or int8: how the linear layers hold their weights (see `scriven.precision`);
+    int8 decodes faster on CPUs, and a few translations may change.
 
     Sources are normalised like the training data. An empty source is an error naming it. A
     source longer than the model's max_len tokens is cut to its first max_len tokens, with a
@@ -164,7 +185,7 @@ def translate(checkpoint: str | Path | LoadedTranslator, text: str | Sequence[st
     sentences = [text] if single else list(text)
     if names is not None and len(names) != len(sentences):
         raise ScrivenError(f"names has {len(names)} entries for {len(sentences)} sentences")
-    tr = loaded_translator(checkpoint, device)
+    tr = loaded_translator(checkpoint, device, precision)
     if max_len is not None:
         check(max_len <= tr.max_len, "max_len",
               f"must be at most the model's max_len ({tr.max_len}), got {max_len}")

@@ -178,7 +178,7 @@ def load_models(checkpoints: Sequence[str | Path] | Mapping[str, str | Path], de
                 served[unique] = ServedModel(unique, "generate", kind, lm, GenerationWorker(
                     lm, limits.max_batch, limits.max_queue, unique), export)
             elif kind == TRANSLATOR_KIND:
-                tr = loaded_translator(path, device)
+                tr = loaded_translator(path, device, precision)
                 served[unique] = ServedModel(unique, "translate", kind, tr, TranslationWorker(
                     tr, limits.max_batch, limits.max_queue, unique), export)
             else:
@@ -612,8 +612,8 @@ def create_app(checkpoints: Sequence[str | Path] | Mapping[str, str | Path],
                precision: str = "fp32", allowed_hosts: Sequence[str] | None = None,
                api_key: str | None = None) -> FastAPI:
     """A FastAPI app serving the given checkpoints and exports (language models and translators;
-    see the module docstring for the routes). `precision` is how text generators hold their
-    weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted (default:
+    see the module docstring for the routes). `precision` is how generators and translators
+    hold their weights (see `scriven.precision`). `allowed_hosts`: Host header names accepted (default:
     loopback names; `*.example.com` and `*` work); `api_key`: required as a bearer token on the
     `/v1/` routes. Loading happens now; the workers stop when the app shuts down. It changes no
     process-wide setting (torch's thread count is the caller's: see `serve`)."""
