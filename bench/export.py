@@ -1,8 +1,8 @@
 """Benchmark of exported models against scriven's own PyTorch path. Prints one JSON summary.
 
   translator: sentences/s for batched greedy and beam-4 search (64 sentences a batch) on held-out
-      eng-fra test sentences, scriven vs CTranslate2 float32 and int8 exports of the same
-      checkpoint, and each one's BLEU (sacrebleu, cased, 13a) on those sentences. Beam search
+      eng-fra test sentences, scriven (fp32, and its own int8) vs CTranslate2 float32 and int8
+      exports of the same checkpoint, and each one's BLEU (sacrebleu, cased, 13a) on those sentences. Beam search
       uses length penalty 1.0 on both: GNMT's ((5 + n) / 6)^1 in scriven, n^1 in CTranslate2.
   language model: tokens/s generating `--tokens` tokens (temperature 1, scriven's sampler) for one
       stream and for `--streams` streams at once, scriven fp32 and int8 vs ONNX Runtime float32
@@ -51,7 +51,8 @@ def timed(fn) -> tuple[float, object]:
 
 def translator_figures(checkpoint: Path, folder: Path, sentences: list[str],
                        references: list[str], threads: int) -> dict:
-    engines = {"scriven": LoadedTranslator.load(checkpoint, "cpu")}
+    engines = {name: LoadedTranslator.load(checkpoint, "cpu", precision)
+               for name, precision in (("scriven", "fp32"), ("scriven_int8", "int8"))}
     for quantization in ("float32", "int8"):
         path = export(checkpoint, "ctranslate2", folder / f"ct2-{quantization}", quantization)
         engines[f"ct2_{quantization}"] = runtimes.load_translator(path, "cpu", threads)
@@ -67,7 +68,7 @@ def translator_figures(checkpoint: Path, folder: Path, sentences: list[str],
         out[name] = row
         log(f"[translator] {name}: {row}")
     base = out["scriven"]["beam4"]
-    for name in ("ct2_float32", "ct2_int8"):
+    for name in ("scriven_int8", "ct2_float32", "ct2_int8"):
         out[name]["beam4"]["speedup_vs_scriven"] = round(
             out[name]["beam4"]["sentences_per_s"] / base["sentences_per_s"], 2)
         out[name]["beam4"]["bleu_minus_scriven"] = round(out[name]["beam4"]["bleu"] - base["bleu"], 2)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from scriven import precision as precision_module
 from scriven.errors import ScrivenError
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.stepper import LSTMStepper
@@ -77,7 +78,8 @@ def test_stepper_reads_and_steps_like_the_full_lstm(tie):
 @pytest.mark.parametrize("layers_too", [False, True])  # small layers stay fp32 unless forced
 def test_lower_precision_steps_stay_close_to_fp32(precision, tolerance, layers_too, monkeypatch):
     if layers_too:
-        monkeypatch.setattr(LSTMStepper, "LOW_PRECISION_MIN", 0)
+        monkeypatch.setattr(precision_module, "LOW_PRECISION_MIN", 0)
+        monkeypatch.setattr(precision_module, "INT8_MATMUL_MIN", 0)
     m = model(vocab_size=300, embed_dim=64, hidden_dim=64)
     ids = torch.randint(0, 300, (2, 6))
     with torch.no_grad():
@@ -90,14 +92,15 @@ def test_lower_precision_steps_stay_close_to_fp32(precision, tolerance, layers_t
 
 
 def test_int8_without_the_native_kernels_steps_each_stream_as_if_alone(monkeypatch):
-    """On PyTorch's int8 matmul every layer runs in int8, and a stream's logits are the same
-    alone and batched with others (served requests share batches)."""
+    """On PyTorch's int8 matmul a stream's logits are the same alone and batched with others
+    (served requests share batches)."""
     from scriven import accel
     from scriven.precision import PackedInt8
 
     if not PackedInt8.available():
         pytest.skip("PyTorch has no int8 matmul on this CPU")
     monkeypatch.setattr(accel, "lstm_int8_step", lambda model: None)
+    monkeypatch.setattr(precision_module, "INT8_MATMUL_MIN", 0)  # these layers are small
     m = model(vocab_size=300, embed_dim=32, hidden_dim=48)
     stepper = LSTMStepper(m, "int8")
     assert all(layer.gates.packed is not None for layer in stepper.layers)

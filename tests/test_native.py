@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+from scriven import precision
 from scriven.accel import native
 from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.precision import quantize_int8
@@ -104,7 +105,8 @@ def test_native_top_k_sampling_at_the_edges_draws_what_the_pytorch_sampler_draws
 def test_disabled_by_environment(monkeypatch, fresh_library):
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     assert native.library() is None
-    monkeypatch.setattr(LSTMStepper, "LOW_PRECISION_MIN", 0)  # every layer in int8
+    monkeypatch.setattr(precision, "LOW_PRECISION_MIN", 0)  # every layer in int8
+    monkeypatch.setattr(precision, "INT8_MATMUL_MIN", 0)
     m = LSTMLanguageModel(LSTMConfig(vocab_size=300, embed_dim=32, hidden_dim=32, num_layers=2)).eval()
     stepper = LSTMStepper(m, "int8")
     assert stepper.native is None  # PyTorch's int8 path instead, and it still works

@@ -487,9 +487,11 @@ def test_limits_are_validated():
         ServeLimits(max_batch=0)
 
 
-def test_generators_and_translators_can_be_served_in_lower_precision(models):
+def test_generators_and_translators_can_be_served_in_lower_precision(models, monkeypatch):
+    from scriven import precision
     from scriven.generation import LoadedLM, generate
     from scriven.translator import translate
+    monkeypatch.setattr(precision, "INT8_MATMUL_MIN", 0)  # these models are small
     app = create_app({"lm": models[0], "fr": models[1]}, precision="int8")
     sentences = ["the big dog sleeps.", "the old cat eats a book."]
     with TestClient(app, base_url="http://127.0.0.1") as c:

@@ -22,12 +22,14 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
+import scriven.precision as precision_module
 import scriven.translation as translate_module
 from scriven import checkpoint as ckpt_io
 from scriven.cli import main
 from scriven.device import autocast_dtype, training_precision
 from scriven.errors import ScrivenError
 from scriven.models.transformer import Transformer
+from scriven.precision import hold_linears
 from scriven.search import greedy_search
 from scriven.tokenizers import BOS_ID, EOS_ID, BPETokenizer
 from scriven.train import CheckpointSpec, TrainConfig, fit
@@ -111,10 +113,13 @@ def test_beam_and_n_best(tr):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
-def test_lower_precision_translates_with_the_same_rules(tr, run, precision):
+def test_lower_precision_translates_with_the_same_rules(tr, run, precision, monkeypatch):
     """Held in lower precision, the decoder's logits stay close to fp32's, beam 1 is still
     greedy, and batching still changes nothing; asking a loaded translator for another
     precision is an error, not ignored."""
+    assert hold_linears(Transformer(tr.model.config), precision) == 0  # small layers stay fp32
+    monkeypatch.setattr(precision_module, "LOW_PRECISION_MIN", 0)
+    monkeypatch.setattr(precision_module, "INT8_MATMUL_MIN", 0)
     held = LoadedTranslator.load(run, "cpu", precision)
     assert held.precision == precision
     assert sum(p.numel() for p in held.model.parameters()) == sum(

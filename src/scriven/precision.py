@@ -24,11 +24,24 @@ from torch import Tensor, nn
 from .config import check
 
 PRECISIONS = ("fp32", "bf16", "int8")
+# Layers with fewer weights stay fp32: they are read quickly, and rounding their input costs
+# more than it saves. PyTorch's int8 matmul (`PackedInt8`) pays off from smaller layers on than
+# bf16 or the float fallback do (measured: docs/benchmarks.md, "Portable int8").
+LOW_PRECISION_MIN = 1 << 20
+INT8_MATMUL_MIN = 1 << 17
 
 
 def check_precision(precision: str) -> None:
     check(precision in PRECISIONS, "precision",
           f"must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
+def worth_lower_precision(weights: int, precision: str) -> bool:
+    """Whether a layer of `weights` weights is held in `precision` rather than in fp32."""
+    if precision == "fp32":
+        return False
+    packed = precision == "int8" and PackedInt8.available()
+    return weights >= (INT8_MATMUL_MIN if packed else LOW_PRECISION_MIN)
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,13 +163,13 @@ class HeldLinear(nn.Module):
 
 
 def hold_linears(model: nn.Module, precision: str) -> int:
-    """Replace, in place, every `nn.Linear` of a model used for inference only by a
-    `HeldLinear` in `precision` (fp32 changes nothing); returns how many were replaced."""
+    """Replace, in place, each `nn.Linear` of a model used for inference only by a
+    `HeldLinear` in `precision`, where that pays (`worth_lower_precision`; fp32 changes
+    nothing); returns how many were replaced."""
     check_precision(precision)
-    if precision == "fp32":
-        return 0
     swaps = [(parent, name, child) for parent in model.modules()
-             for name, child in parent.named_children() if type(child) is nn.Linear]
+             for name, child in parent.named_children()
+             if type(child) is nn.Linear and worth_lower_precision(child.weight.numel(), precision)]
     for parent, name, child in swaps:
         setattr(parent, name, HeldLinear(child, precision))
     return len(swaps)

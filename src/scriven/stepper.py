@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import accel
 from .models.lstm import LSTMLanguageModel, LSTMState
-from .precision import FrozenLinear, PackedInt8, check_precision
+from .precision import FrozenLinear, check_precision, worth_lower_precision
 
 
 class LSTMStepper:
@@ -20,17 +20,13 @@ class LSTMStepper:
     `torch.lstm_cell` call (in fp32), or, where its weights are held in lower precision (see
     `scriven.precision`), one matmul for all four gates (input and hidden matrices side by side,
     gates reordered input, forget, output | cell so one sigmoid and one tanh cover them). Lower
-    precision applies to the output layer and to layers of at least `LOW_PRECISION_MIN` weights:
-    a small layer is read quickly in fp32, and casting its input would cost more than it saves.
-    PyTorch's int8 matmul (`PackedInt8`) is the exception: it is faster than fp32 for every
-    layer, so where it runs, int8 applies to all. With fp32 the numbers are the model's own, up
-    to summation order.
+    precision applies to the output layer and to the layers large enough to gain from it
+    (`precision.worth_lower_precision`); smaller ones stay fp32. With fp32 the numbers are the
+    model's own, up to summation order.
 
     In int8, a step runs through the native kernels where this CPU has them (`scriven.accel`):
     the whole step is one call, and each layer and the head rounds its input to 8 bits, so all
     dot products are byte products (on the AMX tile units for batches)."""
-
-    LOW_PRECISION_MIN = 1 << 20
 
     def __init__(self, model: LSTMLanguageModel, precision: str = "fp32") -> None:
         self.model = model
@@ -49,8 +45,7 @@ class LSTMStepper:
             w_ih, w_hh = getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}")
             b_ih, b_hh = getattr(lstm, f"bias_ih_l{k}"), getattr(lstm, f"bias_hh_l{k}")
             proj = getattr(lstm, f"weight_hr_l{k}", None)
-            small = (w_ih.numel() + w_hh.numel() < self.LOW_PRECISION_MIN
-                     and not (precision == "int8" and PackedInt8.available()))
+            small = not worth_lower_precision(w_ih.numel() + w_hh.numel(), precision)
             if proj is None and (precision == "fp32" or small):
                 self.layers.append(_CellLayer(w_ih, w_hh, b_ih, b_hh))
             else:
