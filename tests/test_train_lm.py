@@ -88,6 +88,8 @@ def test_evaluate_reports_perplexity_and_bits_per_char(tiny_text, tmp_path):
     assert evaluate(tmp_path / "run", str(tiny_text)) == metrics
     with pytest.raises(ScrivenError, match="beam applies to translators"):
         evaluate(tmp_path / "run", str(tiny_text), beam=4)
+    with pytest.raises(ScrivenError, match="precision applies to translators"):
+        evaluate(tmp_path / "run", str(tiny_text), precision="int8")
 
 
 def _cli(*args, **kw):

@@ -362,6 +362,19 @@ def test_evaluate_on_a_pair_file_scores_all_pairs(tr, tmp_path):
     assert "tok:13a" in result["bleu_signature"] and "case:mixed" in result["bleu_signature"]
     assert result["chrf_signature"].startswith("nrefs:1")
     assert evaluate_translation(tr, path, limit=10)["sentences"] == 10
+    assert result["precision"] == "fp32"
+
+
+def test_evaluate_scores_the_precision_asked_for(run, tmp_path, monkeypatch):
+    from scriven.evaluation import evaluate
+    monkeypatch.setattr(precision_module, "INT8_MATMUL_MIN", 0)  # a tiny model's layers are small
+    import sacrebleu
+    pairs = make_pairs(20, seed=3)
+    result = evaluate(run, str(write_pairs(tmp_path / "other.tsv", pairs)), device="cpu",
+                      precision="int8")
+    hypotheses = translate(run, [s for s, _ in pairs], device="cpu", precision="int8")
+    assert result["precision"] == "int8" and result["sentences"] == 20
+    assert result["bleu"] == round(sacrebleu.corpus_bleu(hypotheses, [[t for _, t in pairs]]).score, 2)
 
 
 def test_evaluate_on_the_training_file_uses_its_test_split(tr, run, pair_file):

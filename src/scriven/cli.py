@@ -413,7 +413,8 @@ COMMANDS: tuple[Command, ...] = (
         Option("--device"),
         Option("--beam", "translators: beam size"),
         Option("--length-penalty", "translators: GNMT length-penalty exponent for beam search"),
-        Option("--split", "translators on their own training data: test (default) or valid")),
+        Option("--split", "translators on their own training data: test (default) or valid"),
+        Option("--precision", "translators: fp32 (default), bf16 or int8 weights")),
         _print_json),
     Command(("export",), "write a model for ONNX Runtime (LSTM, GPT) or CTranslate2 (translator)",
             "export:export", (

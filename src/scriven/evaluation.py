@@ -10,18 +10,20 @@ from .models import kinds_for
 
 
 def evaluate(checkpoint: str | Path, text: str, device: str = "auto", beam: int = 1,
-             length_penalty: float = 1.0, split: str = "test") -> dict:
+             length_penalty: float = 1.0, split: str = "test", precision: str | None = None
+             ) -> dict:
     """Perplexity and bits per character for a text generator on a text; BLEU and chrF (with the
-    sacrebleu signature) for a translator on a pair file, decoded with `beam` and
-    `length_penalty`, on the held-out `split` (test or valid) when the pair file is the
-    translator's own training data."""
+    sacrebleu signature) for a translator on a pair file, decoded with `beam`,
+    `length_penalty` and its weights held in `precision` (as in `translate`), on the held-out
+    `split` (test or valid) when the pair file is the translator's own training data."""
     kind = ckpt_io.load(checkpoint).kind
     if kind in kinds_for("translate"):
         from .translation import evaluate_translation
         return evaluate_translation(checkpoint, text, device=device, beam=beam,
-                                    length_penalty=length_penalty, split=split)
+                                    length_penalty=length_penalty, split=split,
+                                    precision=precision)
     for name, value, default in (("beam", beam, 1), ("length_penalty", length_penalty, 1.0),
-                                 ("split", split, "test")):
+                                 ("split", split, "test"), ("precision", precision, None)):
         if value != default:
             raise ScrivenError(f"{name} applies to translators; {checkpoint} is a text generator")
     from .lm import evaluate_lm

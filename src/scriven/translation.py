@@ -474,7 +474,7 @@ class DropoutChoice:
 def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
                          device: str = "auto", beam: int = 1, limit: int | None = None,
                          batch_size: int = 64, length_penalty: float = 1.0,
-                         split: str = "test") -> dict[str, Any]:
+                         split: str = "test", precision: str | None = None) -> dict[str, Any]:
     """BLEU (sacrebleu, cased, 13a tokenisation) and chrF of the checkpoint's translations of a
     pair file or dataset name, with the sacrebleu signatures.
 
@@ -483,12 +483,13 @@ def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
     to choose decoding settings without touching the test split), and `pairs` says so.
     `bleu`/`chrf` take each pair's target as the one reference; `bleu_multi_ref` scores each
     distinct source once against all its translations in the scored data. `limit`: score a
-    fixed random sample of that many pairs. `beam`, `length_penalty`: as in `translate`."""
+    fixed random sample of that many pairs. `beam`, `length_penalty`, `precision`: as in
+    `translate`."""
     if limit is not None:
         check_positive_int(limit, "limit")
     check(split in ("test", "valid"), "split", f"must be test or valid, got {split!r}")
     check_search(beam, 1, length_penalty, None, batch_size)
-    tr = loaded_translator(checkpoint, device)
+    tr = loaded_translator(checkpoint, device, precision)
     name = str(text)
     trained_on = tr.data.get("dataset")
     trained_path = tr.data.get("path")
@@ -535,5 +536,6 @@ def evaluate_translation(checkpoint: str | Path | LoadedTranslator, text: str,
         "multi_ref_signature": multi["bleu_signature"],
         "pairs": scope, "sentences": len(pairs), "distinct_sources": len(sources),
         "beam": beam, "length_penalty": length_penalty,
+        "precision": getattr(tr, "precision", None),
         "sentences_per_second": round(len(sources) / max(seconds, 1e-9), 1),
     }
