@@ -1,9 +1,12 @@
-"""What every benchmark records about the machine it ran on, and the portable profile.
+"""What every benchmark records about the machine it ran on, and the portable profiles.
 
 `--profile portable` measures what a laptop with AVX2 gets, on any x86-64 machine: the benchmark
-runs again in a child process with scriven's native kernels off and PyTorch, oneDNN and MKL held to
-AVX2. Those libraries read their instruction-set limits once, when they load, so the variables
-must be set before `import torch`; hence a child process rather than a switch inside this one.
+runs again in a child process with PyTorch, oneDNN, MKL and fbgemm held to AVX2, and scriven's
+kernels held to their AVX2 build (generation only; training runs plain PyTorch, as on such a
+laptop). `--profile plain` is the same without any scriven kernel: what a CPU runs where none
+builds (ARM machines, or no C compiler), as near as an x86 machine can show it. Those libraries
+read their instruction-set limits once, when they load, so the variables must be set before
+`import torch`; hence a child process rather than a switch inside this one.
 
     from machine import add_profile_argument, enter_profile, machine_info
     parser = argparse.ArgumentParser(); add_profile_argument(parser); args = parser.parse_args()
@@ -22,13 +25,15 @@ import sys
 import time
 from pathlib import Path
 
-PROFILES = ("native", "portable")
+PROFILES = ("native", "portable", "plain")
 PORTABLE_ENV = {
-    "SCRIVEN_NATIVE": "0",
+    "SCRIVEN_NATIVE": "avx2",
     "ATEN_CPU_CAPABILITY": "avx2",
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
 }
+PROFILE_ENV = {"portable": PORTABLE_ENV, "plain": {**PORTABLE_ENV, "SCRIVEN_NATIVE": "0"}}
 _CHILD_ENV = "SCRIVEN_BENCH_PROFILE"  # set in the child, so it does not start another
 # The flags that decide which kernels run; /proc/cpuinfo lists a hundred more.
 _FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
@@ -37,21 +42,22 @@ _FLAGS_OF_INTEREST = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx5
 
 def add_profile_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=PROFILES, default="native",
-                        help="native: the machine as it is; portable: native kernels off and "
-                             "PyTorch/oneDNN/MKL held to AVX2 (what an AVX2 laptop runs)")
+                        help="native: the machine as it is; portable: PyTorch/oneDNN/MKL/fbgemm "
+                             "and scriven's kernels held to AVX2 (what an AVX2 laptop runs); "
+                             "plain: the same without scriven's kernels (as where none builds)")
 
 
 def enter_profile(args: argparse.Namespace) -> None:
-    """Where `--profile portable` is asked for and this is not yet the portable child, run this
-    script again in one, with the same arguments, and exit with its status. The process that
-    runs the work gets the settings the CLI gives its own (`tune_process_for_training`), so a
-    benchmark measures what `scriven train` runs."""
-    if args.profile != "portable" or os.environ.get(_CHILD_ENV) == "portable":
+    """Where `--profile portable` or `plain` is asked for and this is not yet that profile's
+    child, run this script again in one, with the same arguments, and exit with its status. The
+    process that runs the work gets the settings the CLI gives its own
+    (`tune_process_for_training`), so a benchmark measures what `scriven train` runs."""
+    if args.profile == "native" or os.environ.get(_CHILD_ENV) == args.profile:
         from scriven.device import tune_process_for_training
 
         tune_process_for_training()
         return
-    env = {**os.environ, **PORTABLE_ENV, _CHILD_ENV: "portable"}
+    env = {**os.environ, **PROFILE_ENV[args.profile], _CHILD_ENV: args.profile}
     sys.exit(subprocess.run([sys.executable, *sys.argv], env=env).returncode)
 
 
@@ -97,16 +103,19 @@ def machine_info(profile: str = "native", device: str = "cpu", peaks: bool = Tru
     import torch
 
     from scriven import accel
+    from scriven.accel import native
 
     model, flags = cpu_model_and_flags()
+    generation = native.generation_library()
     info: dict = {
         "cpu": model, "cpu_flags": flags, "profile": profile, "device": device,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_kernels": accel.native_available(),
+        "generation_kernels": generation.build if generation is not None else None,
     }
-    if profile == "portable":
-        info["portable_env"] = PORTABLE_ENV
+    if profile in PROFILE_ENV:
+        info["profile_env"] = PROFILE_ENV[profile]
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     if peaks:

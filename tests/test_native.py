@@ -1,7 +1,9 @@
 """The native int8 kernels: each one against an exact integer emulation in PyTorch, and the
-fallbacks when they cannot be built."""
+fallbacks when they cannot be built. The generation kernels run on both their builds (AVX-512
+VNNI, and AVX2 for CPUs without AVX-512), which give the same numbers bit for bit."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -12,16 +14,43 @@ from scriven.models.lstm import LSTMConfig, LSTMLanguageModel
 from scriven.precision import quantize_int8
 from scriven.stepper import LSTMStepper
 
-lib = native.library()
 needs_kernels = pytest.mark.native
+# Generation tests run once per build of the generation kernels (`generation_build`).
+generation_kernels = pytest.mark.generation_kernels
+on_each_build = pytest.mark.usefixtures("generation_build")
+
+
+@pytest.fixture(params=[native.FULL.name, native.AVX2.name])
+def generation_build(request, monkeypatch):
+    """Select one build for the test. The AVX-512 build may be missing (it skips, unless
+    SCRIVEN_REQUIRE_NATIVE=1); the AVX2 build must load wherever the CPU has AVX2 and FMA and a
+    C compiler exists, so CI proves it on every run."""
+    monkeypatch.setenv(native.NATIVE_ENV, "1" if request.param == native.FULL.name else "avx2")
+    native.library.cache_clear()
+    native.generation_library.cache_clear()
+    lib = native.generation_library()
+    if lib is None or lib.build != request.param:
+        reason = (f"needs scriven's {request.param} generation kernels "
+                  f"({native.generation_unavailable() or 'the AVX-512 build does not load here'})")
+        buildable = (native.cpu_has(*native.AVX2.cpu_flags)
+                     and shutil.which(os.environ.get("CC", "cc")) is not None)
+        if os.environ.get("SCRIVEN_REQUIRE_NATIVE") == "1" or (
+                request.param == native.AVX2.name and buildable):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    yield request.param
+    native.library.cache_clear()
+    native.generation_library.cache_clear()
 
 
 @pytest.fixture
 def fresh_library():
     """library() is cached per process: clear it around a test that changes what it sees."""
     native.library.cache_clear()
+    native.generation_library.cache_clear()
     yield
     native.library.cache_clear()
+    native.generation_library.cache_clear()
 
 
 def emulated_linear(w, b, x, segments):
@@ -40,7 +69,8 @@ def emulated_linear(w, b, x, segments):
     return (out * ws.double() + (0 if b is None else b.double())).float()
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 @pytest.mark.parametrize("rows, n, k", [(1, 37, 10), (3, 130, 64), (8, 64, 5), (20, 130, 70), (33, 64, 128)])  # 16+: AMX
 def test_int8_linear_equals_its_integer_emulation(rows, n, k):
     g = torch.Generator().manual_seed(rows)
@@ -51,7 +81,8 @@ def test_int8_linear_equals_its_integer_emulation(rows, n, k):
     assert (y - (x @ w.T + b)).abs().max() <= 0.05 * (x @ w.T + b).abs().max()  # and near fp32
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 @pytest.mark.parametrize("rows, e, h", [(1, 10, 7), (2, 16, 32), (17, 70, 20)])  # 16+ rows: AMX
 def test_lstm_layer_step_equals_its_emulation(rows, e, h):
     g = torch.Generator().manual_seed(e)
@@ -68,7 +99,8 @@ def test_lstm_layer_step_equals_its_emulation(rows, e, h):
     assert torch.allclose(c1, c_ref, atol=1e-5) and torch.allclose(h1, h_ref, atol=1e-5)
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 def test_whole_int8_step_matches_the_stepper_without_kernels(monkeypatch):
     torch.manual_seed(0)
     m = LSTMLanguageModel(LSTMConfig(vocab_size=300, embed_dim=24, hidden_dim=24, num_layers=2,
@@ -85,7 +117,8 @@ def test_whole_int8_step_matches_the_stepper_without_kernels(monkeypatch):
     assert (h - h_ref).abs().max() <= 0.03
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 @pytest.mark.parametrize("rows, vocab, k", [(1, 12157, 10), (5, 33, 32), (4, 1000, 1), (64, 500, 64)])
 def test_native_top_k_sampling_at_the_edges_draws_what_the_pytorch_sampler_draws(rows, vocab, k):
     """Row tails shorter than 16, k of 1, k one short of V, the largest k, -inf logits kept.
@@ -100,6 +133,40 @@ def test_native_top_k_sampling_at_the_edges_draws_what_the_pytorch_sampler_draws
     ref_ids, ref_probs, _ = sample_shared(x, 0.7, k, None, u)
     assert torch.equal(ids, ref_ids)
     assert torch.allclose(probs, ref_probs, atol=1e-6)
+
+
+@needs_kernels
+def test_the_avx2_build_gives_the_avx512_builds_numbers_bit_for_bit(monkeypatch, fresh_library):
+    """Integer dot products are exact in both, and the float steps run in the same order, so an
+    AVX2 laptop generates exactly what a Xeon does from the same seed (batches of 8+ rows run on
+    AMX tiles in the full build here, and still agree)."""
+    def outputs():
+        g = torch.Generator().manual_seed(0)
+        out = []
+        for rows, n, k in [(1, 37, 10), (5, 130, 70), (33, 300, 128)]:
+            w, b, x = (torch.randn(n, k, generator=g), torch.randn(n, generator=g),
+                       torch.randn(rows, k, generator=g))
+            out.append(native.linear_int8(native.PackedInt8.pack(w, b, (k,)), x))
+        m = LSTMLanguageModel(LSTMConfig(vocab_size=500, embed_dim=40, hidden_dim=72,
+                                         num_layers=2)).eval()
+        torch.manual_seed(1)
+        m.apply(lambda mod: [torch.nn.init.normal_(p) for p in mod.parameters(recurse=False)])
+        ids = torch.randint(0, 500, (9,), generator=g)
+        state = (torch.randn(2, 9, 72, generator=g), torch.randn(2, 9, 72, generator=g))
+        logits, h, c = native.LSTMStepInt8(m.embed.weight, [
+            (m.lstm.weight_ih_l0, m.lstm.weight_hh_l0, m.lstm.bias_ih_l0 + m.lstm.bias_hh_l0),
+            (m.lstm.weight_ih_l1, m.lstm.weight_hh_l1, m.lstm.bias_ih_l1 + m.lstm.bias_hh_l1)],
+            m.head.weight, m.head.bias)(ids, *state)
+        return [*out, logits, h, c, *native.sample_top_k(logits, 20, 0.8, torch.rand(9, generator=g))]
+
+    assert native.generation_library().build == native.FULL.name
+    full = outputs()
+    monkeypatch.setenv(native.NATIVE_ENV, "avx2")
+    native.library.cache_clear()
+    native.generation_library.cache_clear()
+    assert native.library() is None and native.unavailable() == f"{native.NATIVE_ENV}=avx2"
+    assert native.generation_library().build == native.AVX2.name
+    assert all(torch.equal(a, b) for a, b in zip(full, outputs(), strict=True))
 
 
 def test_disabled_by_environment(monkeypatch, fresh_library):
@@ -178,14 +245,13 @@ def test_a_library_others_can_write_is_refused(monkeypatch, tmp_path, fresh_libr
     assert "writable by group or others" in native.unavailable()
 
 
-def test_the_kernels_compile_without_warnings(tmp_path):
+@pytest.mark.parametrize("spec", [native.FULL, native.AVX2], ids=lambda spec: spec.name)
+def test_the_kernels_compile_without_warnings(tmp_path, spec):
     """Built with -Werror here; the product builds with warnings on but not fatal."""
-    import shutil
-
     compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None or not native.cpu_has("avx512f"):
-        pytest.skip("no C compiler, or a compiler that may not target AVX-512 here")
-    native.build(compiler, tmp_path / "k.so", ("-Werror",))
+    if compiler is None or not native.cpu_has(*spec.cpu_flags):
+        pytest.skip(f"no C compiler, or a CPU the {spec.name} build cannot target")
+    native.build(compiler, tmp_path / "k.so", ("-Werror",), spec)
 
 
 @needs_kernels
@@ -208,7 +274,8 @@ def test_bindings_refuse_what_the_kernels_cannot_take(call):
         call()
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 def test_native_top_k_sampling_draws_what_the_pytorch_sampler_draws():
     from scriven import accel
     from scriven.sampling import sample_shared
@@ -231,7 +298,8 @@ def test_native_top_k_sampling_draws_what_the_pytorch_sampler_draws():
     assert torch.equal(ids, sample_shared(small, 0.7, 39, None, u)[0])
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 def test_int8_generation_uses_the_native_sampler_and_draws_as_the_plain_one():
     from scriven.generation import sample_ids
 
@@ -249,7 +317,8 @@ def test_int8_generation_uses_the_native_sampler_and_draws_as_the_plain_one():
     assert draws(fast) == draws(plain)
 
 
-@needs_kernels
+@generation_kernels
+@on_each_build
 def test_native_step_rejects_an_id_outside_the_vocabulary():
     m = LSTMLanguageModel(LSTMConfig(vocab_size=50, embed_dim=8, hidden_dim=8, num_layers=1)).eval()
     stepper = LSTMStepper(m, "int8")

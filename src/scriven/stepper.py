@@ -24,9 +24,10 @@ class LSTMStepper:
     (`precision.worth_lower_precision`); smaller ones stay fp32. With fp32 the numbers are the
     model's own, up to summation order.
 
-    In int8, a step runs through the native kernels where this CPU has them (`scriven.accel`):
-    the whole step is one call, and each layer and the head rounds its input to 8 bits, so all
-    dot products are byte products (on the AMX tile units for batches)."""
+    In int8, a step runs through the native kernels where this CPU has them (`scriven.accel`:
+    AVX-512 VNNI, or their AVX2 build): the whole step is one call, and each layer and the head
+    rounds its input to 8 bits, so all dot products are byte products (on the AMX tile units for
+    batches, where there are some)."""
 
     def __init__(self, model: LSTMLanguageModel, precision: str = "fp32") -> None:
         self.model = model

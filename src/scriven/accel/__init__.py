@@ -4,7 +4,8 @@ particular machine.
 Models are plain PyTorch (`nn.Linear`, `nn.LayerNorm`, `nn.Dropout`, SDPA) and every machine
 runs them as they are. Where this CPU can run scriven's native kernels (AVX-512 VNNI, and AMX
 for bf16 weight gradients), `apply` swaps faster parts in from outside, once, when training or
-generation starts, and says what it swapped and why:
+generation starts, and says what it swapped and why. The int8 generation step and top-k
+sampler (`lstm_int8_step`, `sample_top_k`) also have an AVX2 build, for CPUs without AVX-512.
 
     model = Transformer(config)
     report = accel.apply(model, device, mode="train")
@@ -121,7 +122,7 @@ def sample_top_k(logits: torch.Tensor, k: int, temperature: float,
     not apply (no kernels, not float32 on the CPU, k over `native.MAX_TOP_K`). With k at the
     vocabulary size nothing is cut, and `sample_shared` then walks the tokens by id rather than
     by rank: the kernel declines, so a seed picks the same tokens with and without it."""
-    if (native.library() is None or logits.device.type != "cpu" or logits.dim() != 2
+    if (native.generation_library() is None or logits.device.type != "cpu" or logits.dim() != 2
             or logits.dtype != torch.float32 or not 0 < k <= native.MAX_TOP_K
             or k >= logits.size(1) or temperature <= 0):
         return None
@@ -129,10 +130,12 @@ def sample_top_k(logits: torch.Tensor, k: int, temperature: float,
 
 
 def lstm_int8_step(model: nn.Module) -> native.LSTMStepInt8 | None:
-    """A whole int8 generation step of an LSTM language model on the native kernels, where they
-    run here and the model has no projections; else None (the caller keeps PyTorch's path)."""
+    """A whole int8 generation step of an LSTM language model on the native kernels (AVX-512
+    VNNI, or their AVX2 build), where they run here and the model has no projections; else None
+    (the caller keeps PyTorch's path)."""
     lstm, head = model.lstm, model.head
-    if native.library() is None or lstm.proj_size != 0 or head.weight.device.type != "cpu":
+    if (native.generation_library() is None or lstm.proj_size != 0
+            or head.weight.device.type != "cpu"):
         return None
     layers = [(getattr(lstm, f"weight_ih_l{k}"), getattr(lstm, f"weight_hh_l{k}"),
                getattr(lstm, f"bias_ih_l{k}") + getattr(lstm, f"bias_hh_l{k}"))

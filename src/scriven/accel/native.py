@@ -7,6 +7,11 @@ shared library is built once into a cache folder private to its owner and reused
 that is missing, or `SCRIVEN_NATIVE=0` is set, `library()` returns None and `unavailable()`
 says why; callers then use plain PyTorch.
 
+The generation kernels also come in a second build for CPUs with AVX2 and FMA but no AVX-512
+(kernels_avx2.c: the same entry points and numbers): `generation_library()` is the full library
+where it loads, else that one. `SCRIVEN_NATIVE=avx2` asks for the AVX2 build alone, as an AVX2
+laptop runs it (the portable benchmark profile sets it).
+
 Every binding checks what the C code assumes (device, dtype, contiguity, sizes) and raises
 `ValueError` or `RuntimeError` naming what is wrong: the kernels trust their callers.
 """
@@ -32,10 +37,23 @@ from torch import Tensor
 NATIVE_ENV = "SCRIVEN_NATIVE"
 AMX_ENV = "SCRIVEN_AMX"  # 0: no tile units (int8 batches on VNNI, weight gradients on PyTorch)
 CACHE_ENV = "SCRIVEN_CACHE"
-_SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", "-fopenmp", "-fPIC", "-shared",
-         "-Wall", "-Wextra")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
+
+
+
+@dataclass(frozen=True)
+class Build:
+    """One library: its source, compiler flags, the CPU flags it needs and its entry points."""
+
+    name: str
+    source: Path
+    flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+    entry_points: tuple[str, ...]
+
+
+_COMMON = ("-O3", "-fopenmp", "-fPIC", "-shared", "-Wall", "-Wextra")
+GENERATION = ("scriven_linear_i8", "scriven_lstm_step_i8", "scriven_lstm_lm_step_i8",
+              "scriven_sample_top_k")
 MAX_TOP_K = 64
 LAYER_NORM_MAX_D = 1024  # LN_MAX_D in kernels.c
 ATTENTION_MAX_HEAD_DIM = 256  # ATTN_MAX_D in kernels.c
@@ -94,6 +112,13 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
 }
 
 
+FULL = Build("avx512", Path(__file__).with_name("kernels.c"),
+             ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", *_COMMON),
+             ("avx512f", "avx512bw", "avx512_vnni"), tuple(SIGNATURES))
+AVX2 = Build("avx2", Path(__file__).with_name("kernels_avx2.c"), ("-mavx2", "-mfma", *_COMMON),
+             ("avx2", "fma"), GENERATION)
+
+
 def native_dir() -> Path:
     """Where the compiled library is kept: $SCRIVEN_CACHE/native, else the user cache folder."""
     configured = os.environ.get(CACHE_ENV)
@@ -134,19 +159,22 @@ def _private_dir() -> Path:
     return folder
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, spec: Build = FULL) -> Path:
     """The library built from this source with these flags by this compiler: a name for each,
     so that scriven versions sharing a cache never replace each other's library."""
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode())
-    return native_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(spec.source.read_bytes() + " ".join([compiler, *spec.flags]).encode())
+    prefix = "kernels" if spec is FULL else f"kernels-{spec.name}"
+    return native_dir() / f"{prefix}-{key.hexdigest()[:16]}.so"
 
 
-def build(compiler: str, target: Path, extra_flags: tuple[str, ...] = ()) -> None:
-    """Compile kernels.c into `target`, atomically (a temporary file renamed into place)."""
+def build(compiler: str, target: Path, extra_flags: tuple[str, ...] = (),
+          spec: Build = FULL) -> None:
+    """Compile a build's source into `target`, atomically (a temporary file renamed into
+    place)."""
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *extra_flags, str(_SOURCE), "-o", tmp, "-lm"],
+        subprocess.run([compiler, *spec.flags, *extra_flags, str(spec.source), "-o", tmp, "-lm"],
                        check=True, capture_output=True, text=True, timeout=180)
         os.chmod(tmp, 0o700)
         os.replace(tmp, target)
@@ -155,17 +183,19 @@ def build(compiler: str, target: Path, extra_flags: tuple[str, ...] = ()) -> Non
             os.unlink(tmp)
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    for name, (restype, args) in SIGNATURES.items():
+def _declare(lib: ctypes.CDLL, spec: Build) -> None:
+    for name in spec.entry_points:
+        restype, args = SIGNATURES[name]
         function = getattr(lib, name)  # AttributeError: a library from another source
         function.restype = restype
         function.argtypes = [ctype for _, ctype in args]
 
 
-def _load(path: Path) -> ctypes.CDLL:
+def _load(path: Path, spec: Build) -> ctypes.CDLL:
     check_private(path)
     lib = ctypes.CDLL(str(path))
-    _declare(lib)
+    _declare(lib, spec)
+    lib.build = spec.name
     return lib
 
 
@@ -173,54 +203,63 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _open(compiler: str) -> ctypes.CDLL:
+def _open(compiler: str, spec: Build) -> ctypes.CDLL:
     """Load the cached library, building it first (under a lock, so concurrent processes build
     it once) when it is missing, or when it no longer matches the digest recorded when it was
     built (damaged, truncated or replaced)."""
     folder = _private_dir()
-    target = library_path(compiler)
+    target = library_path(compiler, spec)
     recorded = target.with_suffix(".sha256")
     with open(folder / (target.stem + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists() and recorded.exists():
             check_private(recorded)
             if recorded.read_text().strip() == _digest(target):
-                return _load(target)
+                return _load(target, spec)
         target.unlink(missing_ok=True)
-        build(compiler, target)
+        build(compiler, target, spec=spec)
         fd, tmp = tempfile.mkstemp(dir=folder)
         with os.fdopen(fd, "w") as f:
             f.write(_digest(target))
         os.replace(tmp, recorded)
-        return _load(target)
+        return _load(target, spec)
 
 
-_why_unavailable: list[str] = []
+_why_unavailable: dict[str, list[str]] = {FULL.name: [], AVX2.name: []}
 
 
 def unavailable() -> str | None:
     """Why the kernels do not load here, or None when they do."""
-    return None if library() is not None else (_why_unavailable or ["unknown"])[-1]
+    return None if library() is not None else (_why_unavailable[FULL.name] or ["unknown"])[-1]
+
+
+def _build_or_why(spec: Build, allowed: bool, refused: str) -> ctypes.CDLL | None:
+    """The loaded build, or None with the reason kept for `unavailable`."""
+    why = _why_unavailable[spec.name]
+    if not allowed:
+        why.append(refused)
+        return None
+    if not cpu_has(*spec.cpu_flags):
+        why.append(f"this CPU lacks {'AVX-512 VNNI' if spec is FULL else 'AVX2 and FMA'}")
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        why.append("no C compiler ($CC or cc)")
+        return None
+    try:
+        return _open(compiler, spec)
+    except (OSError, AttributeError, subprocess.SubprocessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        why.append(f"the kernels could not be built or loaded: {detail}")
+        return None
 
 
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None where they cannot be used here (see `unavailable`)."""
-    if os.environ.get(NATIVE_ENV, "1") == "0":
-        _why_unavailable.append(f"{NATIVE_ENV}=0")
-        return None
-    if not cpu_has(*_CPU_FLAGS):
-        _why_unavailable.append("this CPU lacks AVX-512 VNNI")
-        return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        _why_unavailable.append("no C compiler ($CC or cc)")
-        return None
-    try:
-        lib = _open(compiler)
-    except (OSError, AttributeError, subprocess.SubprocessError) as error:
-        detail = getattr(error, "stderr", "") or error
-        _why_unavailable.append(f"the kernels could not be built or loaded: {detail}")
+    setting = os.environ.get(NATIVE_ENV, "1")
+    lib = _build_or_why(FULL, setting not in ("0", "avx2"), f"{NATIVE_ENV}={setting}")
+    if lib is None:
         return None
     if os.environ.get(AMX_ENV, "1") != "0" and cpu_has("amx_tile", "amx_int8"):
         # Batches of 8 rows or more then run on the tile units; so do bf16 weight gradients.
@@ -228,6 +267,24 @@ def library() -> ctypes.CDLL | None:
     else:
         lib.amx_bf16 = False
     return lib
+
+
+@functools.cache
+def generation_library() -> ctypes.CDLL | None:
+    """The library that runs int8 generation and top-k sampling here: the full one where it
+    loads, else the AVX2 build, else None (`generation_unavailable` says why). Its `build` is
+    "avx512" or "avx2"."""
+    full = library()
+    if full is not None:
+        return full
+    return _build_or_why(AVX2, os.environ.get(NATIVE_ENV, "1") != "0", f"{NATIVE_ENV}=0")
+
+
+def generation_unavailable() -> str | None:
+    """Why no generation kernels load here, or None when some do."""
+    if generation_library() is not None:
+        return None
+    return (_why_unavailable[AVX2.name] or ["unknown"])[-1]
 
 
 def amx_bf16() -> bool:
@@ -240,6 +297,14 @@ def _lib() -> ctypes.CDLL:
     lib = library()
     if lib is None:
         raise RuntimeError(f"scriven's native kernels are not available: {unavailable()}")
+    return lib
+
+
+def _generation_lib() -> ctypes.CDLL:
+    lib = generation_library()
+    if lib is None:
+        raise RuntimeError("scriven's native generation kernels are not available: "
+                           f"{generation_unavailable()}")
     return lib
 
 
@@ -317,7 +382,7 @@ def linear_int8(packed: PackedInt8, x: Tensor) -> Tensor:
     b, k = x.shape
     _require(k == sum(packed.segments), f"x has {k} columns, the weight {sum(packed.segments)}")
     y = torch.empty(b, packed.n)
-    if _lib().scriven_linear_i8(_ptr(packed.weight), _ptr(packed.rowsum), _ptr(packed.scale),
+    if _generation_lib().scriven_linear_i8(_ptr(packed.weight), _ptr(packed.rowsum), _ptr(packed.scale),
                                 _ptr(packed.bias), _ptr(x), b, k, _padded(k), packed.n,
                                 _ptr(y), torch.get_num_threads()):
         raise MemoryError("native linear_int8: out of memory")
@@ -334,7 +399,7 @@ def lstm_step_int8(packed: PackedInt8, x: Tensor, h: Tensor, c: Tensor, h_out: T
                            ("h_out", h_out, hidden), ("c_out", c_out, hidden)):
         _cpu_tensor(t, name, (torch.float32,))
         _require(t.shape == (b, width), f"{name} must be ({b}, {width}), got {tuple(t.shape)}")
-    if _lib().scriven_lstm_step_i8(_ptr(packed.weight), _ptr(packed.rowsum), _ptr(packed.scale),
+    if _generation_lib().scriven_lstm_step_i8(_ptr(packed.weight), _ptr(packed.rowsum), _ptr(packed.scale),
                                    _ptr(packed.bias), _ptr(x), _ptr(h), _ptr(c), b, e,
                                    _padded(e), hidden, _padded(hidden), _ptr(h_out), _ptr(c_out),
                                    torch.get_num_threads()):
@@ -349,7 +414,7 @@ class LSTMStepInt8:
                  head_weight: Tensor, head_bias: Tensor | None) -> None:
         """embedding (vocabulary, E); layers: (weight_ih (4H, E), weight_hh (4H, H), bias (4H,))
         of each layer; the output layer's weight (V, H) and bias."""
-        self.lib = _lib()
+        self.lib = _generation_lib()
         self.embedding = embedding.detach().float().contiguous()
         self.hidden = layers[0][1].size(1)
         for w_ih, w_hh, bias in layers:
@@ -412,7 +477,7 @@ def sample_top_k(logits: Tensor, k: int, temperature: float,
         raise ValueError(f"native kernel: temperature must be > 0 (got {temperature}) and one "
                          f"uniform number given per row (got {tuple(uniform.shape)})")
     ids, probs = torch.empty(b, dtype=torch.long), torch.empty(b)
-    _lib().scriven_sample_top_k(_ptr(logits), b, v, k, temperature, _ptr(uniform), _ptr(ids),
+    _generation_lib().scriven_sample_top_k(_ptr(logits), b, v, k, temperature, _ptr(uniform), _ptr(ids),
                                 _ptr(probs), torch.get_num_threads())
     return ids, probs
 
