@@ -62,9 +62,10 @@ def test_parsed_values_reach_the_function(monkeypatch):
     # wraps: the command line reads the real function's signature through the stand-in
     monkeypatch.setattr(evaluation, "evaluate",
                         functools.wraps(evaluation.evaluate)(lambda **kw: seen.update(kw) or {}))
-    assert cli.main(["evaluate", "ckpt", "anna", "--beam", "3", "--length-penalty", "0.6"]) == 0
+    assert cli.main(["evaluate", "ckpt", "anna", "--beam", "3", "--length-penalty", "0.6",
+                     "--precision", "int8"]) == 0
     assert seen == {"checkpoint": "ckpt", "text": "anna", "device": "auto", "beam": 3,
-                    "length_penalty": 0.6, "split": "test"}
+                    "length_penalty": 0.6, "split": "test", "precision": "int8"}
 
 
 def test_serve_limits_are_built_from_their_options(monkeypatch):
