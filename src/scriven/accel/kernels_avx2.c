@@ -227,34 +227,6 @@ int scriven_lstm_step_i8(const int8_t *W, const int32_t *rowsum, const float *ws
     return 0;
 }
 
-/* A whole step of an LSTM language model in one call, as in kernels.c. Returns 0, 1 when out
- * of memory, 2 for an id outside the table. */
-int scriven_lstm_lm_step_i8(int L, const int8_t *const *W, const int32_t *const *rowsum,
-                            const float *const *wscale, const float *const *bias, const int *E, int H,
-                            const int8_t *headW, const int32_t *head_rowsum, const float *head_scale,
-                            const float *head_bias, int V, const float *table, int vocab, const int64_t *ids,
-                            const float *h, const float *c, int B, float *h_out, float *c_out,
-                            float *logits, int threads) {
-    const int Hp = (H + 63) / 64 * 64;
-    for (int b = 0; b < B; b++)
-        if (ids[b] < 0 || ids[b] >= vocab) return 2;
-    float *x = malloc(sizeof(float) * (size_t)B * E[0]);
-    if (!x) return 1;
-    for (int b = 0; b < B; b++) memcpy(x + (size_t)b * E[0], table + (size_t)ids[b] * E[0], sizeof(float) * E[0]);
-    const float *in = x;
-    for (int k = 0; k < L; k++) {
-        const size_t at = (size_t)k * B * H;
-        if (scriven_lstm_step_i8(W[k], rowsum[k], wscale[k], bias[k], in, h + at, c + at, B, E[k],
-                                 (E[k] + 63) / 64 * 64, H, Hp, h_out + at, c_out + at, threads)) {
-            free(x);
-            return 1;
-        }
-        in = h_out + at;
-    }
-    free(x);
-    return scriven_linear_i8(headW, head_rowsum, head_scale, head_bias, in, B, H, Hp, V, logits, threads);
-}
-
 /* The k largest values of one row of V floats and their indices, sorted from the largest, as
  * topk_row in kernels.c (eight values at a time are compared with the current k-th best). */
 static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
@@ -281,25 +253,4 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
     }
 }
 
-/* Top-k sampling at a temperature, one token per row of x (B, V), as in kernels.c. */
-void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature,
-                          const float *uniform, int64_t *ids, float *probs, int threads) {
-    if (k < 1 || k > 64 || k > V) return;  /* the binding refuses these first */
-    #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
-    for (int b = 0; b < B; b++) {
-        float val[64], cdf[64] = {0};
-        int64_t idx[64];
-        topk_row(x + (size_t)b * V, V, k, val, idx);
-        const float top = val[0] / temperature;
-        float total = 0.0f;
-        for (int i = 0; i < k; i++) {
-            total += expf(val[i] / temperature - top);
-            cdf[i] = total;
-        }
-        const float target = uniform[b] * total;
-        int pick = 0;
-        while (pick < k - 1 && !(cdf[pick] > target)) pick++;
-        ids[b] = idx[pick];
-        probs[b] = (cdf[pick] - (pick ? cdf[pick - 1] : 0.0f)) / total;
-    }
-}
+#include "kernels_shared.h"

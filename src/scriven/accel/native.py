@@ -112,6 +112,7 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
 }
 
 
+SHARED_HEADER = Path(__file__).with_name("kernels_shared.h")  # included by both sources
 FULL = Build("avx512", Path(__file__).with_name("kernels.c"),
              ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma", *_COMMON),
              ("avx512f", "avx512bw", "avx512_vnni"), tuple(SIGNATURES))
@@ -162,7 +163,8 @@ def _private_dir() -> Path:
 def library_path(compiler: str, spec: Build = FULL) -> Path:
     """The library built from this source with these flags by this compiler: a name for each,
     so that scriven versions sharing a cache never replace each other's library."""
-    key = hashlib.sha256(spec.source.read_bytes() + " ".join([compiler, *spec.flags]).encode())
+    text = spec.source.read_bytes() + SHARED_HEADER.read_bytes()
+    key = hashlib.sha256(text + " ".join([compiler, *spec.flags]).encode())
     prefix = "kernels" if spec is FULL else f"kernels-{spec.name}"
     return native_dir() / f"{prefix}-{key.hexdigest()[:16]}.so"
 
