@@ -39,7 +39,6 @@ AMX_ENV = "SCRIVEN_AMX"  # 0: no tile units (int8 batches on VNNI, weight gradie
 CACHE_ENV = "SCRIVEN_CACHE"
 
 
-
 @dataclass(frozen=True)
 class Build:
     """One library: its source, compiler flags, the CPU flags it needs and its entry points."""
