@@ -1,9 +1,10 @@
 """What every benchmark records about the machine it ran on, and the portable profiles.
 
 `--profile portable` measures what a laptop with AVX2 gets, on any x86-64 machine: the benchmark
-runs again in a child process with PyTorch, oneDNN, MKL and fbgemm held to AVX2, and scriven's
-kernels held to their AVX2 build (generation only; training runs plain PyTorch, as on such a
-laptop). `--profile plain` is the same without any scriven kernel: what a CPU runs where none
+runs again in a child process with PyTorch, oneDNN, MKL, fbgemm and CTranslate2 held to AVX2,
+and scriven's kernels held to their AVX2 build (generation only; training runs plain PyTorch, as
+on such a laptop). ONNX Runtime has no such switch: it picks its kernels from the CPU itself, so
+its figures under this profile are what it runs on this CPU, not on an AVX2 one. `--profile plain` is the same without any scriven kernel: what a CPU runs where none
 builds (ARM machines, or no C compiler), as near as an x86 machine can show it. Those libraries
 read their instruction-set limits once, when they load, so the variables must be set before
 `import torch`; hence a child process rather than a switch inside this one.
@@ -32,6 +33,7 @@ PORTABLE_ENV = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+    "CT2_FORCE_CPU_ISA": "AVX2",
 }
 PROFILE_ENV = {"portable": PORTABLE_ENV, "plain": {**PORTABLE_ENV, "SCRIVEN_NATIVE": "0"}}
 _CHILD_ENV = "SCRIVEN_BENCH_PROFILE"  # set in the child, so it does not start another

@@ -5,7 +5,10 @@ import torch
 
 from scriven.errors import ScrivenError
 from scriven.sampling import (
+    BLOCKED_SCAN_MIN,
+    SCAN_BLOCK,
     filter_logits,
+    inverse_cdf,
     repetition_penalty_filter,
     sample_next,
     sample_rows,
@@ -148,3 +151,28 @@ def test_a_row_draws_the_same_whatever_the_other_rows_ask():
         alone = sample_rows(x[r:r + 1], temperature[r:r + 1], top_k[r:r + 1], top_p[r:r + 1],
                             u[r:r + 1])
         assert int(alone[0]) == int(ids[r]) and float(alone[1]) == pytest.approx(float(probs[r]))
+
+
+@pytest.mark.parametrize("rows, vocab", [(64, 12_157), (3, 100_003), (256, 8 * SCAN_BLOCK)])
+def test_blocked_inverse_cdf_picks_what_a_running_sum_picks(rows, vocab):
+    assert rows * vocab >= BLOCKED_SCAN_MIN  # the blocked way, against the plain definition
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(rows, vocab, generator=g), dim=-1)
+    probs[:, -5:] = 0  # a tail nothing can be drawn from, past the last whole block
+    cdf = probs.double().cumsum(dim=-1)
+    agree = total = 0
+    for _ in range(20):
+        u = torch.rand(rows, generator=g)
+        got = inverse_cdf(probs, u)
+        expected = torch.searchsorted(cdf, u.double()[:, None] * cdf[:, -1:], right=True)
+        assert (probs.gather(1, got) > 0).all()
+        agree += int((got == expected).sum())
+        total += rows
+    assert agree >= total - 2  # only where u falls within float rounding of a boundary
+
+
+def test_blocked_inverse_cdf_at_the_ends_of_the_range():
+    probs = torch.full((64, 5000), 1 / 5000)
+    ends = torch.tensor([0.0, 1 - 2**-24] * 32)
+    got = inverse_cdf(probs, ends).squeeze(1)
+    assert got[0::2].eq(0).all() and got[1::2].eq(4999).all()

@@ -269,28 +269,30 @@ class LSTMExport(nn.Module):
         self.head_weight = nn.Parameter(w.get("head.weight", w["embed.weight"]),
                                         requires_grad=False)
         self.head_bias = nn.Parameter(w["head.bias"], requires_grad=False)
+        # Per layer, w_ih and w_hh side by side, so a step is one matmul of [x, h] per layer
+        # (ONNX Runtime spends more on each extra node than on the arithmetic at batch 1).
         self.layers = nn.ParameterList()
         self.projections = nn.ParameterList()
         for k in range(self.num_layers):
-            self.layers.append(nn.Parameter(w[f"lstm.weight_ih_l{k}"], requires_grad=False))
-            self.layers.append(nn.Parameter(w[f"lstm.weight_hh_l{k}"], requires_grad=False))
+            both = torch.cat([w[f"lstm.weight_ih_l{k}"], w[f"lstm.weight_hh_l{k}"]], 1)
+            self.layers.append(nn.Parameter(both.t().contiguous(), requires_grad=False))
+            # (In + H', 4H)
             self.layers.append(nn.Parameter(w[f"lstm.bias_ih_l{k}"] + w[f"lstm.bias_hh_l{k}"],
                                             requires_grad=False))
             if f"lstm.weight_hr_l{k}" in w:
                 self.projections.append(nn.Parameter(w[f"lstm.weight_hr_l{k}"],
                                                      requires_grad=False))
-        self.hidden = self.layers[1].size(1)  # H', the size of h (w_hh reads h)
-        self.cell = self.layers[0].size(0) // 4  # H, the size of c
+        self.hidden = w["lstm.weight_hh_l0"].size(1)  # H', the size of h (w_hh reads h)
+        self.cell = w["lstm.weight_hh_l0"].size(0) // 4  # H, the size of c
         self.vocab_size = self.embed.size(0)
 
     def forward(self, ids: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = self.embed[ids]                                                  # (B, E)
         hs, cs = [], []
-        for k in range(self.num_layers):
-            w_ih, w_hh, b = self.layers[3 * k], self.layers[3 * k + 1], self.layers[3 * k + 2]
-            gates = x @ w_ih.t() + h[k] @ w_hh.t() + b                       # (B, 4H): i f g o
-            i, f, g, o = gates.chunk(4, dim=1)
-            c_k = torch.sigmoid(f) * c[k] + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+        for k, (h_k, c_k) in enumerate(zip(h.unbind(0), c.unbind(0))):
+            w, b = self.layers[2 * k], self.layers[2 * k + 1]
+            i, f, g, o = (torch.cat([x, h_k], 1) @ w + b).split(self.cell, 1)  # (B, H) each
+            c_k = torch.sigmoid(f) * c_k + torch.sigmoid(i) * torch.tanh(g)
             x = torch.sigmoid(o) * torch.tanh(c_k)
             if len(self.projections):
                 x = x @ self.projections[k].t()                              # (B, H')
@@ -325,9 +327,11 @@ class _LSTMPrompt(nn.Module):
         self.lstm = nn.LSTM(self.embed.size(1), step.cell, n, batch_first=True)
         with torch.no_grad():
             for k in range(n):
-                getattr(self.lstm, f"weight_ih_l{k}").copy_(step.layers[3 * k])
-                getattr(self.lstm, f"weight_hh_l{k}").copy_(step.layers[3 * k + 1])
-                getattr(self.lstm, f"bias_ih_l{k}").copy_(step.layers[3 * k + 2])
+                w = step.layers[2 * k].t()                                   # (4H, In + H)
+                w_ih, w_hh = w.split([w.size(1) - step.hidden, step.hidden], 1)
+                getattr(self.lstm, f"weight_ih_l{k}").copy_(w_ih)
+                getattr(self.lstm, f"weight_hh_l{k}").copy_(w_hh)
+                getattr(self.lstm, f"bias_ih_l{k}").copy_(step.layers[2 * k + 1])
                 getattr(self.lstm, f"bias_hh_l{k}").zero_()
 
     def forward(self, ids: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,6 +27,10 @@ def _session(file: Path, threads: int | None) -> Any:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # By default ONNX Runtime's threads spin after each run, waiting for the next. Here the
+    # caller samples with PyTorch between runs, and spinning threads take the cores from it:
+    # 64 streams generated 3.5x slower (docs/benchmarks.md, "Export").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for unreadable models
