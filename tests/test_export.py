@@ -273,3 +273,20 @@ def test_precision_is_fixed_at_export_time(lstm_ckpt, tmp_path):
     out = export(lstm_ckpt, "onnx", tmp_path / "out")
     with pytest.raises(ScrivenError, match="--quantization int8"):
         generate(out, "anna said", max_new_tokens=2, precision="int8")
+
+
+def test_an_older_gpt_exports_with_its_trained_context(tmp_path, word_tokenizer):
+    """A GPT from before max_len followed seq_len (16 positions, trained on 8-token windows):
+    its export slides at the trained window, as the checkpoint does."""
+    config = dict(GPT_CONFIGS["learned"], vocab_size=word_tokenizer.vocab_size)
+    model = save_random(tmp_path / "gpt", "gpt", config, word_tokenizer, scale=0.05)
+    saved = ck.load(tmp_path / "gpt")
+    ck.save(tmp_path / "old", ck.Checkpoint("gpt", {**saved.config, "train": {"seq_len": 8}},
+                                            ck.model_weights(model), saved.tokenizer_json))
+    out = export(tmp_path / "old", "onnx", tmp_path / "old-onnx")
+    assert read_info(out)["context"] == 8 and runtimes.load_lm(out)[0].context == 8
+    options = dict(max_new_tokens=20, seed=4, num_samples=3)
+    expected = generate(tmp_path / "old", "anna said", device="cpu", **options)
+    assert generate(out, "anna said", **options) == expected
+    # the window matters: reading 16 positions gives other text
+    assert generate(tmp_path / "gpt", "anna said", device="cpu", **options) != expected

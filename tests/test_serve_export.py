@@ -1,4 +1,4 @@
-"""Serving exports: an exported LSTM (ONNX Runtime) and translator (CTranslate2) answer through
+"""Serving exports: an exported LSTM or GPT (ONNX Runtime) and translator (CTranslate2) answer through
 the same routes as checkpoints, with what the library gives for the same export; what a runtime
 cannot give (attention maps, its position table) is said, not left empty; a bad directory, an
 export of a newer scriven and a missing runtime package are one-line errors."""
@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 
 import pytest
 from conftest import make_text, one_thread
 
-from scriven.errors import ScrivenError
 from scriven.export import EXPORT_VERSION, export
 
 pytest.importorskip("fastapi")
@@ -149,17 +149,50 @@ def test_positions_of_an_export_are_refused_by_name(client):
 # What cannot be served
 
 
-def test_an_exported_gpt_is_refused_as_a_gpt_checkpoint_is(tmp_path, tmp_path_factory):
+@pytest.fixture(scope="module")
+def gpts(tmp_path_factory):
+    """A GPT checkpoint (random weights, max_len 16) and its ONNX export."""
     needs("onnx", "onnxruntime")
     from test_export import GPT_CONFIGS, save_random
 
     from scriven.tokenizers import WordTokenizer
     tok = WordTokenizer.train(make_text(50))
-    save_random(tmp_path / "gpt", "gpt", dict(GPT_CONFIGS["learned"], vocab_size=tok.vocab_size),
-                tok)
-    out = export(tmp_path / "gpt", "onnx", tmp_path / "gpt-onnx")
-    with pytest.raises(ScrivenError, match="only LSTM text generators can be served"):
-        create_app([out])
+    root = tmp_path_factory.mktemp("gpt")
+    save_random(root / "gpt", "gpt", dict(GPT_CONFIGS["learned"], vocab_size=tok.vocab_size),
+                tok, scale=0.05)
+    return root / "gpt", export(root / "gpt", "onnx", root / "gpt-onnx")
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["checkpoint", "onnx"])
+def test_a_gpt_is_served_as_the_library_generates_it(gpts, which):
+    """Requests with prompts of different lengths run at once: their caches differ in length,
+    so they step as separate groups, and 30 new tokens run each group past max_len 16 (its
+    newest half is read again) at a different step."""
+    from scriven.generation import generate
+    path = gpts[which]
+    app = create_app({"gpt": path}, limits=ServeLimits(max_new_tokens=30))
+    requests = [{"prompt": prompt, "max_new_tokens": 30, "seed": 5 + i, "num_samples": 2,
+                 "temperature": 0.9, "top_k": 20}
+                for i, prompt in enumerate(["anna said", "the prince and kitty", "levin"])]
+    results: list[dict] = [{} for _ in requests]
+    with TestClient(app, base_url="http://127.0.0.1") as c:
+        def call(i: int) -> None:
+            results[i] = c.post("/v1/generate", json=requests[i]).json()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        greedy = c.post("/v1/generate", json={"prompt": "anna said", "max_new_tokens": 30,
+                                              "temperature": 0}).json()
+    for request, body in zip(requests, results):
+        settings = {k: v for k, v in request.items() if k != "prompt"}
+        expected = generate(path, request["prompt"], device="cpu", **settings)
+        assert [body["prompt"] + s["generated"] for s in body["samples"]] == expected
+    expected = generate(path, "anna said", max_new_tokens=30, temperature=0, device="cpu")
+    assert greedy["prompt"] + greedy["samples"][0]["generated"] == expected[0]
+    assert app.state.models["gpt"].worker.peak_rows > 2  # requests ran side by side
 
 
 def write_export(path, kind="lstm", format="onnx", version=EXPORT_VERSION):

@@ -110,6 +110,8 @@ def export(checkpoint: str | Path, format: str, out: str | Path,
             "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
             "sampling": SAMPLING_DEFAULTS["translator" if ckpt.kind == "transformer" else "lm"],
             "model": model_config,
+            # a GPT's trained window, the most it may read at once (see OnnxStepper)
+            **({"context": ckpt_io.trained_context(ckpt.config)} if ckpt.kind == "gpt" else {}),
             "data": ckpt.config.get("data") or {},
             "source": str(ckpt.path),
         }

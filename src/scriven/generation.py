@@ -18,10 +18,11 @@ from .device import bf16_matmuls_fast, resolve_device
 from .errors import ScrivenError
 from .export import is_export
 from .models import kinds_for
+from .models.gpt import GPT
 from .models.lstm import LSTMLanguageModel
 from .precision import check_precision
 from .sampling import repetition_penalty_filter, sample_shared, uniform, validate
-from .stepper import LSTMStepper
+from .stepper import GPTStepper, LSTMStepper
 from .tokenizers import SPECIAL_TOKENS, Tokenizer, detokenize
 
 LM_KINDS = kinds_for("lm")
@@ -43,15 +44,15 @@ class TokenEvent:
 class LoadedLM:
     """A language model ready to generate: load once, generate many times (the server does).
     `precision` (fp32, bf16, int8; see `scriven.precision`) is how the weights are held for
-    generation; an LSTM's are laid out once in `stepper`. `context`: the most tokens a GPT reads
-    at once, its trained window (`checkpoint.trained_context`)."""
+    generation, and `stepper` steps the model (laid out once). `context`: the most tokens a GPT
+    reads at once, its trained window (`checkpoint.trained_context`)."""
 
     model: nn.Module
     tokenizer: Tokenizer
     device: torch.device
     path: Path | None = None
     precision: str = "fp32"
-    stepper: LSTMStepper | runtimes.OnnxStepper | None = None
+    stepper: LSTMStepper | GPTStepper | runtimes.OnnxStepper | None = None
     context: int | None = None
 
     @classmethod
@@ -66,23 +67,23 @@ class LoadedLM:
         dev = resolve_device(device)
         model, tok, ckpt = ckpt_io.load_model(checkpoint, dev, kinds=LM_KINDS)
         accel.apply(model, dev, "infer")
-        stepper = None
         if isinstance(model, LSTMLanguageModel):
-            stepper = LSTMStepper(model, precision)
-        elif precision == "int8":
+            return cls(model, tok, dev, ckpt.path, precision, LSTMStepper(model, precision))
+        if precision == "int8":
             raise ScrivenError("precision int8 is for LSTM generators; use bf16 or fp32 with a GPT")
-        elif precision == "bf16":
+        if precision == "bf16":
             # bf16 numbers; multiplied in bf16 only where that is fast (else emulated, slower)
             model = model.to(torch.bfloat16)
             if dev.type == "cpu" and not bf16_matmuls_fast():
                 model = model.float()
-        context = None if stepper is not None else ckpt_io.trained_context(ckpt.config)
-        return cls(model, tok, dev, ckpt.path, precision, stepper, context)
+        context = ckpt_io.trained_context(ckpt.config)
+        return cls(model, tok, dev, ckpt.path, precision, GPTStepper(model, context), context)
 
     @property
-    def decoder(self) -> nn.Module | LSTMStepper:
-        """What `sample_ids` steps: the LSTM's stepper, or the GPT itself."""
-        return self.stepper if self.stepper is not None else self.model
+    def decoder(self) -> LSTMStepper | GPTStepper | runtimes.OnnxStepper:
+        """What `sample_ids` steps."""
+        assert self.stepper is not None
+        return self.stepper
 
 
 def _loaded(checkpoint: str | Path | LoadedLM, device: str, precision: str | None) -> LoadedLM:
@@ -123,7 +124,8 @@ def prompt_text(tokenizer: Tokenizer, prompt: str, prompt_ids: list[int]) -> str
 
 
 @torch.inference_mode()
-def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_tokens: int,
+def sample_ids(model: nn.Module | LSTMStepper | GPTStepper | runtimes.OnnxStepper,
+               prompt_ids: Tensor, max_new_tokens: int,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
                alternatives: int = 0, context: int | None = None,
@@ -131,14 +133,13 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
     """Yield (next ids (B,), their probabilities (B,), top alternatives or None) one step at a
     time; alternatives are (probabilities (B, A), ids (B, A)) of the `alternatives` most likely
     tokens. The prompt (B, T) is read once; after that each step feeds only the newest token and
-    the carried state. An LSTM steps through an `LSTMStepper` (fp32 unless one is given). A GPT
-    reads at most `context` tokens at once (default: its max_len)."""
+    the carried state (see `scriven.stepper`). A model is stepped in fp32 through its stepper;
+    a GPT reads at most `context` tokens at once (default: its max_len)."""
     if isinstance(model, LSTMLanguageModel):
         model = LSTMStepper(model)
-    if isinstance(model, (LSTMStepper, runtimes.OnnxStepper)):
-        steps = _recurrent_steps(model, prompt_ids)
-    else:
-        steps = _transformer_steps(model, prompt_ids, context)
+    elif isinstance(model, GPT):
+        model = GPTStepper(model, context)
+    steps = _steps(model, prompt_ids)
     # A decoder on the native kernels brings their one-pass top-k sampler: the same picks.
     fused = getattr(model, "sample_top_k", None) if (
         temperature and top_k and top_p is None and not alternatives) else None
@@ -160,31 +161,14 @@ def sample_ids(model: nn.Module | LSTMStepper, prompt_ids: Tensor, max_new_token
             last = steps.send(ids)
 
 
-def _recurrent_steps(stepper: LSTMStepper, prompt_ids: Tensor) -> Iterator[Tensor]:
-    """Next-token logits (B, V) for the prompt, then for each id (B,) sent: a recurrent state
-    summarises the whole past, so nothing but the newest token is fed."""
+def _steps(stepper: LSTMStepper | GPTStepper | runtimes.OnnxStepper,
+           prompt_ids: Tensor) -> Iterator[Tensor]:
+    """Next-token logits (B, V) for the prompt, then for each id (B,) sent: only the newest
+    token is fed, with the state that holds the past."""
     last, state = stepper.read(prompt_ids)                                # (B, V)
     while True:
         ids = yield last
         last, state = stepper.step(ids, state)
-
-
-def _transformer_steps(model: nn.Module, prompt_ids: Tensor,
-                       context: int | None) -> Iterator[Tensor]:
-    """Like `_recurrent_steps` for a GPT. It reads at most `context` tokens at once (its
-    trained window; default its max_len): when the cache is full, the newest half of the text
-    is re-read into a fresh cache. That costs one prompt-sized step every context/2 tokens."""
-    limit = min(context or model.config.max_len, model.config.max_len)
-    history = prompt_ids[:, -limit:]
-    logits, state = model(history)                                        # (B, T, V)
-    while True:
-        ids = yield logits[:, -1].float()                                 # (B, V)
-        history = torch.cat([history, ids[:, None]], dim=1)
-        if state.length >= limit:
-            history = history[:, -(limit // 2):]
-            logits, state = model(history)
-        else:
-            logits, state = model(ids[:, None], state)                    # (B, 1, V)
 
 
 def generate_stream(checkpoint: str | Path | LoadedLM, prompt: str, max_new_tokens: int = 200,
@@ -218,7 +202,7 @@ def _events(lm: LoadedLM, prompt_ids: list[int], max_new_tokens: int, temperatur
     held = [0] * num_samples
     for step, (ids, probs, top) in enumerate(sample_ids(
             lm.decoder, batch, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-            generator, alternatives, lm.context)):
+            generator, alternatives)):
         for s, (token_id, prob) in enumerate(zip(ids.tolist(), probs.tolist())):
             if done[s]:
                 continue

@@ -19,6 +19,7 @@ from .errors import ScrivenError
 from .export import read_info, require
 from .pairs import encode_sources
 from .search import length_batches, output_limit
+from .stepper import join_lstm, select_lstm
 from .tokenizers import BOS, EOS, UNK_ID, Tokenizer, load_tokenizer
 
 
@@ -52,8 +53,9 @@ class OnnxStepper:
     laid out as `LSTMStepper`'s, (L, B, H) each: the server's continuous batching stacks and
     selects rows of it along B the same way for both.
 
-    A GPT's context is bounded the way `generation.sample_ids` bounds it: when the cache holds
-    max_len positions, the newest half of the text is read again into a fresh cache."""
+    A GPT's context is bounded as a checkpoint's `stepper.GPTStepper` bounds it: when the cache
+    holds the trained context (export.json's "context"; max_len in exports made before it was
+    written), the newest half of the text is read again into a fresh cache."""
 
     def __init__(self, path: str | Path, info: dict[str, Any], threads: int | None = None) -> None:
         self.path = Path(path)
@@ -70,7 +72,7 @@ class OnnxStepper:
             self.h_shape = (n, proj or config["hidden_dim"])
             self.c_shape = (n, config["hidden_dim"])
         else:
-            self.max_len = config["max_len"]
+            self.context = min(info.get("context") or config["max_len"], config["max_len"])
             heads = config["n_heads"]
             self.cache_shape = (config["n_layers"], heads, config["d_model"] // heads)
 
@@ -78,7 +80,7 @@ class OnnxStepper:
         ids_np = ids.cpu().numpy().astype(np.int64)                          # (B, T)
         b = ids_np.shape[0]
         if self.kind == "gpt":
-            history = ids_np[:, -self.max_len:]
+            history = ids_np[:, -self.context:]
             layers, heads, dh = self.cache_shape
             empty = np.zeros((layers, b, heads, 0, dh), np.float32)
             logits, keys, values = self.step_session.run(None, {"ids": history, "keys": empty,
@@ -104,11 +106,28 @@ class OnnxStepper:
             return torch.from_numpy(logits), (torch.from_numpy(h), torch.from_numpy(c))
         keys, values, history = state
         history = np.concatenate([history, ids_np[:, None]], axis=1)
-        if keys.shape[3] >= self.max_len:
-            return self.read(torch.from_numpy(history[:, -(self.max_len // 2):]))
+        if keys.shape[3] >= self.context:
+            return self.read(torch.from_numpy(history[:, -(self.context // 2):]))
         logits, keys, values = self.step_session.run(None, {"ids": ids_np[:, None], "keys": keys,
                                                             "values": values})
         return torch.from_numpy(logits), (keys, values, history)
+
+    def select(self, state: Any, index: Tensor) -> Any:
+        """Rows `index` (R,) of a state (see `scriven.stepper`)."""
+        if self.kind == "lstm":
+            return select_lstm(state, index)
+        keys, values, history = state
+        rows = index.cpu().numpy()
+        return keys[:, rows], values[:, rows], history[rows]
+
+    def join(self, a: Any, b: Any) -> Any:
+        """Two states' rows stacked, or None where a GPT's caches differ in length."""
+        if self.kind == "lstm":
+            return join_lstm(a, b)
+        if a[2].shape[1] != b[2].shape[1]:
+            return None
+        return (np.concatenate([a[0], b[0]], 1), np.concatenate([a[1], b[1]], 1),
+                np.concatenate([a[2], b[2]]))
 
 
 def _arrays(state: tuple[Tensor, Tensor]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,8 @@
-"""A trained LSTM language model laid out for generation, one token per call."""
+"""Language models laid out for generation, one token per call: `read` a prompt (B, T), then
+`step` one token per row (B,), carrying a state. Generation (`generation.sample_ids`) and the
+server's continuous batching (`serve.batching`) drive any stepper the same way, an exported
+model's `runtimes.OnnxStepper` included. The server also regroups rows: `select` keeps some rows
+of a state (repeats allowed), `join` stacks two states' rows, or says it cannot (None)."""
 
 from __future__ import annotations
 
@@ -9,8 +13,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import accel
+from .attention import KVCache
+from .models.gpt import GPT, GPTCache
 from .models.lstm import LSTMLanguageModel, LSTMState
 from .precision import FrozenLinear, check_precision, worth_lower_precision
+
+
+def select_lstm(state: LSTMState, index: Tensor) -> LSTMState:
+    """Rows `index` (R,) of an LSTM state (h, c), each (L, B, H)."""
+    return state[0].index_select(1, index), state[1].index_select(1, index)
+
+
+def join_lstm(a: LSTMState, b: LSTMState) -> LSTMState:
+    """Two LSTM states' rows stacked: a recurrent state is the same size at every position."""
+    return torch.cat([a[0], b[0]], 1), torch.cat([a[1], b[1]], 1)
 
 
 class LSTMStepper:
@@ -73,6 +89,56 @@ class LSTMStepper:
             hs.append(x)
             cs.append(c_k)
         return self.head(x), (torch.stack(hs), torch.stack(cs))
+
+    select = staticmethod(select_lstm)
+    join = staticmethod(join_lstm)
+
+
+GPTState = tuple[GPTCache, Tensor]  # the key/value cache, and the ids it holds (B, P)
+
+
+class GPTStepper:
+    """A GPT stepped like an `LSTMStepper`: its state is the key/value cache and the text in it.
+
+    It reads at most `context` tokens at once (its trained window; default its max_len): when
+    the cache is full, the newest half of the text is read again into a fresh cache. That costs
+    one prompt-sized step every context/2 tokens."""
+
+    def __init__(self, model: GPT, context: int | None = None) -> None:
+        self.model = model
+        self.config = model.config
+        self.context = min(context or model.config.max_len, model.config.max_len)
+
+    def read(self, ids: Tensor, state: GPTState | None = None) -> tuple[Tensor, GPTState]:
+        """Read a prompt (B, T) into a fresh cache -> logits for the token after it (B, V)."""
+        history = ids[:, -self.context:]
+        logits, cache = self.model(history)                         # (B, T, V)
+        return logits[:, -1].float(), (cache, history)
+
+    def step(self, ids: Tensor, state: GPTState) -> tuple[Tensor, GPTState]:
+        """Feed one token per row, ids (B,) -> logits for the next one (B, V), and the state."""
+        cache, history = state
+        history = torch.cat([history, ids[:, None]], dim=1)         # (B, P + 1)
+        if cache.length >= self.context:
+            return self.read(history[:, -(self.context // 2):])
+        logits, cache = self.model(ids[:, None], cache)             # (B, 1, V)
+        return logits[:, -1].float(), (cache, history)
+
+    @staticmethod
+    def select(state: GPTState, index: Tensor) -> GPTState:
+        cache, history = state
+        layers = [KVCache(layer.key.index_select(0, index), layer.value.index_select(0, index))
+                  for layer in cache.layers]
+        return GPTCache(layers), history.index_select(0, index)
+
+    @staticmethod
+    def join(a: GPTState, b: GPTState) -> GPTState | None:
+        """Rows of caches that hold as many positions stack; others cannot."""
+        if a[1].size(1) != b[1].size(1):
+            return None
+        layers = [KVCache(torch.cat([x.key, y.key]), torch.cat([x.value, y.value]))
+                  for x, y in zip(a[0].layers, b[0].layers)]
+        return GPTCache(layers), torch.cat([a[1], b[1]])
 
 
 class _CellLayer:

@@ -1,7 +1,7 @@
 """The HTTP server: a FastAPI app over loaded checkpoints and exports (`scriven.export`), with
 the playground at `/`.
 
-    POST /v1/generate    continue a prompt (LSTM language model); "stream": true for
+    POST /v1/generate    continue a prompt (LSTM or GPT language model); "stream": true for
                          server-sent events, one per token
     POST /v1/translate   translate one sentence or a list; "stream": true for events per token
                          (greedy) and per finished sentence; "attention": true adds the

@@ -3,12 +3,16 @@
 Each served model has one worker thread. Requests wait in a first-in first-out queue and are
 admitted in arrival order, up to `max_batch` rows at a time.
 
-Generation (LSTM): continuous batching. Every sample of every active request is one row of a
-single batch; its recurrent state (h, c) sits at that row along the batch dimension, so one
-model call advances every request by one token, whatever its prompt length or how far along it
-is. A finished request leaves at once and a waiting one joins at the next step. Each row samples
-with its own temperature, top-k, top-p and random generator, so a seeded request gives the same
-text whatever else is running (up to float rounding in batches of different sizes).
+Generation: continuous batching. Every sample of every active request is one row of the
+batch, and each step samples every row and advances it by one token. A finished request leaves
+at once and a waiting one joins at the next step. Each row samples with its own temperature,
+top-k, top-p and random generator, so a seeded request gives the same text whatever else is
+running (up to float rounding in batches of different sizes). The rows' states are kept in
+groups that one model call steps together (`stepper.join`): an LSTM's recurrent state is the
+same size whatever a request's prompt or progress, so all its rows form one group; a GPT's
+key/value caches differ in length, so rows join only rows whose caches hold as many positions
+(the samples of a request, requests admitted together with prompts of one length), and each
+group is one model call per step.
 
 Translation: micro-batching. The requests that arrived while a batch was decoding form the next
 batch; sentences with the same search settings decode together, greedy ones in one batched
@@ -22,8 +26,8 @@ An exported translator decodes through `CT2Translator.search_ids`, the path `tra
 for it: CTranslate2 runs a batch to its end with no step hook, so its sentences stream as each
 batch finishes (no token events) and a cancelled request is dropped between batches. It has no
 attention weights: "attention": true answers `{"available": false, "reason": ...}` for each
-sentence instead of maps. An exported LSTM steps through its `OnnxStepper` in the same
-continuous batch as a checkpoint's `LSTMStepper`.
+sentence instead of maps. An exported model steps through its `OnnxStepper` in the same
+continuous batch as a checkpoint's stepper.
 
 The event loop and a worker talk through a `Ticket`: the worker sends events, collected per
 step and handed to the loop in one call; the loop sets `cancelled` when the client leaves, and
@@ -45,10 +49,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import ScrivenError
 from ..generation import LoadedLM, next_piece, stop_at
 from ..pairs import pad_sequences
-from ..runtimes import CT2Translator, OnnxStepper
+from ..runtimes import CT2Translator
 from ..sampling import penalize_rows, sample_rows
 from ..search import GreedyStep, beam_search, greedy_search, output_limit
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID
@@ -238,21 +241,16 @@ class _Row:
 
 
 class GenerationWorker(_Worker):
-    """Continuous batching for one LSTM language model (see the module docstring)."""
+    """Continuous batching for one language model (see the module docstring)."""
 
     def __init__(self, lm: LoadedLM, max_batch: int = 64, max_queue: int = 1024,
                  name: str = "lm") -> None:
-        # Rows of an LSTM state stack along the batch; a GPT's caches (checkpoint or export)
-        # differ in length from request to request.
-        exported_gpt = isinstance(lm.stepper, OnnxStepper) and lm.stepper.kind != "lstm"
-        if lm.stepper is None or exported_gpt:
-            raise ScrivenError(f"{lm.path}: only LSTM text generators can be served so far "
-                               "(continuous batching stacks their state row by row)")
         self.lm = lm
-        self.stepper = lm.stepper
+        self.stepper = lm.decoder
         self.max_batch = max_batch
         self.rows: list[_Row] = []
-        self.state: tuple[Tensor, Tensor] | None = None  # (h, c), each (L, R, H)
+        # The rows' states, in row order: (state, how many rows it holds) per group.
+        self.groups: list[tuple[Any, int]] = []
         self.last: Tensor | None = None                  # (R, V) logits for each row's next token
         self.steps = 0      # model steps taken
         self.peak_rows = 0  # the most rows ever decoded in one step
@@ -291,31 +289,47 @@ class GenerationWorker(_Worker):
             by_length[len(job.prompt_ids)].append(job)
         for group in by_length.values():
             prompts = torch.tensor([job.prompt_ids for job in group], device=self.lm.device)
-            last, (h, c) = self.stepper.read(prompts)                       # (G, V)
+            last, state = self.stepper.read(prompts)                        # (G, V)
             repeat = torch.tensor([job.num_samples for job in group], device=self.lm.device)
-            last = last.repeat_interleave(repeat, dim=0)                    # (R', V)
-            h, c = h.repeat_interleave(repeat, dim=1), c.repeat_interleave(repeat, dim=1)
+            rows = torch.arange(len(group), device=self.lm.device).repeat_interleave(repeat)
+            last, state = last.index_select(0, rows), self.stepper.select(state, rows)  # (R', V)
             for job in group:
                 prompt = self.lm.tokenizer.decode(job.prompt_ids)
                 job.samples = [_Row(job, s, text=prompt) for s in range(job.num_samples)]
                 self.rows.extend(job.samples)
-            if self.state is None or self.last is None:
-                self.state, self.last = (h, c), last
-            else:
-                self.state = (torch.cat([self.state[0], h], 1), torch.cat([self.state[1], c], 1))
-                self.last = torch.cat([self.last, last], 0)
+            self._add_group(state, len(rows))
+            self.last = last if self.last is None else torch.cat([self.last, last], 0)
+
+    def _add_group(self, state: Any, count: int) -> None:
+        """Rows that follow the last group's join it where the stepper can stack them."""
+        joined = self.stepper.join(self.groups[-1][0], state) if self.groups else None
+        if joined is None:
+            self.groups.append((state, count))
+        else:
+            self.groups[-1] = (joined, self.groups[-1][1] + count)
 
     def _select(self, keep: list[int]) -> None:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self.state = self.last = None
+            self.groups, self.last = [], None
             return
-        index = torch.tensor(keep, device=self.lm.device)
-        assert self.state is not None and self.last is not None
-        self.state = (self.state[0].index_select(1, index), self.state[1].index_select(1, index))
-        self.last = self.last.index_select(0, index)
+        assert self.last is not None
+        device = self.lm.device
+        self.last = self.last.index_select(0, torch.tensor(keep, device=device))
+        groups, self.groups, start, k = self.groups, [], 0, 0
+        for state, count in groups:
+            mine = []  # this group's kept rows, counted from its first
+            while k < len(keep) and keep[k] < start + count:
+                mine.append(keep[k] - start)
+                k += 1
+            if len(mine) == count:
+                self.groups.append((state, count))
+            elif mine:
+                self.groups.append((self.stepper.select(state, torch.tensor(mine, device=device)),
+                                    len(mine)))
+            start += count
 
     def _drop_stopped(self) -> None:
         """Rows of cancelled or timed-out requests leave the batch."""
@@ -331,7 +345,7 @@ class GenerationWorker(_Worker):
 
     def _advance(self) -> None:
         """Sample one token for every row, send it, drop finished rows, feed the rest."""
-        assert self.state is not None and self.last is not None
+        assert self.groups and self.last is not None
         rows, logits = self.rows, self.last
         device, v = logits.device, logits.size(-1)
         self.peak_rows = max(self.peak_rows, len(rows))
@@ -360,7 +374,13 @@ class GenerationWorker(_Worker):
         self._select(keep)
         if self.rows:
             feed = ids.index_select(0, torch.tensor(keep, device=device))   # (R,)
-            self.last, self.state = self.stepper.step(feed, self.state)     # (R, V)
+            logits, start = [], 0
+            for g, (state, count) in enumerate(self.groups):
+                last, state = self.stepper.step(feed[start:start + count], state)
+                logits.append(last)                                         # (count, V)
+                self.groups[g] = (state, count)
+                start += count
+            self.last = logits[0] if len(logits) == 1 else torch.cat(logits)  # (R, V)
 
     def _emit(self, ids: list[int], probs: list[float], alt_p: list[list[float]],
               alt_i: list[list[int]]) -> None:
@@ -399,7 +419,7 @@ class GenerationWorker(_Worker):
     def _fail_all(self, error: dict[str, Any]) -> None:
         for job in {id(row.job): row.job for row in self.rows}.values():
             self.outbox.put(job.ticket, "error", error)
-        self.rows, self.state, self.last = [], None, None
+        self.rows, self.groups, self.last = [], [], None
 
 
 # ---------------------------------------------------------------------------------------------
