@@ -30,7 +30,7 @@ def _session(file: Path, threads: int | None) -> Any:
         options.intra_op_num_threads = threads
     # By default ONNX Runtime's threads spin after each run, waiting for the next. Here the
     # caller samples with PyTorch between runs, and spinning threads take the cores from it:
-    # 64 streams generated 3.5x slower (docs/benchmarks.md, "Export").
+    # 64 streams generated 3.5x slower (docs/benchmarks.md, "ONNX Runtime's threads").
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
