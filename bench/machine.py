@@ -4,7 +4,8 @@
 runs again in a child process with PyTorch, oneDNN, MKL, fbgemm and CTranslate2 held to AVX2,
 and scriven's kernels held to their AVX2 build (generation only; training runs plain PyTorch, as
 on such a laptop). ONNX Runtime has no such switch: it picks its kernels from the CPU itself, so
-its figures under this profile are what it runs on this CPU, not on an AVX2 one. `--profile plain` is the same without any scriven kernel: what a CPU runs where none
+its figures under this profile are what it runs on this CPU, not on an AVX2 one. `--profile
+plain` is the same without any scriven kernel: what a CPU runs where none
 builds (ARM machines, or no C compiler), as near as an x86 machine can show it. Those libraries
 read their instruction-set limits once, when they load, so the variables must be set before
 `import torch`; hence a child process rather than a switch inside this one.

@@ -44,8 +44,7 @@ class TokenEvent:
 class LoadedLM:
     """A language model ready to generate: load once, generate many times (the server does).
     `precision` (fp32, bf16, int8; see `scriven.precision`) is how the weights are held for
-    generation, and `stepper` steps the model (laid out once). `context`: the most tokens a GPT
-    reads at once, its trained window (`checkpoint.trained_context`)."""
+    generation, and `stepper` steps the model (laid out once)."""
 
     model: nn.Module
     tokenizer: Tokenizer
@@ -53,7 +52,6 @@ class LoadedLM:
     path: Path | None = None
     precision: str = "fp32"
     stepper: LSTMStepper | GPTStepper | runtimes.OnnxStepper | None = None
-    context: int | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str = "auto", precision: str = "fp32") -> LoadedLM:
@@ -76,8 +74,14 @@ class LoadedLM:
             model = model.to(torch.bfloat16)
             if dev.type == "cpu" and not bf16_matmuls_fast():
                 model = model.float()
-        context = ckpt_io.trained_context(ckpt.config)
-        return cls(model, tok, dev, ckpt.path, precision, GPTStepper(model, context), context)
+        stepper = GPTStepper(model, ckpt_io.trained_context(ckpt.config))
+        return cls(model, tok, dev, ckpt.path, precision, stepper)
+
+    @property
+    def context(self) -> int | None:
+        """The most tokens a GPT reads at once, its trained window
+        (`checkpoint.trained_context`); None for an LSTM, whose state carries all of its past."""
+        return getattr(self.stepper, "context", None)
 
     @property
     def decoder(self) -> LSTMStepper | GPTStepper | runtimes.OnnxStepper:

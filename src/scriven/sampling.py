@@ -254,6 +254,10 @@ def _top(probs: Callable[[], Tensor], count: int, ids: Tensor) -> tuple[Tensor, 
     return torch.topk(probs(), count, dim=-1)
 
 
+SCAN_BLOCK = 128  # see inverse_cdf
+BLOCKED_SCAN_MIN = 2**18
+
+
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     """For each row of probs (B, K) and its number u (B,) in [0, 1): the first index (B, 1)
     whose running total passes u × the row's total.
@@ -282,10 +286,6 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     inside = probs.gather(1, index.clamp(max=k - 1)).masked_fill_(index >= k, 0)
     step = torch.searchsorted(before + inside.cumsum(dim=-1), target, right=True)
     return (block * SCAN_BLOCK + step.clamp_(max=SCAN_BLOCK - 1)).clamp_(max=k - 1)
-
-
-SCAN_BLOCK = 128
-BLOCKED_SCAN_MIN = 2**18
 
 
 def uniform(rows: int, generator: torch.Generator | None, device: torch.device) -> Tensor:
