@@ -16,9 +16,10 @@ their trained context:
       of 3 minutes), so it never stops early or is cut off mid-decay.
 
 Arms: gpt_default, lstm_default (the fixed default presets), gpt_auto, lstm_auto
-(`--preset auto`), reference; and for the translator (`--arms translate_default,translate_joeynmt`,
+(`--preset auto`), reference; gpt_auto_adamw, gpt_auto_muon, lstm_auto_adamw, lstm_auto_muon
+(`auto` with the optimizer named); and for the translator (`--arms translate_default,translate_joeynmt`,
 eng-fra, test BLEU and chrF with beam 4 on the held-out split) scriven's default beside
-JoeyNMT's recipe (below).
+JoeyNMT's recipe (below); translate_adamw and translate_muon name the optimizer.
 
     SCRIVEN_DATA_MIRROR=../shared/data python bench/budget.py --minutes 10
     SCRIVEN_DATA_MIRROR=../shared/data python bench/budget.py --quick            # a smoke run
@@ -73,13 +74,13 @@ def arm(result: TrainResult, run: Path, config: dict) -> dict:
             "best_bits_per_char": min(b for _, b in points), "curve": points, "config": config}
 
 
-def scriven_arm(model: str, preset: str):
+def scriven_arm(model: str, preset: str, **settings):
     """What `scriven train lm anna --model MODEL --tokenizer char --preset PRESET --minutes M`
-    trains, with everything else at its defaults."""
+    trains, with everything else at its defaults (or `settings`)."""
     def run_arm(minutes: float, workdir: Path) -> dict:
-        run = workdir / f"{model}_{preset}"
+        run = workdir / "_".join([model, preset, *map(str, settings.values())])
         result = train_lm("anna", run, preset=preset, model=model, tokenizer="char",
-                          minutes=minutes, progress=False)
+                          minutes=minutes, progress=False, **settings)
         saved = json.loads((run / "latest" / "config.json").read_text(encoding="utf-8"))
         return arm(result, run, {key: saved[key] for key in ("model", "train", "sizing")
                                  if key in saved})
@@ -133,9 +134,15 @@ ARMS = {
     "gpt_auto": scriven_arm("gpt", "auto"),
     "lstm_default": scriven_arm("lstm", "default"),
     "lstm_auto": scriven_arm("lstm", "auto"),
+    "gpt_auto_adamw": scriven_arm("gpt", "auto", optimizer="adamw"),
+    "gpt_auto_muon": scriven_arm("gpt", "auto", optimizer="muon"),
+    "lstm_auto_adamw": scriven_arm("lstm", "auto", optimizer="adamw"),
+    "lstm_auto_muon": scriven_arm("lstm", "auto", optimizer="muon"),
     "reference": reference,
     "translate_default": translator_arm("translate_default"),
     "translate_joeynmt": translator_arm("translate_joeynmt", **JOEYNMT_TRAIN),
+    "translate_adamw": translator_arm("translate_adamw", optimizer="adamw"),
+    "translate_muon": translator_arm("translate_muon", optimizer="muon"),
 }
 
 

@@ -120,7 +120,7 @@ def test_resume_truncates_the_log_and_says_its_step(tiny_text, tmp_path, monkeyp
 @pytest.mark.parametrize("change, named", [
     (dict(batch_size=2), "batch_size 4 -> 2"), (dict(seq_len=4), "seq_len 8 -> 4"),
     (dict(seed=3), "seed 0 -> 3"), (dict(lr=1e-2), "lr"), (dict(amp="bf16"), "amp"),
-    ("text", "training data"),
+    (dict(optimizer="muon"), "optimizer 'adamw' -> 'muon'"), ("text", "training data"),
 ])
 def test_resume_refuses_changed_settings_or_data(tiny_text, tmp_path, change, named):
     run = tmp_path / "run"

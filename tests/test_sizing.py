@@ -42,7 +42,7 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     # the rule asks for: the second is chosen, and none past the third is timed.
     timed = []
 
-    def fake_timing(model, batches, loss_fn, device, amp, lr, seconds):
+    def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
         n = parameters_without_embeddings(model)
         timed.append(n)
         return (4, 2, 0.5)[len(timed) - 1] * sizing.TOKENS_PER_PARAMETER["gpt"] * n / 60

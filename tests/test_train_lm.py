@@ -36,10 +36,13 @@ def test_same_seed_gives_the_same_weights(tiny_text, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_resume_equals_uninterrupted_training(tiny_text, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model, optimizer", [("lstm", "adamw"), ("lstm", "muon"), ("gpt", "muon")])
+def test_resume_equals_uninterrupted_training(tiny_text, tmp_path, monkeypatch, model, optimizer):
     # Dropout and a cosine schedule both make this a real test of RNG, optimizer and
     # data-position restore. On the CPU: cuDNN's LSTM dropout cannot resume exactly (test_cuda.py).
-    args = dict(TINY, preset="seed", max_steps=17, dropout=0.3, device="cpu")
+    # Muon's momentum lives in a second optimizer, saved and restored with AdamW's state.
+    args = dict(TINY, preset="seed" if model == "lstm" else "tiny", model=model, max_steps=17,
+                dropout=0.3, device="cpu", optimizer=optimizer)
     train_lm(str(tiny_text), tmp_path / "full", **args)
 
     restore = crash_after(monkeypatch, lm_module.LMTask, steps=10)  # the step-10 checkpoint is on disk

@@ -203,9 +203,11 @@ def test_attention_maps(tr):
     assert json.loads(json.dumps(forced.to_dict()))["target_tokens"] == forced.target_tokens
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16-pure"])
-def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch, amp):
-    args = dict(TINY, max_steps=17, eval_every=5, bleu_sentences=3, dropout=0.3, amp=amp)
+@pytest.mark.parametrize("amp, optimizer", [("off", "adamw"), ("bf16-pure", "adamw"),
+                                           ("bf16-pure", "muon")])
+def test_resume_equals_uninterrupted_training(pair_file, tmp_path, monkeypatch, amp, optimizer):
+    args = dict(TINY, max_steps=17, eval_every=5, bleu_sentences=3, dropout=0.3, amp=amp,
+                optimizer=optimizer)
     train_translate(pair_file, tmp_path / "full", **args)
 
     restore = crash_after(monkeypatch, translate_module.TranslationTask, steps=10)  # the step-10 checkpoint is on disk
@@ -263,7 +265,7 @@ def test_a_budget_of_minutes_times_the_model_for_its_dropout(pair_file, tmp_path
 
     timed = []
 
-    def fake_speed(model, batches, loss_fn, device, amp, lr, seconds):
+    def fake_speed(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
         loss, n = loss_fn(model, next(iter(batches)))  # real batches and loss
         timed.append((n, seconds))
         return 1.0  # target tokens/s: far below one pass in the budget

@@ -20,6 +20,7 @@ from typing import Any
 
 from .device import AMP_MODES
 from .errors import ScrivenError
+from .optimizers import OPTIMIZERS
 
 
 def _integer(text: str) -> int:
@@ -337,6 +338,8 @@ _TRAINING = (
     Option("--overwrite", "replace the run already in OUT (default: that is an error)"),
     Option("--log-every", "steps between log lines"),
     Option("--compile", "torch.compile the model (GPU runs)"),
+    Option("--optimizer", "adamw, or muon: Muon for the hidden matrices, AdamW for embeddings, "
+                          "heads, biases and norms", choices=OPTIMIZERS),
     Option("--no-progress", "no progress bar", dest="progress"),
 )
 

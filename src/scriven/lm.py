@@ -254,6 +254,10 @@ def _cut_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[s
     return text[:a], text[a:b], text[b:]
 
 
+# Measured per family against AdamW in the same run (docs/benchmarks.md, "Muon").
+DEFAULT_OPTIMIZER = {"gpt": "muon", "lstm": "adamw"}
+
+
 def default_preset(model: str, minutes: float | None, epochs: int | None,
                    max_steps: int | None) -> str:
     """A GPT trained for a time budget alone is sized for it (`auto`): measured against
@@ -275,8 +279,8 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
              eval_every: int | None = None,
              evals_per_run: int = 10, patience: int = 0,
              amp: str = "auto", device: str = "auto", seed: int = 0, resume: bool = False,
-             log_every: int = 20, compile: bool = False, progress: bool = True,
-             overwrite: bool = False) -> TrainResult:
+             log_every: int = 20, compile: bool = False, optimizer: str | None = None,
+             progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Train a next-token text generator on a text file or a dataset name (e.g. "anna").
 
     Writes `out/latest` (with training state), `out/best` (lowest validation perplexity),
@@ -287,7 +291,8 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     `preset="auto"` (with `minutes`) times candidate sizes on this machine and trains the largest
     the budget holds enough tokens for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
     `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's.
-    Without a preset, see `default_preset`."""
+    Without a preset, see `default_preset`. `optimizer` (adamw or muon, see
+    `scriven.optimizers`) defaults to `DEFAULT_OPTIMIZER[model]`, and on resume to the run's."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
     config_cls, model_cls, presets = MODELS[model]
     if epochs is None and minutes is None and max_steps is None:
@@ -314,6 +319,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
         batch_size = shape.get("batch_size") if batch_size is None else batch_size
         seq_len = shape.get("seq_len") if seq_len is None else seq_len
         lr = lr if lr is not None else shape.get("lr")
+        optimizer = optimizer or shape.get("optimizer", "adamw")
         sizing = saved.config.get("sizing")  # what chose this size, kept across resumes
     else:
         tok = build_tokenizer(tok_config, train_text)
@@ -326,10 +332,12 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     cpt = chars_per_token(tok, tok.tokenize(valid_text))
     dist = Distributed.from_env()
     dev = resolve_device(device, dist)
+    optimizer = optimizer or DEFAULT_OPTIMIZER[model]
     choice = None
     if preset == "auto" and not resume:
         choice = _choose_size(model, model_config, minutes, train_ids, valid_ids, cpt, dev, dist,
-                              amp, carries_state=model_cls.carries_state)
+                              amp, optimizer,
+                              carries_state=model_cls.carries_state)
         if progress and dist.main:
             print(choice.describe(), file=sys.stderr)
         model_config = choice.model_config
@@ -348,7 +356,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
                                  eval_every=eval_every,
                                  evals_per_run=evals_per_run,
                                  patience=patience, amp=amp, device=device, seed=seed,
-                                 log_every=log_every, compile=compile)
+                                 log_every=log_every, compile=compile, optimizer=optimizer)
     if config_cls is GPTConfig:
         check(seq_len <= model_config.max_len, "seq_len",
               f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
@@ -368,7 +376,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
 
 
 def _choose_size(family: str, base: Any, minutes: float, train_ids: Tensor, valid_ids: Tensor,
-                 cpt: float, device: torch.device, dist: Distributed, amp: str,
+                 cpt: float, device: torch.device, dist: Distributed, amp: str, optimizer: str,
                  carries_state: bool) -> Choice:
     """`--preset auto` for a text generator: time each candidate on this text's batches."""
     model_cls = MODELS[family][1]
@@ -383,7 +391,7 @@ def _choose_size(family: str, base: Any, minutes: float, train_ids: Tensor, vali
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), y.numel()
 
     return choose_size(family, base, minutes, train_ids.numel(), model_cls, batches, loss,
-                       device, amp)
+                       device, amp, optimizer)
 
 
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:

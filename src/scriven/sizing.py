@@ -32,6 +32,7 @@ from torch import nn
 
 from . import accel
 from .device import autocast_dtype, training_precision
+from .optimizers import make_optimizer
 
 TOKENS_PER_PARAMETER = {"gpt": 15.0, "lstm": 5.0}
 WARMUP_STEPS = 2         # per candidate: allocations, kernel choices, first-touch pages
@@ -133,14 +134,16 @@ def parameters_without_embeddings(model: nn.Module) -> int:
 
 
 def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.device,
-                  amp: str, lr: float, seconds: float = MAX_TIMING_SECONDS) -> float:
-    """Tokens/s of training steps as `fit` takes them (accelerated, in the run's precision):
-    WARMUP_STEPS steps, then up to TIMED_STEPS, stopping early past `seconds`. The
-    median step counts, so one step slowed by another process does not decide the size."""
+                  amp: str, lr: float, seconds: float = MAX_TIMING_SECONDS,
+                  optimizer: str = "adamw") -> float:
+    """Tokens/s of training steps as `fit` takes them (accelerated, in the run's precision, with
+    its optimizer): WARMUP_STEPS steps, then up to TIMED_STEPS, stopping early past `seconds`.
+    The median step counts, so one step slowed by another process does not decide the size."""
     model.to(device).train()
     accel.apply(model, device, "train")
     dtype = autocast_dtype(training_precision(amp, device, False), device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = make_optimizer(model, optimizer, lr, 0.0, (0.9, 0.99), 1e-8,
+                         dtype if dtype is torch.bfloat16 else torch.float32)
     rates: list[float] = []
     began = time.perf_counter()
     for i, batch in enumerate(batches):
@@ -173,7 +176,7 @@ def dropout_for(family: str, epochs: float) -> float:
 def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int,
                 make_model: Callable[[Any], nn.Module],
                 make_batches: Callable[[int, int], Any], loss_fn: Callable,
-                device: torch.device, amp: str) -> Choice:
+                device: torch.device, amp: str, optimizer: str = "adamw") -> Choice:
     """Time each candidate of `family`'s ladder and choose one for `minutes` of training.
 
     `base_config` is the model config to resize (its vocabulary and other fields are kept);
@@ -189,7 +192,7 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
         torch.manual_seed(0)
         model = make_model(config)
         speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
-                              device, amp, rung["lr"], seconds)
+                              device, amp, rung["lr"], seconds, optimizer)
         measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
                                   speed * minutes * 60))
         del model

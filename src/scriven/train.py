@@ -30,6 +30,7 @@ from . import checkpoint as ckpt_io
 from .config import check, check_float, check_positive_int, to_dict
 from .device import AMP_MODES, Distributed, autocast_dtype, resolve_device, training_precision
 from .errors import ScrivenError
+from .optimizers import OPTIMIZERS, Optimizers, load_optimizer, make_optimizer, optimizer_tensors
 
 try:
     import fcntl
@@ -68,6 +69,7 @@ class TrainConfig:
     amp: str = "auto"                # auto | bf16 | bf16-pure | fp16 | off
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     compile: bool = False            # torch.compile the model
+    optimizer: str = "adamw"         # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     seed: int = 0
     log_every: int = 20
 
@@ -97,6 +99,8 @@ class TrainConfig:
         check_float(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_open=True)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
               f"must be two numbers in [0, 1), got {self.betas!r}")
+        check(self.optimizer in OPTIMIZERS, "optimizer",
+              f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         check(self.schedule in ("cosine", "inverse_sqrt", "constant"), "schedule",
               f"must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
         check(self.amp in AMP_MODES, "amp",
@@ -193,42 +197,6 @@ def lr_at(config: TrainConfig, step: int, progress: float, plan: Plan | None = N
         return max(floor, config.lr * math.sqrt(warm_fraction / progress)) if warm_fraction else config.lr
     decay = min(max((progress - warm_fraction) / max(1.0 - warm_fraction, 1e-9), 0.0), 1.0)
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * decay))
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    # Weight decay on matrices only: decaying biases, norms and embeddings rarely helps.
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    # The fused kernel: one pass per tensor instead of a dozen (CPU and CUDA).
-    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps, fused=fused)
-
-
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
-    sd = opt.state_dict()
-    tensors = {}
-    for index, slots in sd["state"].items():
-        for name, value in slots.items():
-            tensors[f"optim.{index}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, groups
-
-
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 @dataclass
@@ -479,7 +447,7 @@ class _Run:
     device: torch.device
     amp_dtype: torch.dtype | None   # autocast for validation
     step_dtype: torch.dtype | None  # autocast for training steps (None under bf16-pure)
-    opt: torch.optim.Optimizer
+    opt: torch.optim.Optimizer | Optimizers
     scaler: torch.amp.GradScaler
     p: Progress
     log: _Log
@@ -506,7 +474,9 @@ def _start(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: C
     accelerated = accel.apply(model, device, "train")
     if progress_bar and dist.main:
         print(f"accelerated: {json.dumps(accelerated)}", file=sys.stderr)
-    opt = make_optimizer(model, config)
+    # Muon's iterations run in bf16 only where the steps do: emulated bf16 is slow.
+    opt = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.betas,
+                         config.eps, amp_dtype if amp_dtype is torch.bfloat16 else torch.float32)
     p = (_restore(model, task, opt, config, out, spec, dist, device) if resume
          else Progress(elapsed=spent))
 
@@ -540,14 +510,18 @@ def _start(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: C
     return run
 
 
-def _restore(model: nn.Module, task: Task, opt: torch.optim.Optimizer, config: TrainConfig,
+def _restore(model: nn.Module, task: Task, opt: torch.optim.Optimizer | Optimizers, config: TrainConfig,
              out: Path, spec: CheckpointSpec, dist: Distributed, device: torch.device) -> Progress:
     """Load `out/latest` into the model, optimizer, task and RNGs; return where it stood."""
     saved = ckpt_io.load(out / "latest", with_training_state=True)
     _check_resumable(saved, config, spec, dist.world, out)
     ckpt_io.load_weights(model, saved.weights, str(saved.path))
-    load_optimizer(opt, {k: v.to(device) for k, v in saved.state.items()},
-                   saved.trainer["param_groups"])
+    try:
+        load_optimizer(opt, {k: v.to(device) for k, v in saved.state.items()},
+                       saved.trainer["param_groups"])
+    except ValueError as e:  # another optimizer's state, or another model's
+        raise ScrivenError(f"--resume: {out}/latest: its optimizer state does not fit this "
+                           f"run ({e})") from None
     task.load_state({k[5:]: v.to(device) for k, v in saved.state.items() if k.startswith("task.")})
     torch.set_rng_state(saved.state["rng.torch"])
     if device.type == "cuda" and "rng.cuda" in saved.state:

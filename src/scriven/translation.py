@@ -80,10 +80,10 @@ TRANSLATOR_PRESETS: dict[str, dict[str, Any]] = {
 # from many small steps at a high rate (docs/benchmarks.md, "Budget"); the book's post-norm
 # model keeps the paper's rate, and the GPU preset the large batches a GPU wants.
 RECIPES: dict[str, dict[str, Any]] = {
-    "seed": {"max_tokens": 4096, "lr": 1e-3},
-    "default": {"max_tokens": 2048, "lr": 2e-3},
-    "gpu": {"max_tokens": 4096, "lr": 1e-3},
-    "tiny": {"max_tokens": 512, "lr": 3e-3},
+    "seed": {"max_tokens": 4096, "lr": 1e-3, "optimizer": "adamw"},
+    "default": {"max_tokens": 2048, "lr": 2e-3, "optimizer": "adamw"},
+    "gpu": {"max_tokens": 4096, "lr": 1e-3, "optimizer": "adamw"},
+    "tiny": {"max_tokens": 512, "lr": 3e-3, "optimizer": "adamw"},
 }
 
 Example = tuple[list[int], list[int]]  # source ids, <bos> target ids <eos>
@@ -319,8 +319,8 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                     eval_every: int | None = None, evals_per_run: int = 5,
                     patience: int = 0, bleu_sentences: int = 500, amp: str = "auto",
                     device: str = "auto", seed: int = 0, resume: bool = False,
-                    log_every: int = 20, compile: bool = False, progress: bool = True,
-                    overwrite: bool = False) -> TrainResult:
+                    log_every: int = 20, compile: bool = False, optimizer: str | None = None,
+                    progress: bool = True, overwrite: bool = False) -> TrainResult:
     """Train a translator on a sentence-pair file (TSV or CSV: source, target, extra columns
     ignored) or a dataset name ("eng-fra").
 
@@ -330,8 +330,8 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     `warmup_steps`; see `scriven.train.Plan`). `evals_per_run` validations (or one every
     `eval_every` steps; fewer than a text generator's, as each decodes sentences): loss, and BLEU/chrF
     of greedy translations of a fixed sample of `bleu_sentences` validation pairs; `best` and
-    early stopping (`patience`) follow BLEU. `max_tokens` (padded tokens per batch) and `lr`
-    default to the preset's recipe (`RECIPES`; a resumed run's own). `dropout` overrides the
+    early stopping (`patience`) follow BLEU. `max_tokens` (padded tokens per batch), `lr` and
+    `optimizer` default to the preset's recipe (`RECIPES`; a resumed run's own). `dropout` overrides the
     preset's; left out, a run whose budget holds few passes over the pairs trains without it
     (`budget_dropout`). `max_words` drops pairs with a longer side; pairs longer than the
     model's max_len tokens are always dropped (with a warning). Writes `out/latest`,
@@ -346,8 +346,9 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
     recipe = dict(RECIPES[preset])
     saved = _saved(out) if resume else None
     if saved is not None:  # the run's own recipe unless stated again
-        recipe.update((k, v) for k, v in (saved.config.get("train") or {}).items()
-                      if k in recipe)
+        before = saved.config.get("train") or {}
+        recipe.update((k, v) for k, v in before.items() if k in recipe)
+        recipe["optimizer"] = before.get("optimizer", "adamw")  # older runs all used AdamW
     config = TranslateTrainConfig(epochs=epochs, minutes=minutes, max_steps=max_steps,
                                   max_tokens=recipe["max_tokens"] if max_tokens is None
                                   else max_tokens, lr=recipe["lr"] if lr is None else lr,
@@ -356,7 +357,8 @@ def train_translate(pairs: str, out: str | Path, preset: str = "default", vocab_
                                   betas=(0.9, 0.98), label_smoothing=label_smoothing,
                                   eval_every=eval_every, evals_per_run=evals_per_run,
                                   patience=patience, amp=amp, device=device, seed=seed,
-                                  log_every=log_every, compile=compile)
+                                  log_every=log_every, compile=compile,
+                                  optimizer=recipe["optimizer"] if optimizer is None else optimizer)
     data = load_pairs(pairs, max_words=max_words, strict=strict)
     if saved is not None:  # the run's own tokenizer and model, so the data encodes as before
         tok = ckpt_io.tokenizer_of(saved)
@@ -438,7 +440,8 @@ def budget_dropout(net_config: TransformerConfig, config: TranslateTrainConfig,
         speed = time_training(Transformer(net_config), task.batches(0, 0),
                               lambda model, batch: task.loss(model, batch, config.label_smoothing),
                               device, config.amp, config.lr,
-                              min(MAX_TIMING_SECONDS, BUDGET_SHARE * config.minutes * 60))
+                              min(MAX_TIMING_SECONDS, BUDGET_SHARE * config.minutes * 60),
+                              config.optimizer)
         seconds = time.perf_counter() - start
         target_tokens = sum(len(target) - 1 for _, target in task.train)
         epochs = min(epochs, speed * (config.minutes * 60 - seconds) / max(target_tokens, 1))
