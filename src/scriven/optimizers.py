@@ -79,7 +79,10 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             updates = []
             for p in params:
-                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 updates.append(p.grad.lerp(buf, group["momentum"]))  # Nesterov
             by_shape: dict[torch.Size, list[int]] = defaultdict(list)
@@ -123,10 +126,6 @@ class Optimizers:
     @property
     def param_groups(self) -> list[dict]:
         return [g for part in self.parts for g in part.param_groups]
-
-    @property
-    def state(self) -> dict:
-        return {k: v for part in self.parts for k, v in part.state.items()}
 
     def step(self, closure: Any = None) -> None:
         for part in self.parts:
