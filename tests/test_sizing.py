@@ -5,7 +5,7 @@ import torch
 
 from scriven import sizing
 from scriven.errors import ScrivenError
-from scriven.lm import default_preset, train_lm
+from scriven.lm import DEFAULT_OPTIMIZER, default_preset, train_lm
 from scriven.models.gpt import GPT, GPTConfig
 from scriven.sizing import Candidate, dropout_for, parameters_without_embeddings, pick
 
@@ -63,6 +63,7 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     assert choice.model_config.vocab_size == 50
     assert choice.dropout == dropout_for("gpt", chosen.budget_tokens / 10**6)
     assert choice.name in choice.describe() and choice.record()["chose"] == choice.name
+    assert "adamw" in choice.describe() and choice.record()["optimizer"] == "adamw"
 
 
 @pytest.mark.parametrize("model", ["gpt", "lstm"])
@@ -77,6 +78,8 @@ def test_auto_trains_the_chosen_size_records_why_and_resumes_it(tiny_text, tmp_p
     assert saved["train"]["batch_size"] == rung["batch_size"]
     assert saved["train"]["seq_len"] == rung["seq_len"]
     assert saved["train"]["lr"] == rung["lr"]
+    # Timed with the optimizer it trains with: Muon for a GPT, AdamW for an LSTM.
+    assert record["optimizer"] == saved["train"]["optimizer"] == DEFAULT_OPTIMIZER[model]
     width = "d_model" if model == "gpt" else "hidden_dim"
     assert saved["model"][width] == rung["model"][width]
     # The budget's clock includes the timing: a --minutes run ends when the user asked.

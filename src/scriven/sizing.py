@@ -106,10 +106,12 @@ class Choice:
     candidates: tuple[Candidate, ...]
     ratio: float             # the rule: tokens per parameter the chosen size must see
     seconds: float           # spent timing, taken from the budget
+    optimizer: str = "adamw"  # what the candidates were timed with (and the run trains with)
 
     def describe(self) -> str:
         lines = [f"preset auto: {self.name} (batch {self.batch_size} x {self.seq_len} tokens, "
-                 f"lr {self.lr:g}, dropout {self.dropout:g}); timed in {self.seconds:.1f} s:"]
+                 f"lr {self.lr:g}, dropout {self.dropout:g}, {self.optimizer}); timed in "
+                 f"{self.seconds:.1f} s:"]
         for c in self.candidates:
             mark = "*" if c.name == self.name else " "
             lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
@@ -120,7 +122,8 @@ class Choice:
 
     def record(self) -> dict[str, Any]:
         """For the checkpoint: what was chosen and the speeds that chose it."""
-        return {"chose": self.name, "rule_tokens_per_parameter": self.ratio,
+        return {"chose": self.name, "optimizer": self.optimizer,
+                "rule_tokens_per_parameter": self.ratio,
                 "timing_seconds": round(self.seconds, 2),
                 "candidates": [{"name": c.name, "parameters": c.parameters,
                                 "tokens_per_s": round(c.tokens_per_s),
@@ -204,7 +207,7 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
     dropout = dropout_for(family, epochs)
     config = replace(base_config, **rung["model"], **_context(family, rung), dropout=dropout)
     return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"], dropout,
-                  tuple(measured), ratio, time.perf_counter() - start)
+                  tuple(measured), ratio, time.perf_counter() - start, optimizer)
 
 
 def _context(family: str, rung: dict[str, Any]) -> dict[str, Any]:
