@@ -35,9 +35,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                    betas: tuple[float, float], eps: float,
-                   ns_dtype: torch.dtype = torch.float32) -> torch.optim.Optimizer | Optimizers:
+                   step_dtype: torch.dtype | None = None) -> torch.optim.Optimizer | Optimizers:
     """The optimiser `name` (one of OPTIMIZERS) over `model`'s trainable parameters. Weight
-    decay applies to matrices only: decaying biases, norms and embeddings rarely helps."""
+    decay applies to matrices only: decaying biases, norms and embeddings rarely helps.
+    `step_dtype` is the training steps' autocast dtype (None: fp32): Muon's iterations run in
+    bf16 only where the steps do, as emulated bf16 is slow."""
     hidden, decay, no_decay = [], [], []
     for pname, p in model.named_parameters():
         if not p.requires_grad:
@@ -55,6 +57,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
     if not hidden:
         return adamw
+    ns_dtype = torch.bfloat16 if step_dtype is torch.bfloat16 else torch.float32
     return Optimizers([Muon(hidden, lr=lr, weight_decay=weight_decay, ns_dtype=ns_dtype), adamw])
 
 

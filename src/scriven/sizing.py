@@ -145,8 +145,7 @@ def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.de
     model.to(device).train()
     accel.apply(model, device, "train")
     dtype = autocast_dtype(training_precision(amp, device, False), device)
-    opt = make_optimizer(model, optimizer, lr, 0.0, (0.9, 0.99), 1e-8,
-                         dtype if dtype is torch.bfloat16 else torch.float32)
+    opt = make_optimizer(model, optimizer, lr, 0.0, (0.9, 0.99), 1e-8, dtype)
     rates: list[float] = []
     began = time.perf_counter()
     for i, batch in enumerate(batches):

@@ -474,9 +474,8 @@ def _start(model: nn.Module, task: Task, config: TrainConfig, out: Path, spec: C
     accelerated = accel.apply(model, device, "train")
     if progress_bar and dist.main:
         print(f"accelerated: {json.dumps(accelerated)}", file=sys.stderr)
-    # Muon's iterations run in bf16 only where the steps do: emulated bf16 is slow.
     opt = make_optimizer(model, config.optimizer, config.lr, config.weight_decay, config.betas,
-                         config.eps, amp_dtype if amp_dtype is torch.bfloat16 else torch.float32)
+                         config.eps, amp_dtype)
     p = (_restore(model, task, opt, config, out, spec, dist, device) if resume
          else Progress(elapsed=spent))
 
