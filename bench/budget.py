@@ -17,7 +17,8 @@ their trained context:
 
 Arms: gpt_default, lstm_default (the fixed default presets), gpt_auto, lstm_auto
 (`--preset auto`), reference; gpt_auto_adamw, gpt_auto_muon, lstm_auto_adamw, lstm_auto_muon
-(`auto` with the optimizer named); and for the translator (`--arms translate_default,translate_joeynmt`,
+(`auto` with the optimizer named); word_lstm, word_gpt (what `--minutes` trains by default on
+words, scored by validation perplexity), word_lstm_default, word_lstm_auto; and for the translator (`--arms translate_default,translate_joeynmt`,
 eng-fra, test BLEU and chrF with beam 4 on the held-out split) scriven's default beside
 JoeyNMT's recipe (below); translate_adamw and translate_muon name the optimizer.
 
@@ -55,35 +56,37 @@ REFERENCE_TRAIN = dict(batch_size=12, seq_len=64, lr=1e-3, warmup_steps=100,
                        grad_clip=1.0)
 
 
-def curve(run: Path) -> list[tuple[float, float]]:
-    """(training minutes, validation bits per character) at each validation of a run."""
+def curve(run: Path, metric: str = "bits_per_char") -> list[tuple[float, float]]:
+    """(training minutes, validation `metric`) at each validation of a run."""
     points = []
     for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
-        if "val_bits_per_char" in record:
-            points.append((round(record["elapsed"] / 60, 3), round(record["val_bits_per_char"], 4)))
+        if f"val_{metric}" in record:
+            points.append((round(record["elapsed"] / 60, 3), round(record[f"val_{metric}"], 4)))
     return points
 
 
-def arm(result: TrainResult, run: Path, config: dict) -> dict:
-    points = curve(run)
+def arm(result: TrainResult, run: Path, config: dict, metric: str = "bits_per_char") -> dict:
+    points = curve(run, metric)
     return {"steps": result.steps, "planned_steps": result.planned_steps,
             "minutes": round(result.elapsed / 60, 2),
             "tokens_per_s": round(result.tokens_per_second),
-            "final_bits_per_char": round(result.metrics["bits_per_char"], 4),
-            "best_bits_per_char": min(b for _, b in points), "curve": points, "config": config}
+            f"final_{metric}": round(result.metrics[metric], 4),
+            f"best_{metric}": min(b for _, b in points), "curve": points, "config": config}
 
 
-def scriven_arm(model: str, preset: str, **settings):
-    """What `scriven train lm anna --model MODEL --tokenizer char --preset PRESET --minutes M`
-    trains, with everything else at its defaults (or `settings`)."""
+def scriven_arm(model: str, preset: str | None, tokenizer: str = "char", **settings):
+    """What `scriven train lm anna --model MODEL --tokenizer TOKENIZER --preset PRESET --minutes
+    M` trains, with everything else at its defaults (or `settings`; preset None: the default
+    for a time budget, `lm.default_preset`). Words are scored by perplexity."""
     def run_arm(minutes: float, workdir: Path) -> dict:
-        run = workdir / "_".join([model, preset, *map(str, settings.values())])
-        result = train_lm("anna", run, preset=preset, model=model, tokenizer="char",
+        run = workdir / "_".join([tokenizer, model, str(preset), *map(str, settings.values())])
+        result = train_lm("anna", run, preset=preset, model=model, tokenizer=tokenizer,
                           minutes=minutes, progress=False, **settings)
         saved = json.loads((run / "latest" / "config.json").read_text(encoding="utf-8"))
         return arm(result, run, {key: saved[key] for key in ("model", "train", "sizing")
-                                 if key in saved})
+                                 if key in saved},
+                   "perplexity" if tokenizer == "word" else "bits_per_char")
     return run_arm
 
 
@@ -139,6 +142,10 @@ ARMS = {
     "lstm_auto_adamw": scriven_arm("lstm", "auto", optimizer="adamw"),
     "lstm_auto_muon": scriven_arm("lstm", "auto", optimizer="muon"),
     "reference": reference,
+    "word_lstm": scriven_arm("lstm", None, "word"),
+    "word_lstm_default": scriven_arm("lstm", "default", "word"),
+    "word_lstm_auto": scriven_arm("lstm", "auto", "word"),
+    "word_gpt": scriven_arm("gpt", None, "word"),
     "translate_default": translator_arm("translate_default"),
     "translate_joeynmt": translator_arm("translate_joeynmt", **JOEYNMT_TRAIN),
     "translate_adamw": translator_arm("translate_adamw", optimizer="adamw"),
@@ -157,6 +164,15 @@ def compare(arms: dict) -> dict:
                 "bits_per_char": round(diff, 4),
                 "percent": round(100 * diff / ref["final_bits_per_char"], 1),
                 "target_5_percent_fewer": diff <= -0.05 * ref["final_bits_per_char"]}
+    word_lstm = arms.get("word_lstm") or arms.get("word_lstm_default")
+    if word_lstm and arms.get("word_gpt"):
+        gpt = arms["word_gpt"]
+        out["word_gpt_vs_word_lstm"] = {
+            "perplexity": round(gpt["final_perplexity"] - word_lstm["final_perplexity"], 2),
+            "target_gpt_below_lstm": gpt["final_perplexity"] < word_lstm["final_perplexity"]}
+    for name in ("word_lstm", "word_lstm_default", "word_lstm_auto"):
+        if name in arms:
+            out[f"{name}_perplexity_le_100"] = arms[name]["final_perplexity"] <= 100
     joey, ours = arms.get("translate_joeynmt"), arms.get("translate_default")
     if joey and ours:
         out["translate_default_vs_joeynmt_recipe"] = {

@@ -3,7 +3,8 @@ import torch
 
 from scriven.errors import ScrivenError
 from scriven.models import build_model
-from scriven.optimizers import Muon, Optimizers, make_optimizer, orthogonalise
+from scriven.optimizers import (Muon, Optimizers, _newton_schulz, _newton_schulz_gram,
+                                make_optimizer, orthogonalise)
 from scriven.train import TrainConfig
 
 
@@ -63,7 +64,7 @@ def test_an_unknown_optimizer_is_named():
         TrainConfig(max_steps=1, optimizer="sgd")
 
 
-@pytest.mark.parametrize("shape", [(3, 8, 8), (2, 16, 4), (2, 4, 16)])
+@pytest.mark.parametrize("shape", [(3, 8, 8), (2, 16, 4), (2, 4, 16), (2, 32, 8)])
 def test_orthogonalise_brings_every_singular_value_near_one(shape):
     torch.manual_seed(0)
     n, rows, cols = shape
@@ -80,7 +81,18 @@ def test_orthogonalise_brings_every_singular_value_near_one(shape):
     u, _, vh = torch.linalg.svd(g, full_matrices=False)
     inner = u.transpose(1, 2) @ o @ vh.transpose(1, 2)
     off = inner - torch.diag_embed(torch.diagonal(inner, dim1=1, dim2=2))
-    assert off.abs().max() < 1e-3
+    # (the Gram form's fp32 rounding reaches 2e-3 here; bf16 iterations, as Muon often runs
+    # them, about 1e-2)
+    assert off.abs().max() < 5e-3
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+def test_the_gram_form_equals_the_direct_iteration(dtype, tol):
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 48, dtype=dtype)
+    x = x / x.norm(dim=(1, 2), keepdim=True)
+    direct, gram = _newton_schulz(x, 5), _newton_schulz_gram(x, 5)
+    assert (direct - gram).abs().max() < tol * direct.abs().max()
 
 
 def test_muon_takes_matrices_only():

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -37,6 +38,22 @@ def test_parameters_without_embeddings_leave_out_the_tables_and_the_tied_head():
     assert parameters_without_embeddings(model) == sum(p.numel() for p in model.parameters()) - tables
 
 
+def test_timing_counts_the_fastest_step_not_one_slowed_by_the_machine():
+    # Every other step is held up, as a busy machine holds up a run for seconds at a time.
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(1)
+        time.sleep(0.05 if len(calls) % 2 else 0.01)
+        return model(batch).sum(), 1000
+
+    model = torch.nn.Linear(4, 4)
+    speed = sizing.time_training(model, iter(lambda: torch.zeros(2, 4), None), loss_fn,
+                                 torch.device("cpu"), "fp32", 1e-3, seconds=0.5)
+    assert 1000 / 0.02 < speed <= 1000 / 0.01
+    assert len(calls) <= sizing.WARMUP_STEPS + sizing.MAX_TIMED_STEPS
+
+
 def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     # Speeds that give the first three candidates 4, 2 and 1/2 times the tokens per parameter
     # the rule asks for: the second is chosen, and none past the third is timed.
@@ -45,7 +62,8 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
         n = parameters_without_embeddings(model)
         timed.append(n)
-        return (4, 2, 0.5)[len(timed) - 1] * sizing.TOKENS_PER_PARAMETER["gpt"] * n / 60
+        ratio = (4, 2, 0.5)[len(timed) - 1] * sizing.TOKENS_PER_PARAMETER["gpt"]
+        return ratio * n / 60 / sizing.RUN_EFFICIENCY
 
     monkeypatch.setattr(sizing, "time_training", fake_timing)
     base = GPTConfig(vocab_size=50, dropout=0.3)

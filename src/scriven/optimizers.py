@@ -105,17 +105,40 @@ def orthogonalise(g: Tensor, steps: int, dtype: torch.dtype) -> Tensor:
     """Matrices (n, A, B) with the singular vectors of `g` and singular values near 1: Newton-
     Schulz on X / |X| (so no singular value starts above 1), on the wide side (fewer rows, a
     smaller Gram matrix)."""
-    a, b, c = NS_COEFFICIENTS
     tall = g.size(1) > g.size(2)
     x = g.to(dtype)
     if tall:
         x = x.transpose(1, 2).contiguous()  # strided operands slow the matmuls by a third
     x = x / x.norm(dim=(1, 2), keepdim=True).clamp(min=1e-7)
+    wide = x.size(2) >= 2 * x.size(1)
+    # The Gram form rounds differently: kept to fp32, where it matches (tested).
+    x = _newton_schulz_gram(x, steps) if wide and dtype == torch.float32 else _newton_schulz(x, steps)
+    return x.transpose(1, 2) if tall else x
+
+
+def _newton_schulz(x: Tensor, steps: int) -> Tensor:
+    a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = x @ x.transpose(1, 2)
         poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b G + c G^2
         x = torch.baddbmm(x, poly, x, beta=a)                    # a X + (b G + c G^2) X
-    return x.transpose(1, 2) if tall else x
+    return x
+
+
+def _newton_schulz_gram(x: Tensor, steps: int) -> Tensor:
+    """The same iteration for a wide X (A x B, B >= 2A) in A x A matrices only: every iterate is
+    Q X with Q a polynomial in S = X X^T, so Q commutes with S, the iterate's Gram matrix is
+    Q S Q, and each step updates Q alone. X is multiplied twice (S, then Q X) instead of twice
+    per step: about half the work for a 128 x 512 matrix."""
+    a, b, c = NS_COEFFICIENTS
+    s = x @ x.transpose(1, 2)
+    eye = torch.eye(s.size(1), dtype=s.dtype, device=s.device)
+    q = None
+    for _ in range(steps):
+        gram = s if q is None else q @ s @ q
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) + a * eye
+        q = poly if q is None else poly @ q
+    return x if q is None else q @ x
 
 
 class Optimizers:

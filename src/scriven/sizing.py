@@ -7,13 +7,15 @@ holds, and takes the largest candidate that still sees `TOKENS_PER_PARAMETER[fam
 per parameter (embeddings not counted: at these sizes a word vocabulary's table would dominate
 the count without costing matmul time per token).
 
-Where the rule comes from: character-level models on Anna Karenina given 3 minutes on 2 cores
-(docs/benchmarks.md, "Budget"). A 2-layer GPT that saw about 17 tokens per parameter ended
-lower in bits per character than 4-layer and wider ones that saw 3 to 5: more steps on a
-smaller model paid off more than width, close to the compute-optimal ratio of about 20 that
-Hoffmann et al. (2022) fit for much larger Transformers. LSTMs paid off at fewer tokens per
-parameter: 7 beat 60. `bench/budget.py` measures the rule against the fixed presets and
-against peers' recipes.
+Where the rule comes from: character-level models on Anna Karenina on 2 cores (docs/benchmarks.md,
+"Budget"). Given 3 minutes, a 2-layer GPT that saw about 17 tokens per parameter ended lower in
+bits per character than 4-layer and wider ones that saw 3 to 5; given 10, a 3-layer GPT that saw
+16 ended lower than the 2-layer one at 35. The GPT's rule, 10, lies between the 5 that lost and
+the 16 that won; each rung up the ladder costs about 1.5x the tokens per parameter, so the chosen
+size sees 10 to 15 or more, below the compute-optimal ratio of about 20 that Hoffmann et al.
+(2022) fit for much larger Transformers.
+LSTMs paid off at fewer tokens per parameter: 7 beat 60. `bench/budget.py` measures the rule
+against the fixed presets and against peers' recipes.
 
 Dropout follows the epochs the budget holds: a model that sees each token about once does not
 overfit, and dropout only slows it; repeated passes over a small text need it.
@@ -21,7 +23,6 @@ overfit, and dropout only slows it; repeated passes over a small text need it.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -34,11 +35,15 @@ from . import accel
 from .device import autocast_dtype, training_precision
 from .optimizers import make_optimizer
 
-TOKENS_PER_PARAMETER = {"gpt": 15.0, "lstm": 5.0}
+TOKENS_PER_PARAMETER = {"gpt": 10.0, "lstm": 5.0}
 WARMUP_STEPS = 2         # per candidate: allocations, kernel choices, first-touch pages
-TIMED_STEPS = 5          # then these, the median step counting
+MAX_TIMED_STEPS = 30     # then up to these, the fastest counting
 MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
 BUDGET_SHARE = 0.01       # ... and so does any candidate past 1% of the budget
+# The share of a --minutes run that goes at its fastest steps' pace: validations, checkpoints,
+# the data pipeline and the machine's slower moments take the rest (docs/benchmarks.md, "auto's
+# timing").
+RUN_EFFICIENCY = 0.8
 
 # Candidates, smallest first. Each names a model size and the training shape that suits it:
 # small models learn best from many small steps; wider ones from larger batches, a longer
@@ -140,8 +145,10 @@ def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.de
                   amp: str, lr: float, seconds: float = MAX_TIMING_SECONDS,
                   optimizer: str = "adamw") -> float:
     """Tokens/s of training steps as `fit` takes them (accelerated, in the run's precision, with
-    its optimizer): WARMUP_STEPS steps, then up to TIMED_STEPS, stopping early past `seconds`.
-    The median step counts, so one step slowed by another process does not decide the size."""
+    its optimizer): WARMUP_STEPS steps, then up to MAX_TIMED_STEPS, stopping early past
+    `seconds`. The fastest step counts: other processes, and the slower spells a shared
+    machine goes through for seconds at a time, only ever add time, and a median of a few steps
+    taken in such a spell misjudged a candidate's speed by a quarter."""
     model.to(device).train()
     accel.apply(model, device, "train")
     dtype = autocast_dtype(training_precision(amp, device, False), device)
@@ -159,9 +166,14 @@ def time_training(model: nn.Module, batches, loss_fn: Callable, device: torch.de
             torch.cuda.synchronize(device)
         if i >= WARMUP_STEPS:
             rates.append(n / max(time.perf_counter() - start, 1e-9))
-        if len(rates) >= TIMED_STEPS or (rates and time.perf_counter() - began > seconds):
+        if len(rates) >= MAX_TIMED_STEPS or (rates and time.perf_counter() - began > seconds):
             break
-    return statistics.median(rates) if rates else 0.0
+    return max(rates, default=0.0)
+
+
+def budget_tokens(tokens_per_s: float, seconds: float) -> float:
+    """The tokens a run of `seconds` trains on, from the fastest timed steps' speed."""
+    return tokens_per_s * seconds * RUN_EFFICIENCY
 
 
 def pick(candidates: list[Candidate], ratio: float) -> int:
@@ -196,7 +208,7 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
         speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
                               device, amp, rung["lr"], seconds, optimizer)
         measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
-                                  speed * minutes * 60))
+                                  budget_tokens(speed, minutes * 60)))
         del model
         if measured[-1].tokens_per_parameter < ratio:
             break  # larger candidates are slower still: none of them can fit

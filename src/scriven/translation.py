@@ -41,7 +41,7 @@ from .pairs import (
     split_pairs,
     token_batches,
 )
-from .sizing import BUDGET_SHARE, MAX_TIMING_SECONDS, dropout_for, time_training
+from .sizing import BUDGET_SHARE, MAX_TIMING_SECONDS, budget_tokens, dropout_for, time_training
 from .tokenizers import BOS_ID, EOS_ID, PAD_ID, BPETokenizer, Tokenizer
 from .train import (
     CheckpointSpec,
@@ -444,7 +444,8 @@ def budget_dropout(net_config: TransformerConfig, config: TranslateTrainConfig,
                               config.optimizer)
         seconds = time.perf_counter() - start
         target_tokens = sum(len(target) - 1 for _, target in task.train)
-        epochs = min(epochs, speed * (config.minutes * 60 - seconds) / max(target_tokens, 1))
+        epochs = min(epochs, budget_tokens(speed, config.minutes * 60 - seconds)
+                     / max(target_tokens, 1))
     return DropoutChoice(dropout_for("translator", epochs), epochs, speed, seconds)
 
 
