@@ -3,8 +3,14 @@ import torch
 
 from scriven.errors import ScrivenError
 from scriven.models import build_model
-from scriven.optimizers import (Muon, Optimizers, _newton_schulz, _newton_schulz_gram,
-                                make_optimizer, orthogonalise)
+from scriven.optimizers import (
+    Muon,
+    Optimizers,
+    _newton_schulz,
+    _newton_schulz_gram,
+    make_optimizer,
+    orthogonalise,
+)
 from scriven.train import TrainConfig
 
 

@@ -15,7 +15,7 @@ def candidates(*ratios: float) -> list[Candidate]:
     return [Candidate(f"c{i}", 1000, r * 1000, r * 1000) for i, r in enumerate(ratios)]
 
 
-def test_pick_takes_the_largest_candidate_that_sees_enough_tokens_per_parameter():
+def test_pick_takes_the_largest_candidate_that_sees_enough_text_per_parameter():
     r = 5.0
     assert pick(candidates(4 * r, 2 * r, r, r / 2), r) == 2
     assert pick(candidates(4 * r), r) == 0
@@ -62,16 +62,16 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
         n = parameters_without_embeddings(model)
         timed.append(n)
-        ratio = (4, 2, 0.5)[len(timed) - 1] * sizing.TOKENS_PER_PARAMETER["gpt"]
+        ratio = (4, 2, 0.5)[len(timed) - 1] * sizing.CHARACTERS_PER_PARAMETER["gpt"]
         return ratio * n / 60 / sizing.RUN_EFFICIENCY
 
     monkeypatch.setattr(sizing, "time_training", fake_timing)
     base = GPTConfig(vocab_size=50, dropout=0.3)
     choice = sizing.choose_size("gpt", base, 1.0, 10**6, GPT, lambda b, t: iter(()), None,
                                 torch.device("cpu"), "fp32")
-    ratios = [c.tokens_per_parameter for c in choice.candidates]
+    ratios = [c.characters_per_parameter for c in choice.candidates]
     chosen = next(c for c in choice.candidates if c.name == choice.name)
-    assert chosen.tokens_per_parameter >= choice.ratio == sizing.TOKENS_PER_PARAMETER["gpt"]
+    assert chosen.characters_per_parameter >= choice.ratio == sizing.CHARACTERS_PER_PARAMETER["gpt"]
     assert ratios[-1] < choice.ratio                      # it stopped at the first that failed
     assert len(timed) == len(choice.candidates) < len(sizing.GPT_LADDER)
     assert choice.name == choice.candidates[-2].name      # the largest that fits
@@ -120,18 +120,18 @@ def test_an_unknown_preset_names_auto_among_the_choices(tiny_text, tmp_path):
         train_lm(str(tiny_text), tmp_path / "run", preset="huge", minutes=0.1, progress=False)
 
 
-def test_a_gpt_given_only_minutes_is_sized_for_them_and_the_rest_keep_the_default():
-    assert default_preset("gpt", 10.0, None, None) == "auto"
-    assert default_preset("gpt", 10.0, None, 500) == "default"   # a step budget too
-    assert default_preset("gpt", None, 3, None) == "default"
-    assert default_preset("lstm", 10.0, None, None) == "default"
+def test_a_model_given_only_minutes_is_sized_for_them_and_the_rest_keep_the_default():
+    assert default_preset(10.0, None, None) == "auto"
+    assert default_preset(10.0, None, 500) == "default"   # a step budget too
+    assert default_preset(None, 3, None) == "default"
+    assert default_preset(None, None, 500) == "default"
 
 
 def test_auto_is_refused_under_torchrun(tiny_text, tmp_path, monkeypatch):
     """Each process would time the candidates itself and might choose another size."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert default_preset("gpt", 10.0, None, None) == "default"
+    assert default_preset(10.0, None, None) == "default"
     with pytest.raises(ScrivenError, match="preset auto times this machine"):
         train_lm(str(tiny_text), tmp_path / "run", model="gpt", preset="auto", minutes=1.0,
                  progress=False)

@@ -258,16 +258,14 @@ def _cut_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[s
 DEFAULT_OPTIMIZER = {"gpt": "muon", "lstm": "adamw"}
 
 
-def default_preset(model: str, minutes: float | None, epochs: int | None,
-                   max_steps: int | None) -> str:
-    """A GPT trained for a time budget alone is sized for it (`auto`): measured against
-    nanoGPT's CPU recipe given the same minutes, the fixed default GPT ends well above it in bits
-    per character and auto below it (docs/benchmarks.md, "Budget"). The LSTM keeps its fixed
-    default, chosen by measuring word-level perplexity per minute, until auto is measured on
-    words too."""
+def default_preset(minutes: float | None, epochs: int | None, max_steps: int | None) -> str:
+    """A model trained for a time budget alone is sized for it (`auto`): measured against
+    nanoGPT's CPU recipe given the same minutes, on characters, the fixed default GPT ends well
+    above it in bits per character and auto below it, and the LSTM's auto ends lower than its
+    fixed default (docs/benchmarks.md, "Budget"); on words auto keeps the LSTM's default size."""
     timed_only = minutes is not None and epochs is None and max_steps is None
     alone = Distributed.from_env().world == 1  # see train_lm: auto is not for torchrun
-    return "auto" if model == "gpt" and timed_only and alone else "default"
+    return "auto" if timed_only and alone else "default"
 
 
 def train_lm(text: str, out: str | Path, preset: str | None = None, model: str = "lstm",
@@ -298,7 +296,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
     if preset is None:
-        preset = default_preset(model, minutes, epochs, max_steps)
+        preset = default_preset(minutes, epochs, max_steps)
     check(preset in presets or preset == "auto", "preset",
           f"must be auto or one of {', '.join(presets)}, got {preset!r}")
     check(preset != "auto" or minutes is not None, "preset",
@@ -391,7 +389,7 @@ def _choose_size(family: str, base: Any, minutes: float, train_ids: Tensor, vali
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), y.numel()
 
     return choose_size(family, base, minutes, train_ids.numel(), model_cls, batches, loss,
-                       device, amp, optimizer)
+                       device, amp, optimizer, cpt)
 
 
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:

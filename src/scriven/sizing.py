@@ -2,19 +2,22 @@
 
 A fixed preset wastes a short budget on a slow machine (a large model that sees too few tokens)
 and a long budget on a fast one (a small model that stops improving). `choose_size` times a few
-training steps of each candidate on this machine, turns the speed into the tokens the budget
-holds, and takes the largest candidate that still sees `TOKENS_PER_PARAMETER[family]` tokens
-per parameter (embeddings not counted: at these sizes a word vocabulary's table would dominate
-the count without costing matmul time per token).
+training steps of each candidate on this machine, turns the speed into the text the budget
+holds, and takes the largest candidate that still sees `CHARACTERS_PER_PARAMETER[family]`
+characters of text per parameter (embeddings not counted: at these sizes a word vocabulary's
+table would dominate the count without costing matmul time per token). Characters, not tokens:
+a word carries about five characters' worth of text, and on words the LSTM's default size (2 x
+256), which sees 1.3 tokens per parameter in 10 minutes, ended at perplexity 87 where the size
+a token rule chose (2 x 128, 9 tokens per parameter) ended at 101.
 
 Where the rule comes from: character-level models on Anna Karenina on 2 cores (docs/benchmarks.md,
-"Budget"). Given 3 minutes, a 2-layer GPT that saw about 17 tokens per parameter ended lower in
-bits per character than 4-layer and wider ones that saw 3 to 5; given 10, a 3-layer GPT that saw
-16 ended lower than the 2-layer one at 35. The GPT's rule, 10, lies between the 5 that lost and
-the 16 that won; each rung up the ladder costs about 1.5x the tokens per parameter, so the chosen
-size sees 10 to 15 or more, below the compute-optimal ratio of about 20 that Hoffmann et al.
-(2022) fit for much larger Transformers.
-LSTMs paid off at fewer tokens per parameter: 7 beat 60. `bench/budget.py` measures the rule
+"Budget"). Given 3 minutes, a 2-layer GPT that saw about 17 characters per parameter ended lower
+in bits per character than 4-layer and wider ones that saw 3 to 5; given 10, a 3-layer GPT that
+saw 16 ended lower than the 2-layer one at 35. The GPT's rule, 10, lies between the 5 that lost
+and the 16 that won; each rung up the ladder costs about 1.5x the text per parameter, so the
+chosen size sees 10 to 15 or more. (Hoffmann et al. (2022) fit about 20 tokens of about four
+characters each for much larger Transformers.) LSTMs paid off at less text per parameter: 7
+beat 60. `bench/budget.py` measures the rule
 against the fixed presets and against peers' recipes.
 
 Dropout follows the epochs the budget holds: a model that sees each token about once does not
@@ -35,7 +38,7 @@ from . import accel
 from .device import autocast_dtype, training_precision
 from .optimizers import make_optimizer
 
-TOKENS_PER_PARAMETER = {"gpt": 10.0, "lstm": 5.0}
+CHARACTERS_PER_PARAMETER = {"gpt": 10.0, "lstm": 5.0}
 WARMUP_STEPS = 2         # per candidate: allocations, kernel choices, first-touch pages
 MAX_TIMED_STEPS = 30     # then up to these, the fastest counting
 MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
@@ -92,10 +95,11 @@ class Candidate:
     parameters: int          # without embeddings
     tokens_per_s: float
     budget_tokens: float
+    chars_per_token: float = 1.0
 
     @property
-    def tokens_per_parameter(self) -> float:
-        return self.budget_tokens / max(self.parameters, 1)
+    def characters_per_parameter(self) -> float:
+        return self.budget_tokens * self.chars_per_token / max(self.parameters, 1)
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ class Choice:
     lr: float
     dropout: float
     candidates: tuple[Candidate, ...]
-    ratio: float             # the rule: tokens per parameter the chosen size must see
+    ratio: float             # the rule: characters per parameter the chosen size must see
     seconds: float           # spent timing, taken from the budget
     optimizer: str = "adamw"  # what the candidates were timed with (and the run trains with)
 
@@ -121,18 +125,20 @@ class Choice:
             mark = "*" if c.name == self.name else " "
             lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
                          f"{c.tokens_per_s:,.0f} tokens/s -> {c.budget_tokens / 1e6:.2f} M tokens "
-                         f"= {c.tokens_per_parameter:.1f} per parameter")
-        lines.append(f"   rule: the largest with >= {self.ratio:g} tokens per parameter")
+                         f"({c.budget_tokens * c.chars_per_token / 1e6:.2f} M characters) "
+                         f"= {c.characters_per_parameter:.1f} per parameter")
+        lines.append(f"   rule: the largest with >= {self.ratio:g} characters of text per parameter")
         return "\n".join(lines)
 
     def record(self) -> dict[str, Any]:
         """For the checkpoint: what was chosen and the speeds that chose it."""
         return {"chose": self.name, "optimizer": self.optimizer,
-                "rule_tokens_per_parameter": self.ratio,
+                "rule_characters_per_parameter": self.ratio,
                 "timing_seconds": round(self.seconds, 2),
                 "candidates": [{"name": c.name, "parameters": c.parameters,
                                 "tokens_per_s": round(c.tokens_per_s),
-                                "budget_tokens": round(c.budget_tokens)}
+                                "budget_tokens": round(c.budget_tokens),
+                                "chars_per_token": round(c.chars_per_token, 3)}
                                for c in self.candidates]}
 
 
@@ -177,9 +183,9 @@ def budget_tokens(tokens_per_s: float, seconds: float) -> float:
 
 
 def pick(candidates: list[Candidate], ratio: float) -> int:
-    """Index of the largest candidate that sees `ratio` tokens per parameter or more (the
+    """Index of the largest candidate that sees `ratio` characters per parameter or more (the
     smallest if none does)."""
-    fitting = [i for i, c in enumerate(candidates) if c.tokens_per_parameter >= ratio]
+    fitting = [i for i, c in enumerate(candidates) if c.characters_per_parameter >= ratio]
     return fitting[-1] if fitting else 0
 
 
@@ -190,15 +196,17 @@ def dropout_for(family: str, epochs: float) -> float:
 def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int,
                 make_model: Callable[[Any], nn.Module],
                 make_batches: Callable[[int, int], Any], loss_fn: Callable,
-                device: torch.device, amp: str, optimizer: str = "adamw") -> Choice:
+                device: torch.device, amp: str, optimizer: str = "adamw",
+                chars_per_token: float = 1.0) -> Choice:
     """Time each candidate of `family`'s ladder and choose one for `minutes` of training.
 
     `base_config` is the model config to resize (its vocabulary and other fields are kept);
     `make_batches(batch_size, seq_len)` yields training batches; `train_tokens` is the size of
-    the training text in tokens, for the epochs the budget holds."""
+    the training text in tokens, for the epochs the budget holds; `chars_per_token` is the
+    tokenizer's, to count the text the budget holds in characters."""
     start = time.perf_counter()
     seconds = min(MAX_TIMING_SECONDS, BUDGET_SHARE * minutes * 60)
-    ratio = TOKENS_PER_PARAMETER[family]
+    ratio = CHARACTERS_PER_PARAMETER[family]
     ladder = LADDERS[family]
     measured = []
     for rung in ladder:
@@ -208,9 +216,9 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
         speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
                               device, amp, rung["lr"], seconds, optimizer)
         measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
-                                  budget_tokens(speed, minutes * 60)))
+                                  budget_tokens(speed, minutes * 60), chars_per_token))
         del model
-        if measured[-1].tokens_per_parameter < ratio:
+        if measured[-1].characters_per_parameter < ratio:
             break  # larger candidates are slower still: none of them can fit
     best = pick(measured, ratio)
     rung = ladder[best]
