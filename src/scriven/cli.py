@@ -359,7 +359,7 @@ COMMANDS: tuple[Command, ...] = (
                choices=["lstm", "gpt"]),
         Option("--preset", "model size: default, seed (the book's), tiny, gpu; lstm also "
                "large; auto: timed on this machine for --minutes (see scriven.sizing). "
-               "Default: auto for a GPT given only --minutes, else default"),
+               "Default: auto given only --minutes, else default"),
         Option("--tokenizer", choices=["word", "char", "bpe"]),
         Option("--min-count", "word: rarer words become <unk>"),
         Option("--vocab-size", "bpe: vocabulary size"),

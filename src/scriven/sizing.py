@@ -3,22 +3,24 @@
 A fixed preset wastes a short budget on a slow machine (a large model that sees too few tokens)
 and a long budget on a fast one (a small model that stops improving). `choose_size` times a few
 training steps of each candidate on this machine, turns the speed into the text the budget
-holds, and takes the largest candidate that still sees `CHARACTERS_PER_PARAMETER[family]`
-characters of text per parameter (embeddings not counted: at these sizes a word vocabulary's
-table would dominate the count without costing matmul time per token). Characters, not tokens:
-a word carries about five characters' worth of text, and on words the LSTM's default size (2 x
-256), which sees 1.3 tokens per parameter in 10 minutes, ended at perplexity 87 where the size
-a token rule chose (2 x 128, 9 tokens per parameter) ended at 101.
+holds, and takes the largest candidate that still sees `RULES[family]` of it per parameter
+(embeddings not counted: at these sizes a word vocabulary's table would dominate the count
+without costing matmul time per token). An LSTM's rule counts characters of text: on words (a
+word is about 4.6 characters) the LSTM's default size, 2 x 256, which sees 1.3 tokens per
+parameter in 10 minutes, ended at perplexity 87.6 where the size a token rule chose (2 x 128,
+9 tokens per parameter) ended at 101.4. A GPT's counts tokens: counted in characters, a 4 x
+128 GPT was chosen on words at 15 minutes, and without dropout (the passes rule below) it
+overfit after 3 of its 8 passes, from perplexity 81 to 126, where the 2 x 128 a token rule
+chooses ended at 82.
 
-Where the rule comes from: character-level models on Anna Karenina on 2 cores (docs/benchmarks.md,
-"Budget"). Given 3 minutes, a 2-layer GPT that saw about 17 characters per parameter ended lower
-in bits per character than 4-layer and wider ones that saw 3 to 5; given 10, a 3-layer GPT that
-saw 16 ended lower than the 2-layer one at 35. The GPT's rule, 10, lies between the 5 that lost
-and the 16 that won; each rung up the ladder costs about 1.5x the text per parameter, so the
-chosen size sees 10 to 15 or more. (Hoffmann et al. (2022) fit about 20 tokens of about four
-characters each for much larger Transformers.) LSTMs paid off at less text per parameter: 7
-beat 60. `bench/budget.py` measures the rule
-against the fixed presets and against peers' recipes.
+Where the ratios come from: character-level models on Anna Karenina on 2 cores
+(docs/benchmarks.md, "Budget"). Given 3 minutes, a 2-layer GPT that saw about 17 tokens per
+parameter ended lower in bits per character than 4-layer and wider ones that saw 3 to 5; given
+10, a 3-layer GPT that saw 16 ended lower than the 2-layer one at 35. The GPT's rule, 10, lies
+between the 5 that lost and the 16 that won; each rung up the ladder costs about 1.5x the tokens
+per parameter, so the chosen size sees 10 to 15 or more, below the 20 that Hoffmann et al.
+(2022) fit for much larger Transformers. LSTMs paid off at less text per parameter: 7 beat 60.
+`bench/budget.py` measures the rules against the fixed presets and against peers' recipes.
 
 Dropout follows the epochs the budget holds: a model that sees each token about once does not
 overfit, and dropout only slows it; repeated passes over a small text need it.
@@ -38,7 +40,8 @@ from . import accel
 from .device import autocast_dtype, training_precision
 from .optimizers import make_optimizer
 
-CHARACTERS_PER_PARAMETER = {"gpt": 10.0, "lstm": 5.0}
+# (text per parameter the chosen size must see, counted in): see above.
+RULES = {"gpt": (10.0, "tokens"), "lstm": (5.0, "characters")}
 WARMUP_STEPS = 2         # per candidate: allocations, kernel choices, first-touch pages
 MAX_TIMED_STEPS = 30     # then up to these, the fastest counting
 MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
@@ -95,11 +98,11 @@ class Candidate:
     parameters: int          # without embeddings
     tokens_per_s: float
     budget_tokens: float
-    chars_per_token: float = 1.0
+    text_per_token: float = 1.0   # in the rule's unit: characters per token, or 1
 
     @property
-    def characters_per_parameter(self) -> float:
-        return self.budget_tokens * self.chars_per_token / max(self.parameters, 1)
+    def text_per_parameter(self) -> float:
+        return self.budget_tokens * self.text_per_token / max(self.parameters, 1)
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,10 @@ class Choice:
     lr: float
     dropout: float
     candidates: tuple[Candidate, ...]
-    ratio: float             # the rule: characters per parameter the chosen size must see
+    ratio: float             # the rule: text per parameter the chosen size must see ...
     seconds: float           # spent timing, taken from the budget
     optimizer: str = "adamw"  # what the candidates were timed with (and the run trains with)
+    unit: str = "tokens"      # ... counted in tokens or characters
 
     def describe(self) -> str:
         lines = [f"preset auto: {self.name} (batch {self.batch_size} x {self.seq_len} tokens, "
@@ -124,21 +128,22 @@ class Choice:
         for c in self.candidates:
             mark = "*" if c.name == self.name else " "
             lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
-                         f"{c.tokens_per_s:,.0f} tokens/s -> {c.budget_tokens / 1e6:.2f} M tokens "
-                         f"({c.budget_tokens * c.chars_per_token / 1e6:.2f} M characters) "
-                         f"= {c.characters_per_parameter:.1f} per parameter")
-        lines.append(f"   rule: the largest with >= {self.ratio:g} characters of text per parameter")
+                         f"{c.tokens_per_s:,.0f} tokens/s -> {c.budget_tokens / 1e6:.2f} M tokens"
+                         + (f" ({c.budget_tokens * c.text_per_token / 1e6:.2f} M characters)"
+                            if self.unit == "characters" else "")
+                         + f" = {c.text_per_parameter:.1f} {self.unit} per parameter")
+        lines.append(f"   rule: the largest with >= {self.ratio:g} {self.unit} per parameter")
         return "\n".join(lines)
 
     def record(self) -> dict[str, Any]:
         """For the checkpoint: what was chosen and the speeds that chose it."""
         return {"chose": self.name, "optimizer": self.optimizer,
-                "rule_characters_per_parameter": self.ratio,
+                "rule": {"per_parameter": self.ratio, "unit": self.unit},
                 "timing_seconds": round(self.seconds, 2),
                 "candidates": [{"name": c.name, "parameters": c.parameters,
                                 "tokens_per_s": round(c.tokens_per_s),
                                 "budget_tokens": round(c.budget_tokens),
-                                "chars_per_token": round(c.chars_per_token, 3)}
+                                f"{self.unit}_per_parameter": round(c.text_per_parameter, 2)}
                                for c in self.candidates]}
 
 
@@ -183,9 +188,9 @@ def budget_tokens(tokens_per_s: float, seconds: float) -> float:
 
 
 def pick(candidates: list[Candidate], ratio: float) -> int:
-    """Index of the largest candidate that sees `ratio` characters per parameter or more (the
+    """Index of the largest candidate that sees `ratio` text per parameter or more (the
     smallest if none does)."""
-    fitting = [i for i, c in enumerate(candidates) if c.characters_per_parameter >= ratio]
+    fitting = [i for i, c in enumerate(candidates) if c.text_per_parameter >= ratio]
     return fitting[-1] if fitting else 0
 
 
@@ -203,10 +208,11 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
     `base_config` is the model config to resize (its vocabulary and other fields are kept);
     `make_batches(batch_size, seq_len)` yields training batches; `train_tokens` is the size of
     the training text in tokens, for the epochs the budget holds; `chars_per_token` is the
-    tokenizer's, to count the text the budget holds in characters."""
+    tokenizer's, for a rule that counts characters."""
     start = time.perf_counter()
     seconds = min(MAX_TIMING_SECONDS, BUDGET_SHARE * minutes * 60)
-    ratio = CHARACTERS_PER_PARAMETER[family]
+    ratio, unit = RULES[family]
+    text_per_token = chars_per_token if unit == "characters" else 1.0
     ladder = LADDERS[family]
     measured = []
     for rung in ladder:
@@ -216,9 +222,9 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
         speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
                               device, amp, rung["lr"], seconds, optimizer)
         measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
-                                  budget_tokens(speed, minutes * 60), chars_per_token))
+                                  budget_tokens(speed, minutes * 60), text_per_token))
         del model
-        if measured[-1].characters_per_parameter < ratio:
+        if measured[-1].text_per_parameter < ratio:
             break  # larger candidates are slower still: none of them can fit
     best = pick(measured, ratio)
     rung = ladder[best]
@@ -226,7 +232,7 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
     dropout = dropout_for(family, epochs)
     config = replace(base_config, **rung["model"], **_context(family, rung), dropout=dropout)
     return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"], dropout,
-                  tuple(measured), ratio, time.perf_counter() - start, optimizer)
+                  tuple(measured), ratio, time.perf_counter() - start, optimizer, unit)
 
 
 def _context(family: str, rung: dict[str, Any]) -> dict[str, Any]:
