@@ -287,7 +287,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     Warmup is `warmup_fraction` of the planned steps (or `warmup_steps`), and there are
     `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`.
     `preset="auto"` (with `minutes`) times candidate sizes on this machine and trains the largest
-    the budget holds enough tokens for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
+    the budget holds enough text for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
     `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's.
     Without a preset, see `default_preset`. `optimizer` (adamw or muon, see
     `scriven.optimizers`) defaults to `DEFAULT_OPTIMIZER[model]`, and on resume to the run's."""
