@@ -33,6 +33,14 @@ def test_dropout_never_falls_as_the_budget_holds_more_epochs(family):
     assert values == sorted(values) and values[0] == 0.0 and values[-1] > 0
 
 
+def test_a_gpt_on_a_text_small_for_it_keeps_some_dropout():
+    assert dropout_for("gpt", 6.0) == 0.0                                   # a large text
+    assert dropout_for("gpt", 6.0, 1.1) == sizing.SMALL_TEXT_DROPOUT       # words, 2 x 128
+    assert dropout_for("gpt", 0.9, 1.1) == 0.0                             # seen once
+    assert dropout_for("gpt", 100.0, 1.1) == dropout_for("gpt", 100.0)     # never lower
+    assert dropout_for("lstm", 6.0, 1.1) == dropout_for("lstm", 6.0)
+
+
 def test_parameters_without_embeddings_leave_out_the_tables_and_the_tied_head():
     model = GPT(GPTConfig(vocab_size=1000, d_model=32, n_heads=2, n_layers=1, d_ff=64, max_len=16))
     tables = model.embed.weight.numel() + model.pos.weight.numel()
@@ -81,7 +89,8 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     assert choice.model_config.d_model == rung["model"]["d_model"]
     assert choice.model_config.max_len == choice.seq_len == rung["seq_len"]
     assert choice.model_config.vocab_size == 50
-    assert choice.dropout == dropout_for("gpt", chosen.budget_tokens / 10**6)
+    assert choice.dropout == dropout_for("gpt", chosen.budget_tokens / 10**6,
+                                         10**6 / chosen.parameters)
     assert choice.name in choice.describe() and choice.record()["chose"] == choice.name
     assert "adamw" in choice.describe() and choice.record()["optimizer"] == "adamw"
 
