@@ -18,8 +18,9 @@ their trained context:
 Arms: gpt_default, lstm_default (the fixed default presets), gpt_auto, lstm_auto
 (`--preset auto`), reference; gpt_auto_adamw, gpt_auto_muon, lstm_auto_adamw, lstm_auto_muon
 (`auto` with the optimizer named); word_lstm, word_gpt (what `--minutes` trains by default on
-words, scored by validation perplexity), word_lstm_default, word_lstm_auto; and for the translator (`--arms translate_default,translate_joeynmt`,
-eng-fra, test BLEU and chrF with beam 4 on the held-out split) scriven's default beside
+words, scored by validation perplexity), word_lstm_default, word_lstm_auto; and for the
+translator (`--arms translate_default,translate_joeynmt`, eng-fra, test BLEU and chrF with beam
+4 on the held-out split) scriven's default beside
 JoeyNMT's recipe (below); translate_adamw and translate_muon name the optimizer.
 
     SCRIVEN_DATA_MIRROR=../shared/data python bench/budget.py --minutes 10

@@ -35,7 +35,7 @@ def test_dropout_never_falls_as_the_budget_holds_more_epochs(family):
 
 def test_a_gpt_on_a_text_small_for_it_keeps_some_dropout():
     assert dropout_for("gpt", 6.0) == 0.0                                   # a large text
-    assert dropout_for("gpt", 6.0, 1.1) == sizing.SMALL_TEXT_DROPOUT       # words, 2 x 128
+    assert dropout_for("gpt", 6.0, 1.1) == sizing.SMALL_TEXT["gpt"][1]     # words, 2 x 128
     assert dropout_for("gpt", 0.9, 1.1) == 0.0                             # seen once
     assert dropout_for("gpt", 100.0, 1.1) == dropout_for("gpt", 100.0)     # never lower
     assert dropout_for("lstm", 6.0, 1.1) == dropout_for("lstm", 6.0)

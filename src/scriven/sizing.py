@@ -92,8 +92,8 @@ LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
 # rose from perplexity 83 to 109 over its third to sixth pass, where with 0.1 it reached 81 and
 # ended at 82 (0.2 did worse); on characters (1.8 M tokens, 3 or more per parameter) GPTs
 # improved to the end without it.
-SMALL_TEXT_TOKENS_PER_PARAMETER = 2.0
-SMALL_TEXT_DROPOUT = 0.1
+# family: (training tokens per parameter below which the text is small, the least dropout then)
+SMALL_TEXT = {"gpt": (2.0, 0.1)}
 DROPOUT_BY_EPOCHS = {"gpt": ((8.0, 0.0), (32.0, 0.1), (float("inf"), 0.2)),
                      "lstm": ((2.0, 0.0), (8.0, 0.2), (float("inf"), 0.3)),
                      "translator": ((4.0, 0.0), (float("inf"), 0.1))}
@@ -203,12 +203,11 @@ def pick(candidates: list[Candidate], ratio: float) -> int:
 
 def dropout_for(family: str, epochs: float, text_per_parameter: float = float("inf")) -> float:
     """Dropout for `epochs` passes over a training text of `text_per_parameter` tokens per
-    (non-embedding) parameter: a GPT on a text that is small for it takes at least
-    SMALL_TEXT_DROPOUT once it sees the text more than once."""
+    (non-embedding) parameter: on a text that is small for it (`SMALL_TEXT`), a model that
+    sees the text more than once keeps some dropout."""
     dropout = next(p for limit, p in DROPOUT_BY_EPOCHS[family] if epochs <= limit)
-    if family == "gpt" and epochs > 1 and text_per_parameter < SMALL_TEXT_TOKENS_PER_PARAMETER:
-        return max(dropout, SMALL_TEXT_DROPOUT)
-    return dropout
+    small, least = SMALL_TEXT.get(family, (0.0, 0.0))
+    return max(dropout, least) if epochs > 1 and text_per_parameter < small else dropout
 
 
 def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int,
