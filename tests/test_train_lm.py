@@ -14,7 +14,7 @@ from conftest import crash_after, weights
 import scriven.lm as lm_module
 from scriven.errors import ScrivenError
 from scriven.generation import generate
-from scriven.lm import evaluate_lm, train_lm
+from scriven.lm import LMTask, evaluate_lm, train_lm
 
 
 def test_training_lowers_validation_perplexity_and_writes_a_checkpoint(tiny_text, tmp_path):
@@ -34,6 +34,25 @@ def test_same_seed_gives_the_same_weights(tiny_text, tmp_path):
     train_lm(str(tiny_text), tmp_path / "b", max_steps=10, seed=3, **TINY)
     wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_gpt_reads_each_epoch_from_another_offset_and_an_lstm_does_not():
+    ids = torch.arange(1001)  # a token's id is its position, so a window shows where it was cut
+    gpt = LMTask(ids, ids[:10], 1.0, 4, 16, torch.device("cpu"), carries_state=False)
+    lstm = LMTask(ids, ids[:10], 1.0, 4, 16, torch.device("cpu"), carries_state=True)
+    assert lstm.steps_per_epoch() == 250 // 16 and gpt.steps_per_epoch() == (250 - 15) // 16
+    starts = set()
+    for epoch in range(6):
+        for task in (gpt, lstm):
+            windows = list(task.batches(epoch, 0))
+            assert len(windows) == task.steps_per_epoch()
+            for i, (x, y) in enumerate(windows):
+                assert x.shape == (4, 16) and torch.equal(y, x + 1)
+                assert torch.equal(x[:, 0] - task.x[:, 0], torch.full((4,), 16 * i + task.window_offset(epoch)))
+            assert list(task.batches(epoch, 3))[0][0].equal(windows[3][0])  # a resume mid-epoch
+        starts.add(gpt.window_offset(epoch))
+        assert lstm.window_offset(epoch) == 0
+    assert gpt.window_offset(0) == 0 and len(starts) > 3 and max(starts) <= 15
 
 
 @pytest.mark.parametrize("model, optimizer", [("lstm", "adamw"), ("lstm", "muon"), ("gpt", "muon")])

@@ -100,15 +100,31 @@ class LMTask:
         self.hidden: tuple[Tensor, Tensor] | None = None
 
     def steps_per_epoch(self) -> int:
-        return self.x.size(1) // self.seq_len
+        return (self.x.size(1) - self._slack()) // self.seq_len
+
+    def _slack(self) -> int:
+        """How far an epoch's windows may be shifted. A fixed-context model reads each epoch
+        from a different offset into its streams, so that a text seen many times is not cut at
+        the same places every time (the same text, other contexts); a recurrent model's state
+        runs along the stream, so its windows stay put."""
+        length, T = self.x.size(1), self.seq_len
+        return 0 if self.carries_state or length < 2 * T else T - 1
+
+    def window_offset(self, epoch: int) -> int:
+        slack = self._slack()
+        if not slack or epoch == 0:
+            return 0
+        g = torch.Generator().manual_seed(epoch)  # the epoch alone decides: resumes and ranks agree
+        return int(torch.randint(slack + 1, (1,), generator=g))
 
     def start_epoch(self, epoch: int) -> None:
         self.hidden = None  # the streams start over at the top of the text
 
     def batches(self, epoch: int, start: int) -> Iterator[Batch]:
-        T = self.seq_len
+        T, offset = self.seq_len, self.window_offset(epoch)
         for i in range(start, self.steps_per_epoch()):
-            yield self.x[:, i * T:(i + 1) * T], self.y[:, i * T:(i + 1) * T]
+            a = offset + i * T
+            yield self.x[:, a:a + T], self.y[:, a:a + T]
 
     def loss(self, model: nn.Module, batch: Batch, label_smoothing: float) -> tuple[Tensor, int]:
         x, y = batch
