@@ -91,7 +91,8 @@ LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
 # Anna Karenina's words (0.43 M training tokens) a 2 x 128 GPT (0.40 M parameters) without it
 # rose from perplexity 83 to 109 over its third to sixth pass, where with 0.1 it reached 81 and
 # ended at 82 (0.2 did worse); on characters (1.8 M tokens, 3 or more per parameter) GPTs
-# improved to the end without it.
+# improved to the end without it. Not enough: timed into 13 passes, the same GPT with 0.1 rose
+# from 83 to 90 (docs/benchmarks.md, "A GPT reads each pass over the text at another offset").
 # family: (training tokens per parameter below which the text is small, the least dropout then)
 SMALL_TEXT = {"gpt": (2.0, 0.1)}
 DROPOUT_BY_EPOCHS = {"gpt": ((8.0, 0.0), (32.0, 0.1), (float("inf"), 0.2)),
