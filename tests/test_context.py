@@ -35,6 +35,19 @@ def test_gpt_checkpoint_records_its_trained_context(tiny_text, tmp_path):
     assert out.startswith("Anna said")
 
 
+def test_a_gpt_trains_the_context_asked_for_past_its_preset_and_auto(tiny_text, tmp_path):
+    # The tiny preset has 64 positions and auto's candidates their own windows: a longer
+    # --seq-len is what the model is built for, not an error.
+    with one_thread():
+        train_lm(str(tiny_text), tmp_path / "long", model="gpt", max_steps=2,
+                 **{**TINY_LM, "seq_len": 80, "batch_size": 1})
+        train_lm(str(tiny_text), tmp_path / "auto", model="gpt", preset="auto", minutes=0.05,
+                 batch_size=1, seq_len=80, progress=False)
+    for run in ("long", "auto"):
+        config = json.loads((tmp_path / run / "latest" / "config.json").read_text())
+        assert config["model"]["max_len"] == config["train"]["seq_len"] == 80
+
+
 def test_validation_during_training_equals_evaluate(tiny_text, tmp_path):
     """The trainer's validation and `evaluate` on the same text see the same windows (fp32 both,
     so they agree to rounding)."""

@@ -371,13 +371,15 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
                                  evals_per_run=evals_per_run,
                                  patience=patience, amp=amp, device=device, seed=seed,
                                  log_every=log_every, compile=compile, optimizer=optimizer)
-    if config_cls is GPTConfig:
+    if config_cls is GPTConfig and resume:
         check(seq_len <= model_config.max_len, "seq_len",
-              f"must be at most the model's max_len {model_config.max_len}, got {seq_len}")
+              f"must be at most the run's trained context {model_config.max_len}, got {seq_len}")
+    elif config_cls is GPTConfig:
         # A GPT's context is the window it trains on: positions past `seq_len` would never be
         # trained, yet evaluation and generation would read them. So the model is built with
-        # max_len = seq_len, and the checkpoint's max_len says how far it may read.
-        model_config = replace(model_config, max_len=seq_len) if not resume else model_config
+        # max_len = seq_len (whatever the preset or `auto` said), and the checkpoint's max_len
+        # says how far it may read.
+        model_config = replace(model_config, max_len=seq_len)
     torch.manual_seed(seed)
     net = model_cls(model_config)
     task = LMTask(train_ids, valid_ids, cpt, batch_size, seq_len, dev, dist, net.carries_state)
