@@ -3,14 +3,24 @@ the planned steps, a --minutes run plans its steps from its own speed, and resum
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 from conftest import TINY_LM, crash_after, one_thread
 
+from scriven import train as train_module
 from scriven.config import from_dict, to_dict
 from scriven.errors import ScrivenError
 from scriven.lm import LMTask, LMTrainConfig, train_lm
-from scriven.train import PLAN_AFTER_STEPS, TrainConfig, lr_at, make_plan, plan_from_speed
+from scriven.train import (
+    PLAN_AFTER_STEPS,
+    Plan,
+    Progress,
+    TrainConfig,
+    lr_at,
+    make_plan,
+    plan_from_speed,
+)
 from scriven.translation import TranslateTrainConfig
 
 
@@ -130,6 +140,47 @@ def test_a_minutes_run_plans_from_its_speed_and_resume_keeps_the_plan(tiny_text,
     trainer = json.loads((run / "latest" / "trainer.json").read_text())["progress"]
     assert trainer["step"] == PLAN_AFTER_STEPS + 3 + 2
     assert (trainer["planned_steps"], trainer["planned_minutes"]) == (plan["steps"], 0.5)
+
+
+def test_a_run_faster_than_its_first_steps_plans_again_and_resume_keeps_it(tiny_text, tmp_path,
+                                                                          monkeypatch):
+    # The trainer's clock is a fake one that each step advances: 30 ms for the steps the plan is
+    # timed on, 3 ms after. The first plan counts on a fifth of the steps the minutes hold;
+    # validations re-plan from the speed since, keeping the warmup and the validation interval,
+    # so the decay ends with the budget.
+    clock, real, calls = {"now": 0.0}, LMTask.loss, {"n": 0}
+
+    def timed(self, model, batch, smoothing):
+        calls["n"] += 1
+        clock["now"] += 0.03 if calls["n"] <= PLAN_AFTER_STEPS + 1 else 0.003
+        return real(self, model, batch, smoothing)
+
+    monkeypatch.setattr(LMTask, "loss", timed)
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    run = tmp_path / "run"
+    with one_thread():
+        result = train_lm(str(tiny_text), run, model="gpt", **{**TINY_LM, "eval_every": None},
+                          minutes=0.02)
+    plans = [r["plan"] for r in _records(run) if "plan" in r]
+    first, last = plans[0], plans[-1]
+    timed = 0.03 * (PLAN_AFTER_STEPS + 1)
+    assert first["steps"] == PLAN_AFTER_STEPS + 1 + round((1.2 - timed) / 0.03)
+    assert len(plans) >= 2 and last["steps"] > 3 * first["steps"]
+    assert all((p["warmup"], p["eval_every"]) == (first["warmup"], first["eval_every"])
+               for p in plans)
+    assert abs(last["steps"] - result.steps) <= 0.05 * result.steps
+    trainer = json.loads((run / "latest" / "trainer.json").read_text())["progress"]
+    assert (trainer["planned_steps"], trainer["planned_warmup"], trainer["planned_eval_every"]) \
+        == (last["steps"], first["warmup"], first["eval_every"])
+
+
+def test_a_resume_keeps_a_re_planned_warmup_and_validation_interval():
+    config = TrainConfig(minutes=1)
+    kept = Progress(step=300, planned_steps=500, planned_minutes=1, planned_warmup=7,
+                    planned_eval_every=33)
+    assert train_module._initial_plan(config, kept, None) == Plan(500, 7, 33)
+    older = Progress(step=300, planned_steps=500, planned_minutes=1)  # before re-planning
+    assert train_module._initial_plan(config, older, None) == make_plan(config, 500)
 
 
 def test_cli_defaults_are_fractions_of_the_plan():

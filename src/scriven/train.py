@@ -130,6 +130,10 @@ class Task(Protocol):
 # A --minutes run times this many steps (after its first, which pays for allocations and kernel
 # choices) before planning the budget in steps: a few seconds, yet enough to average out noise.
 PLAN_AFTER_STEPS = 20
+# ... and plans again at each validation from the speed since then, where that moves the plan by
+# more than this share: a translator's first steps ran at three quarters of its later pace, so
+# a 60-minute run reached its planned last step at minute 48 and held the floor rate after.
+REPLAN_TOLERANCE = 0.02
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,8 @@ class Progress:
     stopped_early: bool = False
     planned_steps: int | None = None      # the plan, kept across resumes (see `Plan`) ...
     planned_minutes: float | None = None  # ... for this --minutes budget (None: a step budget)
+    planned_warmup: int | None = None     # ... with its warmup and validation interval, which
+    planned_eval_every: int | None = None  # a re-planned --minutes run keeps from its first plan
 
 
 @dataclass
@@ -458,6 +464,7 @@ class _Run:
     metrics: dict[str, float] = field(default_factory=dict)
     window: _Window = field(default_factory=_Window)
     mark: tuple[int, float] | None = None  # (step, elapsed) where this process's timing starts
+    replan_mark: tuple[int, float] | None = None  # ... and where its speed for re-plans starts
     last_eval_step: int = -1
 
 
@@ -550,6 +557,8 @@ def _train(run: _Run, resume: bool) -> None:
             _record(run, loss, n_tokens, lr)
             if run.plan is None and run.config.minutes:
                 _plan_when_timed(run)
+            elif run.replan_mark is None:
+                run.replan_mark = (p.step, p.elapsed)
             stop = _should_stop(run)
             if stop:
                 break
@@ -632,17 +641,35 @@ def _plan_when_timed(run: _Run) -> None:
     elif p.step - run.mark[0] >= PLAN_AFTER_STEPS:
         speed = (p.step - run.mark[0]) / max(p.elapsed - run.mark[1], 1e-9)
         plan = plan_from_speed(run.config, p.step, p.elapsed, speed, run.total_steps)
-        _adopt(run, _agreed(plan, run.config, run.dist, run.device))
+        _adopt(run, _agreed(plan, run.dist, run.device))
 
 
-def _adopt(run: _Run, plan: Plan) -> None:
+def _replan(run: _Run) -> None:
+    """At a validation of a --minutes run: plan the steps left again from the speed measured
+    since the plan was made (or the run resumed), keeping warmup and validation interval, so the
+    decay ends with the budget when the machine turned out faster or slower than its first
+    steps said. Time still ends a run that slowed down (see `lr_at`)."""
+    p, plan = run.p, run.plan
+    if not run.config.minutes or plan is None or run.replan_mark is None:
+        return
+    steps, seconds = p.step - run.replan_mark[0], p.elapsed - run.replan_mark[1]
+    if steps < PLAN_AFTER_STEPS or seconds <= 0:
+        return
+    fresh = plan_from_speed(run.config, p.step, p.elapsed, steps / seconds, run.total_steps)
+    if abs(fresh.steps - plan.steps) > REPLAN_TOLERANCE * plan.steps:
+        fresh = Plan(max(fresh.steps, p.step + 1), plan.warmup, plan.eval_every)
+        _adopt(run, _agreed(fresh, run.dist, run.device), announce=False)
+
+
+def _adopt(run: _Run, plan: Plan, announce: bool = True) -> None:
     """Use `plan` from here on, keep it for resumes, and say what it is."""
     run.plan = plan
-    run.p.planned_steps, run.p.planned_minutes = plan.steps, run.config.minutes
+    _keep(run.p, plan, run.config)
     run.log.write({"step": run.p.step, "plan": vars(plan)})
     if run.bar is not None:
         run.bar.total = plan.steps
-        run.bar.write(plan.describe(run.config))
+        if announce:
+            run.bar.write(plan.describe(run.config))
         run.bar.refresh()
 
 
@@ -653,6 +680,7 @@ def _should_stop(run: _Run) -> bool:
         run.last_eval_step = run.p.step
         if _validate(run):
             return True
+        _replan(run)
     return _budget_spent(run)
 
 
@@ -720,19 +748,28 @@ def _initial_plan(config: TrainConfig, p: Progress, total_steps: int | None) -> 
         plan = make_plan(config, total_steps or 1)
     elif p.planned_steps and p.planned_minutes == config.minutes:
         plan = make_plan(config, min(p.planned_steps, total_steps or p.planned_steps))
+        if p.planned_warmup is not None and p.planned_eval_every is not None:
+            plan = Plan(plan.steps, p.planned_warmup, p.planned_eval_every)
     else:
         return None
-    p.planned_steps, p.planned_minutes = plan.steps, config.minutes
+    _keep(p, plan, config)
     return plan
 
 
-def _agreed(plan: Plan, config: TrainConfig, dist: Distributed, device: torch.device) -> Plan:
+def _keep(p: Progress, plan: Plan, config: TrainConfig) -> None:
+    """Record `plan` in the progress a resume restores."""
+    p.planned_steps, p.planned_minutes = plan.steps, config.minutes
+    p.planned_warmup, p.planned_eval_every = plan.warmup, plan.eval_every
+
+
+def _agreed(plan: Plan, dist: Distributed, device: torch.device) -> Plan:
     """Rank 0's plan on every rank, so all validate (a collective) at the same steps."""
     if dist.world == 1:
         return plan
-    steps = torch.tensor([plan.steps], dtype=torch.long, device=device)
-    torch.distributed.broadcast(steps, 0)
-    return make_plan(config, int(steps.item()))
+    fields = torch.tensor([plan.steps, plan.warmup, plan.eval_every], dtype=torch.long,
+                          device=device)
+    torch.distributed.broadcast(fields, 0)
+    return Plan(*(int(v) for v in fields.tolist()))
 
 
 def _grads_to_master(working: nn.Module, master: nn.Module) -> None:
