@@ -159,9 +159,11 @@ class CT2Translator:
         ct2 = require("ctranslate2", "ctranslate2")
         if device not in ("auto", "cpu", "cuda"):
             raise ScrivenError(f"device {device!r}: a CTranslate2 export runs on auto, cpu or cuda")
+        on_cpu = device == "cpu" or (device == "auto" and not ct2.get_cuda_device_count())
+        workers, per_worker = cpu_workers(threads or torch.get_num_threads()) if on_cpu else (1, 0)
         try:
             translator = ct2.Translator(str(Path(path) / "ctranslate2"), device=device,
-                                        intra_threads=threads)
+                                        inter_threads=workers, intra_threads=per_worker)
         except (RuntimeError, ValueError) as e:
             raise ScrivenError(f"export {path}: CTranslate2 cannot load it: {e}") from None
         return cls(translator, load_tokenizer(Path(path) / "tokenizer.json"),
@@ -184,13 +186,15 @@ class CT2Translator:
         limit_of = [max_len or output_limit(self.max_len, len(s)) for s in sources]
         tok = self.tokenizer
         results: list[list[tuple[list[int], float | None]]] = [[] for _ in sources]
-        for rows in length_batches(sources, limit_of, beam, batch_size):
-            tokens = [[tok.id_to_token(t) for t in sources[i]] for i in rows]
-            limit = max(limit_of[i] for i in rows)
-            found = self.translator.translate_batch(
-                tokens, beam_size=beam, num_hypotheses=n_best, length_penalty=length_penalty,
-                max_decoding_length=limit, return_scores=beam > 1)
-            for i, result in zip(rows, found):
+        batches = length_batches(sources, limit_of, beam, batch_size)
+        # All batches are queued at once: the translator's workers take them in parallel.
+        pending = [self.translator.translate_batch(
+            [[tok.id_to_token(t) for t in sources[i]] for i in rows], beam_size=beam,
+            num_hypotheses=n_best, length_penalty=length_penalty,
+            max_decoding_length=max(limit_of[i] for i in rows), return_scores=beam > 1,
+            asynchronous=True) for rows in batches]
+        for rows, futures in zip(batches, pending):
+            for i, result in zip(rows, (f.result() for f in futures)):
                 hyps = []
                 for pieces, score in zip(result.hypotheses, result.scores or [None] * n_best):
                     ids = [tok.token_to_id(p) for p in pieces if p not in (BOS, EOS)]
@@ -200,6 +204,15 @@ class CT2Translator:
         return results
 
 
+def cpu_workers(threads: int) -> tuple[int, int]:
+    """(workers, threads each) for CTranslate2 on `threads` CPU threads. Two workers that each
+    decode a batch on half the threads translate many sentences faster than one worker that
+    splits every batch's small matrices between all of them (docs/benchmarks.md,
+    "CTranslate2's workers"); a lone batch loses little, as its matrices split poorly."""
+    workers = 2 if threads >= 2 else 1
+    return workers, max(1, threads // workers)
+
+
 def load_translator(path: str | Path, device: str = "auto", threads: int = 0) -> CT2Translator:
-    """An exported translator; `threads` 0 lets CTranslate2 choose."""
+    """An exported translator on `threads` threads (0: as many as PyTorch uses)."""
     return CT2Translator.load(path, device, threads)
