@@ -63,6 +63,8 @@ GPT_CONFIGS = {
     "learned": dict(d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0, max_len=16),
     "sinusoidal": dict(d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0, max_len=16,
                        positions="sinusoidal"),
+    "alibi, head bias": dict(d_model=32, n_heads=2, n_layers=2, d_ff=64, dropout=0.0, max_len=16,
+                             positions="alibi", head_bias=True),
 }
 LM_CASES = [("lstm", n, c) for n, c in LSTM_CONFIGS.items()] + \
            [("gpt", n, c) for n, c in GPT_CONFIGS.items()]

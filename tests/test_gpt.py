@@ -14,9 +14,9 @@ def model(**overrides):
     return GPT(GPTConfig(**config)).eval()
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "alibi"])
 def test_cached_decoding_equals_recomputation(positions):
-    m = model(positions=positions)
+    m = model(positions=positions, head_bias=positions == "alibi")
     ids = torch.randint(0, 30, (2, 15))
     full, _ = m(ids)
     logits, cache = m(ids[:, :6])
@@ -27,8 +27,9 @@ def test_cached_decoding_equals_recomputation(positions):
     assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
 
 
-def test_causal_mask_holds():
-    m = model()
+@pytest.mark.parametrize("positions", ["learned", "alibi"])
+def test_causal_mask_holds(positions):
+    m = model(positions=positions)
     ids = torch.randint(0, 30, (1, 12))
     changed = ids.clone()
     changed[0, 7:] = (changed[0, 7:] + 3) % 30
@@ -51,6 +52,22 @@ def test_generation_runs_past_the_context_window():
     out = list(sample_ids(m, torch.randint(0, 30, (2, 3)), 40, temperature=1.0,
                           generator=torch.Generator().manual_seed(0)))
     assert len(out) == 40
+
+
+def test_alibi_scores_fall_with_distance_and_need_no_position_table():
+    m = model(positions="alibi")
+    assert not any("pos" in name for name, _ in m.named_parameters())
+    from scriven.attention import alibi_bias
+    bias = alibi_bias(4, 5)                                             # (H, Tq, Tk)
+    assert torch.all(bias[:, 4, :4].diff(dim=-1) > 0)                   # nearer keys: higher
+    assert torch.all(bias[:, torch.arange(5), torch.arange(5)] == 0)    # itself: no penalty
+    assert torch.allclose(bias[0] / 4, bias[1])                         # geometric slopes
+
+
+def test_a_head_bias_is_learnt_and_saved_like_any_weight():
+    m = model(head_bias=True)
+    assert m.head.bias is not None and m.head.weight is m.embed.weight
+    assert model().head.bias is None  # older configs have none
 
 
 def test_too_long_input_is_named():

@@ -30,14 +30,16 @@ def scaled_dot_product_attention(
     dropout_p: float = 0.0,
     need_weights: bool = False,
     is_causal: bool = False,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """softmax(Q Kᵀ / √d_k) V.
+    """softmax(Q Kᵀ / √d_k + bias) V.
 
     query (B, H, Tq, Dh), key (B, H, Tk, Dh), value (B, H, Tk, Dv); `mask` boolean, broadcastable
     to (B, H, Tq, Tk), True where attending is allowed; or `is_causal` (no mask, Tq = Tk): query
     i sees keys 0..i, which lets PyTorch's fused kernels skip the masked blocks. Returns the
     output (B, H, Tq, Dv) and, if `need_weights`, the attention weights (B, H, Tq, Tk) before
-    dropout (else None).
+    dropout (else None). `bias` (float, broadcastable to (B, H, Tq, Tk)) is added to the scores
+    before the mask: a position bias such as `alibi_bias`.
 
     A query row whose keys are all masked gets zero weights and a zero output instead of NaN
     (softmax over nothing is undefined; zero is what padding queries should contribute).
@@ -56,6 +58,12 @@ def scaled_dot_product_attention(
         # done unconditionally, since asking whether any row is empty would wait for a GPU.
         allowed = mask.any(dim=-1, keepdim=True)
         mask = mask | ~allowed
+    if bias is not None:
+        # PyTorch's kernels take one float mask: the bias with -inf where attending is not allowed.
+        if is_causal:
+            mask, is_causal = causal_mask(query.size(-2), query.device), False
+        bias = bias.to(query.dtype)
+        mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
 
     if not need_weights:
         # The fused kernel never materialises the (Tq, Tk) weights: faster and leaner.
@@ -64,8 +72,10 @@ def scaled_dot_product_attention(
         return (out if allowed is None else out.masked_fill(~allowed, 0.0)), None
 
     scores = query @ key.transpose(-2, -1) / math.sqrt(query.size(-1))  # (B, H, Tq, Tk)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))  # exp(-inf) = 0: exactly zero weight
+    elif mask is not None:
+        scores = scores + mask  # the bias, -inf where not allowed
     weights = torch.softmax(scores, dim=-1)  # (B, H, Tq, Tk)
     if allowed is not None:
         weights = weights.masked_fill(~allowed, 0.0)
@@ -79,6 +89,23 @@ def causal_mask(size: int, device: torch.device | str | None = None, past: int =
     q_pos = torch.arange(past, past + size, device=device)[:, None]  # (Tq, 1)
     k_pos = torch.arange(past + size, device=device)[None, :]  # (1, Tk)
     return k_pos <= q_pos  # (Tq, Tk)
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al., 2022): a geometric sequence from 2^(-8/H) down to
+    2^-8, so some heads look far back and others mostly at the last few tokens."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_heads) for h in range(n_heads)])
+
+
+def alibi_bias(n_heads: int, size: int, device: torch.device | str | None = None,
+               past: int = 0) -> Tensor:
+    """(H, size, past + size) ALiBi bias: a query at absolute position i scores a key at j
+    lower by slope_h * (i - j). Keys after the query get a positive bias, which the causal mask
+    removes. Depends only on distances, so a cached step sees what a full pass sees."""
+    q_pos = torch.arange(past, past + size, device=device)[:, None]  # (Tq, 1)
+    k_pos = torch.arange(past + size, device=device)[None, :]  # (1, Tk)
+    slopes = alibi_slopes(n_heads).to(device)[:, None, None]  # (H, 1, 1)
+    return -slopes * (q_pos - k_pos)  # (H, Tq, Tk)
 
 
 def padding_mask(ids: Tensor, pad_id: int) -> Tensor:
@@ -148,10 +175,12 @@ class MultiHeadAttention(nn.Module):
         cache: KVCache | None = None,
         need_weights: bool = False,
         is_causal: bool = False,
+        bias: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, Tq, D); memory (B, Tk, D) or None; mask broadcastable to (B, H, Tq, Tk), where
         for cached self-attention Tk counts the cached positions too; or `is_causal` for
-        self-attention over an empty cache (each position sees itself and those before it).
+        self-attention over an empty cache (each position sees itself and those before it);
+        `bias` a float position bias added to the scores (see `scaled_dot_product_attention`).
 
         Returns (output (B, Tq, D), weights (B, H, Tq, Tk) or None). With `cache`, self-attention
         appends this call's keys/values to it; cross-attention projects `memory` only when the
@@ -165,7 +194,7 @@ class MultiHeadAttention(nn.Module):
         else:
             source = x if memory is None else memory
             k, v = self.k_proj(source), self.v_proj(source)  # (B, Tk, D) each
-            if self.kernel is not None and cache is None and not need_weights:
+            if self.kernel is not None and cache is None and not need_weights and bias is None:
                 kernel_mask = causal_mask(t, x.device) if is_causal else mask
                 out = self.kernel(q, k, v, self.n_heads, kernel_mask, dropout_p)
                 if out is not None:
@@ -178,6 +207,6 @@ class MultiHeadAttention(nn.Module):
                 cache.key, cache.value = k, v
         q = self._split_heads(q)  # (B, H, Tq, Dh)
         out, weights = scaled_dot_product_attention(q, k, v, mask, dropout_p, need_weights,
-                                                    is_causal)
+                                                    is_causal, bias)
         out = out.transpose(1, 2).reshape(b, t, self.d_model)  # (B, Tq, D)
         return self.out_proj(out), weights

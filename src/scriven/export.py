@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import __version__
 from . import checkpoint as ckpt_io
+from .attention import alibi_slopes
 from .errors import ScrivenError
 from .tokenizers import BOS, BOS_ID, EOS, EOS_ID, PAD_ID, UNK, UNK_ID
 
@@ -357,8 +358,11 @@ class GPTExport(nn.Module):
         self.head_dim = d // self.n_heads
         self.max_len = config["max_len"]
         self.vocab_size = w["embed.weight"].size(0)
+        self.alibi = config.get("positions", "learned") == "alibi"
         if config.get("positions", "learned") == "learned":
             pos = w["pos.weight"]
+        elif self.alibi:
+            pos = torch.zeros(self.max_len, d)  # no position vectors: a bias in attention
         else:
             pos = sinusoidal_positions(self.max_len, d)
         self.params = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
@@ -387,6 +391,9 @@ class GPTExport(nn.Module):
         x = self._p("embed.weight")[ids] + self._p("pos_table")[positions]   # (B, T, D)
         allowed = torch.arange(t + past)[None, :] <= positions[:, None]     # (T, P+T)
         bias = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        if self.alibi:
+            distance = (positions[:, None] - torch.arange(t + past)[None, :]).float()
+            bias = bias - alibi_slopes(self.n_heads)[:, None, None] * distance  # (H, T, P+T)
         new_keys, new_values = [], []
         for i in range(self.n_layers):
             p = f"blocks.{i}"
@@ -402,7 +409,7 @@ class GPTExport(nn.Module):
             y = torch.nn.functional.gelu(self._linear(self._norm(x, f"{p}.norm2"), f"{p}.ff.0"))
             x = x + self._linear(y, f"{p}.ff.2")
         x = self._norm(x[:, -1], "norm")                                     # (B, D)
-        return x @ self._p("head.weight").t(), torch.stack(new_keys), torch.stack(new_values)
+        return self._linear(x, "head"), torch.stack(new_keys), torch.stack(new_values)
 
     def _heads(self, x: Tensor, b: int, t: int) -> Tensor:
         return x.reshape(b, t, self.n_heads, self.head_dim).transpose(1, 2)

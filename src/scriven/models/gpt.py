@@ -1,5 +1,6 @@
-"""Decoder-only Transformer language model (GPT-style): token + position embeddings, pre-norm
-blocks of causal self-attention and a feed-forward network, a head tied to the embeddings.
+"""Decoder-only Transformer language model (GPT-style): token embeddings (plus a position table,
+or ALiBi's distance penalty in attention), pre-norm blocks of causal self-attention and a
+feed-forward network, a head tied to the embeddings.
 
 `forward(ids, cache)` returns `(logits, cache)`, the same shape of call as the LSTM's
 `forward(ids, state)`, so training and generation drive both the same way; the cache holds each
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..attention import KVCache, MultiHeadAttention, causal_mask
+from ..attention import KVCache, MultiHeadAttention, alibi_bias, causal_mask
 from ..config import check, check_float, check_positive_int
 from .transformer import sinusoidal_positions
 
@@ -26,8 +27,9 @@ class GPTConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     max_len: int = 256
-    positions: str = "learned"   # learned | sinusoidal
+    positions: str = "learned"   # learned | sinusoidal | alibi
     tie_embeddings: bool = True
+    head_bias: bool = False      # a bias on the output layer: each word's base rate
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "d_ff", "max_len"):
@@ -35,15 +37,18 @@ class GPTConfig:
         check(self.d_model % self.n_heads == 0, "d_model",
               f"must be divisible by n_heads ({self.n_heads}), got {self.d_model}")
         check_float(self.dropout, "dropout", 0.0, 1.0, high_open=True)
-        check(self.positions in ("learned", "sinusoidal"), "positions",
-              f"must be learned or sinusoidal, got {self.positions!r}")
+        check(self.positions in POSITIONS, "positions",
+              f"must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
         check(isinstance(self.tie_embeddings, bool), "tie_embeddings", "must be true or false")
+        check(isinstance(self.head_bias, bool), "head_bias", "must be true or false")
 
     @classmethod
     def preset(cls, name: str, vocab_size: int) -> GPTConfig:
         check(name in GPT_PRESETS, "preset", f"must be one of {', '.join(GPT_PRESETS)}, got {name!r}")
         return cls(vocab_size=vocab_size, **GPT_PRESETS[name])
 
+
+POSITIONS = ("learned", "sinusoidal", "alibi")
 
 GPT_PRESETS: dict[str, dict] = {
     "default": dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024, dropout=0.2, max_len=256),
@@ -75,8 +80,9 @@ class Block(nn.Module):
         self.drop = nn.Dropout(c.dropout)
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache,
-                is_causal: bool = False) -> Tensor:
-        a, _ = self.attn(self.norm1(x), mask=mask, cache=cache, is_causal=is_causal)  # (B, T, D)
+                is_causal: bool = False, bias: Tensor | None = None) -> Tensor:
+        a, _ = self.attn(self.norm1(x), mask=mask, cache=cache, is_causal=is_causal,
+                         bias=bias)                                   # (B, T, D)
         x = x + self.drop(a)
         return x + self.drop(self.ff(self.norm2(x)))                  # (B, T, D)
 
@@ -90,12 +96,12 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         if c.positions == "learned":
             self.pos = nn.Embedding(c.max_len, c.d_model)
-        else:
+        elif c.positions == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_positions(c.max_len, c.d_model), persistent=False)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = nn.LayerNorm(c.d_model)
-        self.head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=c.head_bias)
         self.apply(self._init)
         if c.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -116,13 +122,22 @@ class GPT(nn.Module):
         past = cache.length
         check(past + t <= self.config.max_len, "sequence length",
               f"{past + t} exceeds the model's max_len {self.config.max_len}")
+        x = self.embed(ids)                                           # (B, T, D)
         positions = torch.arange(past, past + t, device=ids.device)
-        pos = self.pos(positions) if self.config.positions == "learned" else self.pos_table[positions]
-        x = self.drop(self.embed(ids) + pos)                          # (B, T, D)
+        if self.config.positions == "learned":
+            x = x + self.pos(positions)
+        elif self.config.positions == "sinusoidal":
+            x = x + self.pos_table[positions]
+        # ALiBi: no position vectors; attention scores fall with distance instead (on a small
+        # text the table of positions must be learnt, the penalty need not).
+        bias = (alibi_bias(self.config.n_heads, t, ids.device, past)
+                if self.config.positions == "alibi" else None)        # (H, T, past + T)
+        x = self.drop(x)
         # A fresh window: plain causal attention (the fused kernels skip masked blocks). After a
         # cache, new positions see all of it and each other causally: an explicit mask.
         is_causal = past == 0 and t > 1
         mask = causal_mask(t, ids.device, past=past) if past > 0 and t > 1 else None
         for block, layer_cache in zip(self.blocks, cache.layers):
-            x = block(x, mask, layer_cache, is_causal)
-        return self.head(self.norm(x)), cache                        # (B, T, V)
+            x = block(x, mask, layer_cache, is_causal, bias)
+        # Dropout before the head too, as the LSTM has it: the head is the embedding table.
+        return self.head(self.drop(self.norm(x))), cache             # (B, T, V)
