@@ -8,10 +8,11 @@ holds, and takes the largest candidate that still sees `RULES[family]` of it per
 without costing matmul time per token). An LSTM's rule counts characters of text: on words (a
 word is about 4.6 characters) the LSTM's default size, 2 x 256, which sees 1.3 tokens per
 parameter in 10 minutes, ended at perplexity 87.6 where the size a token rule chose (2 x 128,
-9 tokens per parameter) ended at 101.4. A GPT's counts tokens: counted in characters, a 4 x
-128 GPT was chosen on words at 15 minutes, and without dropout (the passes rule below) it
-overfit after 3 of its 8 passes, from perplexity 81 to 126, where the 2 x 128 a token rule
-chooses ended at 82.
+9 tokens per parameter) ended at 101.4. A GPT's rule counts characters too: on words at 15
+minutes it chooses a 4 x 128 (18 characters per parameter), which with ALiBi and dropout 0.1
+ended at perplexity 72 where the 2 x 128 a token rule chose ended at 82 (best 78); the same 4 x
+128 with a learned position table and no dropout had overfit, from 81 to 126 (docs/benchmarks.md,
+"A GPT with ALiBi"). On characters the two rules are one.
 
 Where the ratios come from: character-level models on Anna Karenina on 2 cores
 (docs/benchmarks.md, "Budget"). Given 3 minutes, a 2-layer GPT that saw about 17 tokens per
@@ -41,7 +42,7 @@ from .device import autocast_dtype, training_precision
 from .optimizers import make_optimizer
 
 # (text per parameter the chosen size must see, counted in): see above.
-RULES = {"gpt": (10.0, "tokens"), "lstm": (5.0, "characters")}
+RULES = {"gpt": (10.0, "characters"), "lstm": (5.0, "characters")}
 WARMUP_STEPS = 2         # per candidate: allocations, kernel choices, first-touch pages
 MAX_TIMED_STEPS = 30     # then up to these, the fastest counting
 MAX_TIMING_SECONDS = 2.0  # per candidate: a large model on a slow machine stops early ...
