@@ -17,7 +17,8 @@ their trained context:
 
 Arms: gpt_default, lstm_default (the fixed default presets), gpt_auto, lstm_auto
 (`--preset auto`), reference; gpt_auto_adamw, gpt_auto_muon, lstm_auto_adamw, lstm_auto_muon
-(`auto` with the optimizer named); word_lstm, word_gpt (what `--minutes` trains by default on
+(`auto` with the optimizer named); gpt_auto_alibi, gpt_auto_learned (`auto` with the position
+scheme named); word_lstm, word_gpt (what `--minutes` trains by default on
 words, scored by validation perplexity), word_lstm_default, word_lstm_auto; and for the
 translator (`--arms translate_default,translate_joeynmt`, eng-fra, test BLEU and chrF with beam
 4 on the held-out split) scriven's default beside
@@ -136,6 +137,8 @@ def translator_arm(name: str, **recipe):
 ARMS = {
     "gpt_default": scriven_arm("gpt", "default"),
     "gpt_auto": scriven_arm("gpt", "auto"),
+    "gpt_auto_alibi": scriven_arm("gpt", "auto", positions="alibi"),
+    "gpt_auto_learned": scriven_arm("gpt", "auto", positions="learned"),
     "lstm_default": scriven_arm("lstm", "default"),
     "lstm_auto": scriven_arm("lstm", "auto"),
     "gpt_auto_adamw": scriven_arm("gpt", "auto", optimizer="adamw"),

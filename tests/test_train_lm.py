@@ -36,6 +36,23 @@ def test_same_seed_gives_the_same_weights(tiny_text, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.parametrize("tokenizer, positions, expected", [
+    ("char", None, "learned"), ("word", None, "alibi"), ("char", "alibi", "alibi"),
+    ("word", "sinusoidal", "sinusoidal")])
+def test_a_default_gpt_takes_its_positions_from_the_tokenizer_unless_told(
+        tiny_text, tmp_path, tokenizer, positions, expected):
+    train_lm(str(tiny_text), tmp_path / "run", model="gpt", preset="default", tokenizer=tokenizer,
+             positions=positions, max_steps=1, batch_size=2, seq_len=8, progress=False)
+    saved = json.loads((tmp_path / "run" / "latest" / "config.json").read_text())
+    assert saved["model"]["positions"] == expected
+
+
+def test_positions_are_a_gpts_alone(tiny_text, tmp_path):
+    with pytest.raises(ScrivenError, match="positions"):
+        train_lm(str(tiny_text), tmp_path / "run", positions="alibi", max_steps=1, **TINY)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_gpt_reads_each_epoch_from_another_offset_and_an_lstm_does_not():
     ids = torch.arange(1001)  # a token's id is its position, so a window shows where it was cut
     gpt = LMTask(ids, ids[:10], 1.0, 4, 16, torch.device("cpu"), carries_state=False)

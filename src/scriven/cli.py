@@ -366,6 +366,9 @@ COMMANDS: tuple[Command, ...] = (
         Option("--batch-size", "parallel streams (default 32, or auto's choice)"),
         Option("--seq-len", "tokens per training window (default 64, or auto's choice)"),
         Option("--dropout"),
+        Option("--positions", "gpt: learned, sinusoidal or alibi (default: the preset's; "
+                              "default and auto: alibi, learned on characters)",
+               choices=["learned", "sinusoidal", "alibi"]),
         *_TRAINING), _train),
     Command(("train", "translate"), "English→French (or any pair file) translator",
             "translation:train_translate", (

@@ -272,6 +272,18 @@ def _cut_text(text: str, valid_fraction: float, test_fraction: float) -> tuple[s
 
 # Measured per family against AdamW in the same run (docs/benchmarks.md, "Muon").
 DEFAULT_OPTIMIZER = {"gpt": "muon", "lstm": "adamw"}
+# The GPT's `default` preset (and so `auto`) uses ALiBi, which learnt words faster than a
+# learned table; on characters the learned table ended lower at 10 minutes (docs/benchmarks.md,
+# "Positions by tokenizer"). A preset that names its own scheme keeps it.
+CHARACTER_POSITIONS = "learned"
+
+
+def gpt_positions(preset: str, tokenizer: str, positions: str | None) -> str | None:
+    """The position scheme a GPT trains with: `positions` if given, else the preset's, except
+    that `default` and `auto` use CHARACTER_POSITIONS on characters. None: the preset's own."""
+    if positions is not None:
+        return positions
+    return CHARACTER_POSITIONS if preset in ("default", "auto") and tokenizer == "char" else None
 
 
 def default_preset(minutes: float | None, epochs: int | None, max_steps: int | None) -> str:
@@ -288,7 +300,8 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
              tokenizer: str = "word", min_count: int = 1, vocab_size: int = 8000,
              epochs: int | None = None, minutes: float | None = None, max_steps: int | None = None,
              batch_size: int | None = None, seq_len: int | None = None, lr: float | None = None,
-             dropout: float | None = None, warmup_steps: int | None = None,
+             dropout: float | None = None, positions: str | None = None,
+             warmup_steps: int | None = None,
              warmup_fraction: float = 0.05, schedule: str = "cosine",
              eval_every: int | None = None,
              evals_per_run: int = 10, patience: int = 0,
@@ -306,8 +319,12 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     the budget holds enough text for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
     `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's.
     Without a preset, see `default_preset`. `optimizer` (adamw or muon, see
-    `scriven.optimizers`) defaults to `DEFAULT_OPTIMIZER[model]`, and on resume to the run's."""
+    `scriven.optimizers`) defaults to `DEFAULT_OPTIMIZER[model]`, and on resume to the run's.
+    `positions` (a GPT's: learned, sinusoidal or alibi) defaults to `gpt_positions`'."""
     check(model in MODELS, "model", f"must be one of {', '.join(MODELS)}, got {model!r}")
+    check(positions is None or model == "gpt", "positions",
+          f"only a GPT has a position scheme, not a {model}")
+    check(positions is None or not resume, "positions", "a resumed run keeps its own")
     config_cls, model_cls, presets = MODELS[model]
     if epochs is None and minutes is None and max_steps is None:
         minutes = 10.0
@@ -341,6 +358,9 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
         model_config = config_cls.preset("default" if preset == "auto" else preset, tok.vocab_size)
         if dropout is not None:
             model_config = replace(model_config, dropout=dropout)
+        scheme = gpt_positions(preset, tokenizer, positions) if model == "gpt" else None
+        if scheme is not None:
+            model_config = replace(model_config, positions=scheme)
     train_ids = torch.tensor(tok.encode(train_text), dtype=torch.long)
     valid_ids = torch.tensor(tok.encode(valid_text), dtype=torch.long)
     cpt = chars_per_token(tok, tok.tokenize(valid_text))
