@@ -52,8 +52,10 @@ POSITIONS = ("learned", "sinusoidal", "alibi")
 
 # "default" (which `auto` resizes) uses ALiBi and a head bias: on Anna Karenina's words the same
 # 2 x 128 GPT reached perplexity 78.3 with both against 81.1 with a learned position table
-# (docs/benchmarks.md, "A GPT with ALiBi"). "seed" keeps the book's learned positions; "gpu"
-# keeps them too, as an additive bias would take the flash kernels' causal path away.
+# (docs/benchmarks.md, "A GPT with ALiBi"); `lm.train_lm` gives it a learned table on characters,
+# where that measured better (same file, "Positions by tokenizer"). "seed" keeps the book's
+# learned positions; "gpu" keeps them too, as an additive bias would take the flash kernels'
+# causal path away.
 GPT_PRESETS: dict[str, dict] = {
     "default": dict(d_model=256, n_heads=4, n_layers=4, d_ff=1024, dropout=0.2, max_len=256,
                     positions="alibi", head_bias=True),
