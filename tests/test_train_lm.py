@@ -51,6 +51,13 @@ def test_positions_are_a_gpts_alone(tiny_text, tmp_path):
     with pytest.raises(ScrivenError, match="positions"):
         train_lm(str(tiny_text), tmp_path / "run", positions="alibi", max_steps=1, **TINY)
     assert not (tmp_path / "run").exists()
+    train_lm(str(tiny_text), tmp_path / "gpt", model="gpt", max_steps=1, **TINY)
+    with pytest.raises(ScrivenError, match="positions"):
+        train_lm(str(tiny_text), tmp_path / "gpt", model="gpt", positions="alibi", resume=True,
+                 max_steps=2, **TINY)
+    with pytest.raises(ScrivenError, match="positions"):
+        train_lm(str(tiny_text), tmp_path / "bad", model="gpt", positions="rope", max_steps=1,
+                 **TINY)
 
 
 def test_a_gpt_reads_each_epoch_from_another_offset_and_an_lstm_does_not():

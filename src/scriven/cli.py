@@ -367,8 +367,7 @@ COMMANDS: tuple[Command, ...] = (
         Option("--seq-len", "tokens per training window (default 64, or auto's choice)"),
         Option("--dropout"),
         Option("--positions", "gpt: learned, sinusoidal or alibi (default: the preset's; "
-                              "default and auto: alibi, learned on characters)",
-               choices=["learned", "sinusoidal", "alibi"]),
+                              "default and auto: alibi, learned on characters)"),
         *_TRAINING), _train),
     Command(("train", "translate"), "English→French (or any pair file) translator",
             "translation:train_translate", (
