@@ -51,11 +51,12 @@ from scriven.translation import evaluate_translation, train_translate
 # nanoGPT's README, "I only have a macbook" (CPU): config/train_shakespeare_char.py with
 # --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000
 # --lr_decay_iters=2000 --dropout=0.0; from that config file: learning_rate 1e-3, min_lr 1e-4,
-# warmup_iters 100, beta2 0.99; from train.py's defaults: weight_decay 0.1, grad_clip 1.0.
+# warmup_iters 100, beta2 0.99; from train.py's defaults: weight_decay 0.1, grad_clip 1.0; and
+# fp32, as its train.py runs on a CPU (autocast only on CUDA).
 REFERENCE_MODEL = dict(d_model=128, n_heads=4, n_layers=4, d_ff=4 * 128, dropout=0.0, max_len=64)
 REFERENCE_TRAIN = dict(batch_size=12, seq_len=64, lr=1e-3, warmup_steps=100,
                        schedule="cosine", min_lr_ratio=0.1, betas=(0.9, 0.99), weight_decay=0.1,
-                       grad_clip=1.0)
+                       grad_clip=1.0, amp="off")
 
 
 def curve(run: Path, metric: str = "bits_per_char") -> list[tuple[float, float]]:

@@ -67,12 +67,14 @@ def test_timing_counts_the_fastest_step_not_one_slowed_by_the_machine():
 def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     # Speeds that give the first three candidates 4, 2 and 1/2 times the tokens per parameter
     # the rule asks for: the second is chosen, and none past the third is timed.
-    timed = []
+    timed, dropouts = [], []
 
     def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
         n = parameters_without_embeddings(model)
-        timed.append(n)
-        ratio = (4, 2, 0.5)[len(timed) - 1] * sizing.RULES["gpt"][0]
+        if n not in timed:
+            timed.append(n)
+        dropouts.append((n, model.config.dropout))
+        ratio = (4, 2, 0.5)[timed.index(n)] * sizing.RULES["gpt"][0]
         return ratio * n / 60 / sizing.RUN_EFFICIENCY
 
     monkeypatch.setattr(sizing, "time_training", fake_timing)
@@ -90,9 +92,84 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     assert choice.model_config.max_len == choice.seq_len == rung["seq_len"]
     assert choice.model_config.vocab_size == 50
     assert choice.dropout == dropout_for("gpt", chosen.budget_tokens / 10**6,
-                                         10**6 / chosen.parameters)
+                                         10**6 / chosen.parameters) > 0
+    # Timed without dropout, then again with the dropout the epochs call for.
+    assert [p for n, p in dropouts if n == chosen.parameters] == [0.0, choice.dropout]
     assert choice.name in choice.describe() and choice.record()["chose"] == choice.name
     assert "adamw" in choice.describe() and choice.record()["optimizer"] == "adamw"
+
+
+def test_both_precisions_are_timed_only_where_auto_would_take_bf16_on_a_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sizing, "autocast_dtype", lambda amp, device: torch.bfloat16)
+    assert sizing.precisions_to_time("auto", cpu) == ("bf16", "off")
+    assert sizing.precisions_to_time("off", cpu) == ("off",)         # the user's own choice
+    assert sizing.precisions_to_time("auto", torch.device("cuda")) == ("auto",)
+    monkeypatch.setattr(sizing, "autocast_dtype", lambda amp, device: None)
+    assert sizing.precisions_to_time("auto", cpu) == ("auto",)       # no fast bf16: fp32
+
+
+def test_a_size_that_fits_only_without_its_dropout_gives_way_to_the_next_smaller(monkeypatch):
+    # Dropout halves every candidate's speed: the second, at 1.5 times the rule without it,
+    # falls below the rule with it, and the first, at 4 times, is taken with its dropout.
+    sizes = []
+
+    def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
+        n = parameters_without_embeddings(model)
+        if n not in sizes:
+            sizes.append(n)
+        ratio = (4, 1.5, 0.5)[sizes.index(n)] * sizing.RULES["gpt"][0]
+        return ratio * n / 60 / sizing.RUN_EFFICIENCY / (2 if model.config.dropout else 1)
+
+    monkeypatch.setattr(sizing, "time_training", fake_timing)
+    choice = sizing.choose_size("gpt", GPTConfig(vocab_size=50), 1.0, 10**6, GPT,
+                                lambda b, t: iter(()), None, torch.device("cpu"), "off")
+    assert choice.name == sizing.GPT_LADDER[0]["name"] and choice.dropout > 0
+    first, second = choice.candidates[:2]
+    assert first.dropout == second.dropout == choice.dropout
+    assert second.text_per_parameter < choice.ratio <= first.text_per_parameter
+    assert f"dropout {choice.dropout:g}" in choice.describe()
+
+
+def test_a_dropout_the_user_names_is_the_one_timed_and_trained(monkeypatch):
+    seen = []
+
+    def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
+        seen.append(model.config.dropout)
+        return 1e9      # every candidate fits: the ladder is timed to its end
+
+    monkeypatch.setattr(sizing, "time_training", fake_timing)
+    choice = sizing.choose_size("gpt", GPTConfig(vocab_size=50), 1.0, 10**4, GPT,
+                                lambda b, t: iter(()), None, torch.device("cpu"), "off",
+                                dropout=0.3)
+    assert set(seen) == {0.3} and len(seen) == len(sizing.GPT_LADDER)
+    assert choice.dropout == choice.model_config.dropout == 0.3
+
+
+def test_each_candidate_keeps_the_precision_it_was_timed_fastest_in(monkeypatch):
+    # bf16 wins for the smallest candidate, fp32 for the rest; the first two fit the rule.
+    monkeypatch.setattr(sizing, "precisions_to_time", lambda amp, device: ("bf16", "off"))
+    sizes, calls = [], []
+
+    def fake_timing(model, batches, loss_fn, device, amp, lr, seconds, optimizer):
+        n = parameters_without_embeddings(model)
+        if n not in sizes:
+            sizes.append(n)
+        calls.append((n, amp, seconds))
+        faster = "bf16" if sizes.index(n) == 0 else "off"
+        ratio = (4, 2, 0.5)[sizes.index(n)] * sizing.RULES["gpt"][0]
+        return ratio * n / 60 / sizing.RUN_EFFICIENCY * (1.0 if amp == faster else 0.5)
+
+    monkeypatch.setattr(sizing, "time_training", fake_timing)
+    choice = sizing.choose_size("gpt", GPTConfig(vocab_size=50), 1.0, 10**10, GPT,
+                                lambda b, t: iter(()), None, torch.device("cpu"), "auto")
+    assert [c.amp for c in choice.candidates] == ["bf16", "off", "off"]
+    assert choice.dropout == 0.0                # a large text: no dropout, no second timing
+    assert len(calls) == 2 * len(choice.candidates)
+    # Timing both takes no longer than timing one: each gets half the candidate's seconds.
+    assert {s for _, _, s in calls} == {min(sizing.MAX_TIMING_SECONDS, sizing.BUDGET_SHARE * 60) / 2}
+    assert choice.name == choice.candidates[1].name and choice.amp == "off"
+    assert choice.record()["amp"] == "off" and "fp32" in choice.describe()
 
 
 @pytest.mark.parametrize("family", ["lstm", "gpt"])
@@ -138,6 +215,25 @@ def test_auto_trains_the_chosen_size_records_why_and_resumes_it(tiny_text, tmp_p
     again = json.loads((run / "latest" / "config.json").read_text())
     assert again["model"] == saved["model"] and again["sizing"] == record
     assert again["train"]["batch_size"] == saved["train"]["batch_size"]
+
+
+def test_auto_trains_in_the_precision_it_measured_fastest_and_a_resume_keeps_it(
+        tiny_text, tmp_path, monkeypatch):
+    monkeypatch.setattr(sizing, "precisions_to_time", lambda amp, device: ("bf16", "off"))
+    real = sizing.time_training
+
+    def fp32_faster(model, batches, loss_fn, device, amp, *rest):
+        return real(model, batches, loss_fn, device, amp, *rest) * (2.0 if amp == "off" else 1.0)
+
+    monkeypatch.setattr(sizing, "time_training", fp32_faster)
+    run = tmp_path / "run"
+    train_lm(str(tiny_text), run, preset="auto", model="gpt", tokenizer="char", minutes=0.02,
+             progress=False, evals_per_run=1)
+    saved = json.loads((run / "latest" / "config.json").read_text())
+    assert saved["sizing"]["amp"] == saved["train"]["amp"] == "off"
+    train_lm(str(tiny_text), run, preset="auto", model="gpt", tokenizer="char", minutes=0.04,
+             progress=False, resume=True, evals_per_run=1)    # amp "auto" given: the run's kept
+    assert json.loads((run / "latest" / "config.json").read_text())["train"]["amp"] == "off"
 
 
 def test_auto_needs_a_time_budget(tiny_text, tmp_path):

@@ -317,7 +317,8 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     `evals_per_run` validations (or one every `eval_every` steps); see `scriven.train.Plan`.
     `preset="auto"` (with `minutes`) times candidate sizes on this machine and trains the largest
     the budget holds enough text for (see `scriven.sizing`); `batch_size`, `seq_len`, `lr` and
-    `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's.
+    `dropout` then default to the chosen size's, otherwise to 32, 64, 3e-3 and the preset's, and
+    `amp="auto"` trains in the precision that size was timed fastest in.
     Without a preset, see `default_preset`. `optimizer` (adamw or muon, see
     `scriven.optimizers`) defaults to `DEFAULT_OPTIMIZER[model]`, and on resume to the run's.
     `positions` (a GPT's: learned, sinusoidal or alibi) defaults to `gpt_positions`'."""
@@ -351,6 +352,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
         seq_len = shape.get("seq_len") if seq_len is None else seq_len
         lr = lr if lr is not None else shape.get("lr")
         optimizer = optimizer or shape.get("optimizer", "adamw")
+        amp = shape.get("amp", amp) if amp == "auto" else amp  # auto's measured choice
         sizing = saved.config.get("sizing")  # what chose this size, kept across resumes
     else:
         tok = build_tokenizer(tok_config, train_text)
@@ -370,16 +372,15 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
     choice = None
     if preset == "auto" and not resume:
         choice = _choose_size(model, model_config, minutes, train_ids, valid_ids, cpt, dev, dist,
-                              amp, optimizer,
+                              amp, optimizer, dropout,
                               carries_state=model_cls.carries_state)
         if progress and dist.main:
             print(choice.describe(), file=sys.stderr)
         model_config = choice.model_config
-        if dropout is not None:
-            model_config = replace(model_config, dropout=dropout)
         batch_size = choice.batch_size if batch_size is None else batch_size
         seq_len = choice.seq_len if seq_len is None else seq_len
         lr = lr if lr is not None else choice.lr
+        amp = choice.amp if amp == "auto" else amp
         sizing = choice.record()
     batch_size = 32 if batch_size is None else batch_size
     seq_len = 64 if seq_len is None else seq_len
@@ -413,7 +414,7 @@ def train_lm(text: str, out: str | Path, preset: str | None = None, model: str =
 
 def _choose_size(family: str, base: Any, minutes: float, train_ids: Tensor, valid_ids: Tensor,
                  cpt: float, device: torch.device, dist: Distributed, amp: str, optimizer: str,
-                 carries_state: bool) -> Choice:
+                 dropout: float | None, carries_state: bool) -> Choice:
     """`--preset auto` for a text generator: time each candidate on this text's batches."""
     model_cls = MODELS[family][1]
 
@@ -427,7 +428,7 @@ def _choose_size(family: str, base: Any, minutes: float, train_ids: Tensor, vali
         return F.cross_entropy(logits.float().flatten(0, 1), y.flatten()), y.numel()
 
     return choose_size(family, base, minutes, train_ids.numel(), model_cls, batches, loss,
-                       device, amp, optimizer, cpt)
+                       device, amp, optimizer, cpt, dropout)
 
 
 def evaluate_lm(checkpoint: str | Path, text: str, device: str = "auto") -> dict[str, float]:

@@ -23,6 +23,11 @@ per parameter, so the chosen size sees 10 to 15 or more, below the 20 that Hoffm
 (2022) fit for much larger Transformers. LSTMs paid off at less text per parameter: 7 beat 60.
 `bench/budget.py` measures the rules against the fixed presets and against peers' recipes.
 
+Each candidate is timed in the precision it trains fastest in: under `amp="auto"` on a CPU with
+fast bf16 matmuls (AMX), both bf16 autocast and fp32, since which wins depends on the size
+(natively a 3 x 128 GPT ran its steps about a fifth faster in fp32, where the casts cost more than
+its small matmuls save, and a 2 x 256 LSTM twice as fast in bf16); the run then trains in it.
+
 Dropout follows the epochs the budget holds: a model that sees each token about once does not
 overfit, and dropout only slows it; repeated passes over a small text need it.
 """
@@ -108,6 +113,8 @@ class Candidate:
     tokens_per_s: float
     budget_tokens: float
     text_per_token: float = 1.0   # in the rule's unit: characters per token, or 1
+    amp: str = "auto"             # the precision it was timed fastest in (see `precisions_to_time`)
+    dropout: float = 0.0          # timed with
 
     @property
     def text_per_parameter(self) -> float:
@@ -129,15 +136,17 @@ class Choice:
     seconds: float           # spent timing, taken from the budget
     optimizer: str = "adamw"  # what the candidates were timed with (and the run trains with)
     unit: str = "tokens"      # ... counted in tokens or characters
+    amp: str = "auto"         # the chosen candidate's precision: what the run trains in
 
     def describe(self) -> str:
         lines = [f"preset auto: {self.name} (batch {self.batch_size} x {self.seq_len} tokens, "
-                 f"lr {self.lr:g}, dropout {self.dropout:g}, {self.optimizer}); timed in "
-                 f"{self.seconds:.1f} s:"]
+                 f"lr {self.lr:g}, dropout {self.dropout:g}, {self.optimizer}"
+                 f"{_precision_label(self.amp, ', ')}); timed in {self.seconds:.1f} s:"]
         for c in self.candidates:
             mark = "*" if c.name == self.name else " "
             lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
-                         f"{c.tokens_per_s:,.0f} tokens/s -> {c.budget_tokens / 1e6:.2f} M tokens"
+                         f"{c.tokens_per_s:,.0f} tokens/s{_precision_label(c.amp, ' in ')}"
+                         + (f" with dropout {c.dropout:g}" if c.dropout else "") + f" -> {c.budget_tokens / 1e6:.2f} M tokens"
                          + (f" ({c.budget_tokens * c.text_per_token / 1e6:.2f} M characters)"
                             if self.unit == "characters" else "")
                          + f" = {c.text_per_parameter:.1f} {self.unit} per parameter")
@@ -146,14 +155,29 @@ class Choice:
 
     def record(self) -> dict[str, Any]:
         """For the checkpoint: what was chosen and the speeds that chose it."""
-        return {"chose": self.name, "optimizer": self.optimizer,
+        return {"chose": self.name, "optimizer": self.optimizer, "amp": self.amp,
                 "rule": {"per_parameter": self.ratio, "unit": self.unit},
                 "timing_seconds": round(self.seconds, 2),
                 "candidates": [{"name": c.name, "parameters": c.parameters,
-                                "tokens_per_s": round(c.tokens_per_s),
+                                "tokens_per_s": round(c.tokens_per_s), "amp": c.amp,
+                                "dropout": c.dropout,
                                 "budget_tokens": round(c.budget_tokens),
                                 f"{self.unit}_per_parameter": round(c.text_per_parameter, 2)}
                                for c in self.candidates]}
+
+
+def _precision_label(amp: str, lead: str) -> str:
+    # "auto" was not compared: the run's own precision, said elsewhere.
+    return "" if amp == "auto" else lead + {"off": "fp32"}.get(amp, amp)
+
+
+def precisions_to_time(amp: str, device: torch.device) -> tuple[str, ...]:
+    """The training precisions (`--amp` modes) each candidate is timed in: bf16 autocast and
+    fp32 where `auto` would train in bf16 on a CPU (see the module's docstring), else the run's
+    own."""
+    if amp == "auto" and device.type == "cpu" and autocast_dtype(amp, device) is torch.bfloat16:
+        return ("bf16", "off")
+    return (amp,)
 
 
 def parameters_without_embeddings(model: nn.Module) -> int:
@@ -216,37 +240,72 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
                 make_model: Callable[[Any], nn.Module],
                 make_batches: Callable[[int, int], Any], loss_fn: Callable,
                 device: torch.device, amp: str, optimizer: str = "adamw",
-                chars_per_token: float = 1.0) -> Choice:
+                chars_per_token: float = 1.0, dropout: float | None = None) -> Choice:
     """Time each candidate of `family`'s ladder and choose one for `minutes` of training.
 
     `base_config` is the model config to resize (its vocabulary and other fields are kept);
     `make_batches(batch_size, seq_len)` yields training batches; `train_tokens` is the size of
     the training text in tokens, for the epochs the budget holds; `chars_per_token` is the
-    tokenizer's, for a rule that counts characters."""
+    tokenizer's, for a rule that counts characters; `dropout`, the user's, else `dropout_for`'s.
+
+    A candidate is timed with the dropout it trains with, since dropout costs time (more in
+    some precisions than others): each without dropout (or with the user's) until one cannot fit,
+    then the largest that fits again with the dropout its epochs call for, where that is not
+    none; if it then no longer fits, the next smaller one likewise."""
     start = time.perf_counter()
     seconds = min(MAX_TIMING_SECONDS, BUDGET_SHARE * minutes * 60)
     ratio, unit = RULES[family]
     text_per_token = chars_per_token if unit == "characters" else 1.0
     ladder = LADDERS[family]
-    measured = []
-    for rung in ladder:
-        config = replace(base_config, **rung["model"], **_context(family, rung))
-        torch.manual_seed(0)
-        model = make_model(config)
-        speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
-                              device, amp, rung["lr"], seconds, optimizer)
-        measured.append(Candidate(rung["name"], parameters_without_embeddings(model), speed,
-                                  budget_tokens(speed, minutes * 60), text_per_token))
-        del model
+    precisions = precisions_to_time(amp, device)
+
+    def timed(i: int, p: float) -> Candidate:
+        rung = ladder[i]
+        config = replace(base_config, **rung["model"], **_context(family, rung), dropout=p)
+        speed, precision, parameters = _fastest(config, rung, make_model, make_batches, loss_fn,
+                                                device, precisions, seconds / len(precisions),
+                                                optimizer)
+        return Candidate(rung["name"], parameters, speed, budget_tokens(speed, minutes * 60),
+                         text_per_token, precision, p)
+
+    measured: list[Candidate] = []
+    for i in range(len(ladder)):
+        measured.append(timed(i, 0.0 if dropout is None else dropout))
         if measured[-1].text_per_parameter < ratio:
             break  # larger candidates are slower still: none of them can fit
     best = pick(measured, ratio)
-    rung = ladder[best]
-    epochs = measured[best].budget_tokens / max(train_tokens, 1)
-    dropout = dropout_for(family, epochs, train_tokens / max(measured[best].parameters, 1))
-    config = replace(base_config, **rung["model"], **_context(family, rung), dropout=dropout)
-    return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"], dropout,
-                  tuple(measured), ratio, time.perf_counter() - start, optimizer, unit)
+    while dropout is None:
+        c = measured[best]
+        p = dropout_for(family, c.budget_tokens / max(train_tokens, 1),
+                        train_tokens / max(c.parameters, 1))
+        if p == 0:
+            break
+        measured[best] = timed(best, p)
+        if best == 0 or measured[best].text_per_parameter >= ratio:
+            break
+        best -= 1
+    rung, chosen = ladder[best], measured[best]
+    config = replace(base_config, **rung["model"], **_context(family, rung),
+                     dropout=chosen.dropout)
+    return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"],
+                  chosen.dropout, tuple(measured), ratio, time.perf_counter() - start, optimizer,
+                  unit, chosen.amp)
+
+
+def _fastest(config: Any, rung: dict[str, Any], make_model: Callable[[Any], nn.Module],
+             make_batches: Callable[[int, int], Any], loss_fn: Callable, device: torch.device,
+             precisions: tuple[str, ...], seconds: float,
+             optimizer: str) -> tuple[float, str, int]:
+    """(tokens/s, precision, parameters without embeddings) of `config` in the fastest of
+    `precisions`, each timed from the same initial weights."""
+    runs = []
+    for precision in precisions:
+        torch.manual_seed(0)
+        model = make_model(config)
+        speed = time_training(model, make_batches(rung["batch_size"], rung["seq_len"]), loss_fn,
+                              device, precision, rung["lr"], seconds, optimizer)
+        runs.append((speed, precision, parameters_without_embeddings(model)))
+    return max(runs)
 
 
 def _context(family: str, rung: dict[str, Any]) -> dict[str, Any]:
