@@ -146,7 +146,8 @@ class Choice:
             mark = "*" if c.name == self.name else " "
             lines.append(f" {mark} {c.name}: {c.parameters / 1e6:.2f} M parameters, "
                          f"{c.tokens_per_s:,.0f} tokens/s{_precision_label(c.amp, ' in ')}"
-                         + (f" with dropout {c.dropout:g}" if c.dropout else "") + f" -> {c.budget_tokens / 1e6:.2f} M tokens"
+                         + (f" with dropout {c.dropout:g}" if c.dropout else "")
+                         + f" -> {c.budget_tokens / 1e6:.2f} M tokens"
                          + (f" ({c.budget_tokens * c.text_per_token / 1e6:.2f} M characters)"
                             if self.unit == "characters" else "")
                          + f" = {c.text_per_parameter:.1f} {self.unit} per parameter")
