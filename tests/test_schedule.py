@@ -53,6 +53,20 @@ def test_the_same_budget_fraction_gets_the_same_rate_on_slow_and_fast_machines()
         assert a == pytest.approx(b, rel=0.05)  # one step of 1,000 apart at most
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.05])
+def test_linear_decay_falls_evenly_from_the_warmup_to_the_floor(ratio):
+    config = TrainConfig(max_steps=1000, lr=1e-3, schedule="linear", min_lr_ratio=ratio,
+                         warmup_fraction=0.1)
+    plan = make_plan(config, 1000)
+    lrs = curve(config, plan)
+    assert lrs[99] == pytest.approx(1e-3)
+    drops = [a - b for a, b in zip(lrs[100:], lrs[101:])]
+    assert min(drops) == pytest.approx(max(drops)) and min(drops) > 0  # a straight line down
+    assert lrs[550] == pytest.approx(1e-3 * (ratio + (1 - ratio) * 0.5), rel=0.01)
+    assert lr_at(config, 1000, 1.0, plan) == pytest.approx(1e-3 * ratio, abs=1e-12)
+    assert "linear decay" in plan.describe(config)
+
+
 def test_inverse_sqrt_follows_the_planned_warmup():
     config = TrainConfig(max_steps=1000, schedule="inverse_sqrt", warmup_fraction=0.1)
     plan = make_plan(config, 1000)

@@ -87,7 +87,8 @@ def test_choose_size_times_candidates_until_one_cannot_fit(monkeypatch):
     assert ratios[-1] < choice.ratio                      # it stopped at the first that failed
     assert len(timed) == len(choice.candidates) < len(sizing.GPT_LADDER)
     assert choice.name == choice.candidates[-2].name      # the largest that fits
-    rung = next(r for r in sizing.GPT_LADDER if r["name"] == choice.name)
+    rung = sizing.shaped("gpt", next(r for r in sizing.GPT_LADDER if r["name"] == choice.name),
+                         1.0)
     assert choice.model_config.d_model == rung["model"]["d_model"]
     assert choice.model_config.max_len == choice.seq_len == rung["seq_len"]
     assert choice.model_config.vocab_size == 50
@@ -191,6 +192,22 @@ def test_a_language_model_counts_its_text_in_characters(monkeypatch, family):
     assert choice.name != choice.candidates[0].name
 
 
+def test_a_gpt_window_holds_enough_characters_at_the_same_tokens_a_step():
+    for rung in sizing.GPT_LADDER:
+        for cpt in (1.0, 3.5, 4.6):  # characters, BPE pieces, words
+            shape = sizing.shaped("gpt", rung, cpt)
+            assert shape["seq_len"] * cpt >= sizing.MIN_CONTEXT_CHARACTERS
+            assert shape["seq_len"] >= rung["seq_len"]
+            assert (shape["seq_len"] == rung["seq_len"]
+                    or shape["seq_len"] / 2 * cpt < sizing.MIN_CONTEXT_CHARACTERS)
+            assert shape["batch_size"] * shape["seq_len"] == rung["batch_size"] * rung["seq_len"]
+    small = sizing.GPT_LADDER[0]
+    assert sizing.shaped("gpt", small, 1.0)["seq_len"] == 2 * small["seq_len"]  # characters
+    assert sizing.shaped("gpt", small, 4.6) == small                            # words
+    for rung in sizing.LSTM_LADDER:                                             # no window
+        assert sizing.shaped("lstm", rung, 1.0) == rung
+
+
 @pytest.mark.parametrize("model", ["gpt", "lstm"])
 def test_auto_trains_the_chosen_size_records_why_and_resumes_it(tiny_text, tmp_path, model):
     run = tmp_path / "run"
@@ -198,7 +215,8 @@ def test_auto_trains_the_chosen_size_records_why_and_resumes_it(tiny_text, tmp_p
                       minutes=0.02, progress=False, evals_per_run=1)
     saved = json.loads((run / "latest" / "config.json").read_text())
     record = saved["sizing"]
-    rung = next(r for r in sizing.LADDERS[model] if r["name"] == record["chose"])
+    rung = sizing.shaped(model, next(r for r in sizing.LADDERS[model]
+                                     if r["name"] == record["chose"]), 1.0)
     assert record["candidates"][0]["tokens_per_s"] > 0
     assert saved["train"]["batch_size"] == rung["batch_size"]
     assert saved["train"]["seq_len"] == rung["seq_len"]

@@ -21,6 +21,7 @@ from typing import Any
 from .device import AMP_MODES
 from .errors import ScrivenError
 from .optimizers import OPTIMIZERS
+from .train import SCHEDULES
 
 
 def _integer(text: str) -> int:
@@ -322,9 +323,9 @@ _TRAINING = (
                              "plan)"),
     Option("--warmup-fraction", "warmup as a fraction of the planned steps; a --minutes run "
                                 "plans its steps from its speed in its first steps"),
-    Option("--schedule", "learning rate after warmup: cosine decay over the plan, inverse "
-                         "square root of the step, or constant",
-           choices=("cosine", "inverse_sqrt", "constant")),
+    Option("--schedule", "learning rate after warmup: cosine or linear decay over the plan, "
+                         "inverse square root of the step, or constant",
+           choices=SCHEDULES),
     Option("--eval-every", "steps between validations (default: --evals-per-run over the plan)"),
     Option("--evals-per-run", "validations spread over the planned steps (text generators 10, "
                               "translators 5)"),

@@ -87,6 +87,12 @@ LSTM_LADDER: list[dict[str, Any]] = [
                                        tie_embeddings=True), batch_size=32, seq_len=64, lr=2e-3),
 ]
 LADDERS = {"gpt": GPT_LADDER, "lstm": LSTM_LADDER}
+# A GPT's window holds at least this much text, in characters (an LSTM carries its state along
+# the text and has no window). On characters a 3 x 128 GPT given 10 minutes ended at 1.610 bits
+# per character with windows of 128 (batch 16) where windows of 64 (batch 32) ended at 1.628; on
+# words, 64-word windows (about 300 characters) did better than 256 (docs/benchmarks.md, "A
+# GPT's window").
+MIN_CONTEXT_CHARACTERS = 128
 # (epochs the budget holds up to, dropout): the GPT's from nanoGPT's recipes (0 for its 1.5-epoch
 # CPU run, 0.2 for its 80-epoch GPU run) and from the 3-minute runs above (a 2 x 128 GPT at 4
 # epochs did worse with dropout 0.1 than without); the LSTM's from scriven's presets (0.3 at
@@ -257,7 +263,7 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
     seconds = min(MAX_TIMING_SECONDS, BUDGET_SHARE * minutes * 60)
     ratio, unit = RULES[family]
     text_per_token = chars_per_token if unit == "characters" else 1.0
-    ladder = LADDERS[family]
+    ladder = [shaped(family, rung, chars_per_token) for rung in LADDERS[family]]
     precisions = precisions_to_time(amp, device)
 
     def timed(i: int, p: float) -> Candidate:
@@ -291,6 +297,16 @@ def choose_size(family: str, base_config: Any, minutes: float, train_tokens: int
     return Choice(rung["name"], config, rung["batch_size"], rung["seq_len"], rung["lr"],
                   chosen.dropout, tuple(measured), ratio, time.perf_counter() - start, optimizer,
                   unit, chosen.amp)
+
+
+def shaped(family: str, rung: dict[str, Any], chars_per_token: float) -> dict[str, Any]:
+    """`rung` with a GPT's window doubled until it holds `MIN_CONTEXT_CHARACTERS` of text, and
+    its batch cut to keep the tokens of a step."""
+    window = rung["seq_len"]
+    while family == "gpt" and window * chars_per_token < MIN_CONTEXT_CHARACTERS:
+        window *= 2
+    return {**rung, "seq_len": window,
+            "batch_size": max(1, rung["batch_size"] * rung["seq_len"] // window)}
 
 
 def _fastest(config: Any, rung: dict[str, Any], make_model: Callable[[Any], nn.Module],

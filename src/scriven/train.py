@@ -39,6 +39,9 @@ except ImportError:  # not POSIX: runs are not locked
 
 
 
+SCHEDULES = ("cosine", "linear", "inverse_sqrt", "constant")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The settings every task's training shares. Each task extends it with how it cuts batches
@@ -54,7 +57,7 @@ class TrainConfig:
     max_steps: int | None = None     # or after this many optimiser steps
     lr: float = 3e-3
     min_lr_ratio: float = 0.05       # the schedule decays to lr * min_lr_ratio
-    schedule: str = "cosine"         # cosine | inverse_sqrt | constant (all after warmup)
+    schedule: str = "cosine"         # cosine | linear | inverse_sqrt | constant (after warmup)
     warmup_steps: int | None = None  # an explicit warmup; None: warmup_fraction of the plan
     warmup_fraction: float = 0.05    # of the planned steps (nanoGPT: 100 of 2,000; Vaswani et
                                      # al.: 4,000 of 100,000)
@@ -101,8 +104,8 @@ class TrainConfig:
               f"must be two numbers in [0, 1), got {self.betas!r}")
         check(self.optimizer in OPTIMIZERS, "optimizer",
               f"must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        check(self.schedule in ("cosine", "inverse_sqrt", "constant"), "schedule",
-              f"must be cosine, inverse_sqrt or constant, got {self.schedule!r}")
+        check(self.schedule in SCHEDULES, "schedule",
+              f"must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         check(self.amp in AMP_MODES, "amp",
               f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
@@ -147,6 +150,7 @@ class Plan:
     def describe(self, config: TrainConfig) -> str:
         span = f" in {config.minutes:g} minutes" if config.minutes else ""
         decay = {"cosine": f"cosine decay to {config.min_lr_ratio:g} x lr {config.lr:g}",
+                 "linear": f"linear decay to {config.min_lr_ratio:g} x lr {config.lr:g}",
                  "inverse_sqrt": f"inverse square-root decay from lr {config.lr:g}",
                  "constant": f"constant lr {config.lr:g}"}[config.schedule]
         return (f"planned {self.steps:,} steps{span}: warmup {self.warmup:,} steps, {decay}, "
@@ -200,6 +204,8 @@ def lr_at(config: TrainConfig, step: int, progress: float, plan: Plan | None = N
             return max(floor, config.lr * math.sqrt(max(warmup, 1) / max(step, 1)))
         return max(floor, config.lr * math.sqrt(warm_fraction / progress)) if warm_fraction else config.lr
     decay = min(max((progress - warm_fraction) / max(1.0 - warm_fraction, 1e-9), 0.0), 1.0)
+    if config.schedule == "linear":
+        return config.lr - (config.lr - floor) * decay
     return floor + (config.lr - floor) * 0.5 * (1 + math.cos(math.pi * decay))
 
 
