@@ -37,8 +37,7 @@ try:
 except ImportError:  # not POSIX: runs are not locked
     fcntl = None  # type: ignore[assignment]
 
-
-
+# How the learning rate falls after warmup (`lr_at`).
 SCHEDULES = ("cosine", "linear", "inverse_sqrt", "constant")
 
 
