@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from scriven.attention import KVCache
 from scriven.errors import ScrivenError
 from scriven.generation import generate, sample_ids
 from scriven.lm import evaluate_lm, stream_nll, train_lm
@@ -68,6 +69,21 @@ def test_a_head_bias_is_learnt_and_saved_like_any_weight():
     m = model(head_bias=True)
     assert m.head.bias is not None and m.head.weight is m.embed.weight
     assert model().head.bias is None  # older configs have none
+
+
+def test_dropout_falls_on_the_residual_paths_not_on_the_attention_weights():
+    m = model(dropout=0.5).train()
+    seen = []
+    m.blocks[0].attn.register_forward_hook(lambda mod, args, kwargs, out: seen.append((args, kwargs, out[0])),
+                                           with_kwargs=True)
+    ids = torch.randint(0, 30, (2, 10))
+    m(ids)
+    args, kwargs, trained = seen[0]
+    m.eval()
+    again, _ = m.blocks[0].attn(*args, **{**kwargs, "cache": KVCache()})
+    assert torch.equal(trained, again)
+    m.train()
+    assert not torch.equal(m(ids)[0], m(ids)[0])  # dropout is still on elsewhere
 
 
 def test_too_long_input_is_named():

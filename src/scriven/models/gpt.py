@@ -81,7 +81,10 @@ class Block(nn.Module):
     def __init__(self, c: GPTConfig) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(c.d_model)
-        self.attn = MultiHeadAttention(c.d_model, c.n_heads, c.dropout)
+        # Dropout falls on the residual paths only, not on the attention weights: on a CPU,
+        # PyTorch's fused attention does not drop, and the path that does cost a third of a
+        # small GPT's training speed (docs/benchmarks.md, "Attention dropout").
+        self.attn = MultiHeadAttention(c.d_model, c.n_heads)
         self.norm2 = nn.LayerNorm(c.d_model)
         self.ff = nn.Sequential(nn.Linear(c.d_model, c.d_ff), nn.GELU(), nn.Linear(c.d_ff, c.d_model))
         self.drop = nn.Dropout(c.dropout)
