@@ -125,7 +125,7 @@ def test_blockwise_top_k_with_ties_returns_a_valid_top_k():
     assert torch.equal(logits.gather(1, ids), values)
 
 
-SETTINGS = [(1.0, None, None), (0.7, 10, None), (1.3, None, 0.9), (0.0, None, None), (0.8, 5, 0.5)]
+SETTINGS = [(1.0, None, None), (0.6, None, None), (0.7, 10, None), (1.3, None, 0.9), (0.0, None, None), (0.8, 5, 0.5)]
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)

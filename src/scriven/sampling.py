@@ -159,6 +159,9 @@ def sample_shared(logits: Tensor, temperature: float, top_k: int | None, top_p: 
     v = logits.size(-1)
     kind = _GREEDY if temperature == 0 else (
         _FILTERED if (top_k or v) < v or (top_p or 1.0) < 1 else _PLAIN)
+    if kind == _PLAIN:  # the common case, without per-row settings (a third of its time on one row)
+        return _draw(logits if temperature == 1 else logits / temperature, uniform,
+                     min(alternatives, v))
     return _PASSES[kind](logits, *row_settings(logits, temperature, top_k, top_p), uniform,
                          min(alternatives, v))
 
@@ -210,6 +213,11 @@ def _plain_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     """Temperature only: the whole vocabulary, in its own order."""
     if bool((temperature != 1).any()):  # dividing a whole batch of logits by 1 costs a pass
         logits = logits / temperature[:, None]
+    return _draw(logits, uniform, alternatives)
+
+
+def _draw(logits: Tensor, uniform: Tensor, alternatives: int) -> Sampled:
+    """One token per row from the softmax of logits (R, V), already divided by the temperature."""
     probs = torch.softmax(logits, dim=-1)                                   # (R, V)
     ids = inverse_cdf(probs, uniform)                                       # (R, 1)
     return ids.squeeze(-1), probs.gather(-1, ids).squeeze(-1), \
