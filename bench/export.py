@@ -6,7 +6,8 @@
       uses length penalty 1.0 on both: GNMT's ((5 + n) / 6)^1 in scriven, n^1 in CTranslate2.
   language model: tokens/s generating `--tokens` tokens (temperature 1, scriven's sampler) for one
       stream and for `--streams` streams at once, scriven fp32 and int8 vs ONNX Runtime float32
-      and int8 exports of the same LSTM checkpoint; and each one's validation perplexity on the
+      and int8 exports of the same LSTM checkpoint; the same with steps only (no sampling
+      between them: the runtime's ceiling); and each one's validation perplexity on the
       checkpoint's own split of Anna Karenina, read one token at a time (64 streams) through
       that runtime's step.
   Targets (for the record): CTranslate2 int8 beam 4 ≥ 3× scriven's beam-4 sentences/s with BLEU
@@ -89,6 +90,18 @@ def tokens_per_second(decoder, prompt_ids: list[int], streams: int, tokens: int)
     return streams * tokens / (time.perf_counter() - start)
 
 
+def step_tokens_per_second(decoder, prompt_ids: list[int], streams: int, tokens: int) -> float:
+    """The runtime's own ceiling: steps back to back, each feeding the prompt's last token
+    again, with no sampling and no other work between them."""
+    batch = torch.tensor([prompt_ids] * streams)
+    _, state = decoder.read(batch)
+    ids = batch[:, -1]
+    start = time.perf_counter()
+    for _ in range(tokens):
+        _, state = decoder.step(ids, state)
+    return streams * tokens / (time.perf_counter() - start)
+
+
 def lm_figures(checkpoint: Path, text: str, folder: Path, streams: int, tokens: int,
                threads: int) -> dict:
     decoders = {name: LoadedLM.load(checkpoint, "cpu", precision).decoder
@@ -107,6 +120,10 @@ def lm_figures(checkpoint: Path, text: str, folder: Path, streams: int, tokens: 
         out[name] = {"single_stream_tok_s": round(tokens_per_second(decoder, prompt, 1, tokens)),
                      f"{streams}_streams_tok_s": round(tokens_per_second(decoder, prompt, streams,
                                                                          tokens)),
+                     "steps_only_single_stream_tok_s": round(
+                         step_tokens_per_second(decoder, prompt, 1, tokens)),
+                     f"steps_only_{streams}_streams_tok_s": round(
+                         step_tokens_per_second(decoder, prompt, streams, tokens)),
                      "valid_ppl": round(stepper_perplexity(decoder, valid, 64), 3)}
         log(f"[lm] {name}: {out[name]}")
     fp32 = out["scriven_fp32"]["valid_ppl"]
