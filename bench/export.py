@@ -7,9 +7,9 @@
   language model: tokens/s generating `--tokens` tokens (temperature 1, scriven's sampler) for one
       stream and for `--streams` streams at once, scriven fp32 and int8 vs ONNX Runtime float32
       and int8 exports of the same LSTM checkpoint; the same with steps only (no sampling
-      between them: the runtime's ceiling); and each one's validation perplexity on the
-      checkpoint's own split of Anna Karenina, read one token at a time (64 streams) through
-      that runtime's step.
+      between them: the runtime's ceiling); the draw alone, native kernel against PyTorch; and
+      each one's validation perplexity on the checkpoint's own split of Anna Karenina, read one
+      token at a time (64 streams) through that runtime's step.
   Targets (for the record): CTranslate2 int8 beam 4 ≥ 3× scriven's beam-4 sentences/s with BLEU
       within 0.3; ONNX Runtime ≥ 5,000 tok/s single stream and ≥ 50,000 tok/s for 64 streams,
       at a perplexity within 1 % of scriven fp32's.
@@ -102,6 +102,44 @@ def step_tokens_per_second(decoder, prompt_ids: list[int], streams: int, tokens:
     return streams * tokens / (time.perf_counter() - start)
 
 
+def sampler_figures(vocab: int, repeats: int = 300) -> dict:
+    """µs per draw at temperature 1 from `vocab` logits, one row and 64, through
+    `sampling.sample_shared`: on the native kernel where it runs (`accel.sample_plain`), and on
+    PyTorch alone, alternating, in this run."""
+    from scriven import accel
+    from scriven.accel import native
+    from scriven.sampling import sample_shared
+
+    g = torch.Generator().manual_seed(0)
+    logits, u = torch.randn(64, vocab, generator=g) * 3, torch.rand(64, generator=g)
+    kernel = accel.sample_plain
+
+    def micros(rows: int, use_kernel: bool) -> float:
+        accel.sample_plain = kernel if use_kernel else (lambda *a: None)
+        x, r = logits[:rows].contiguous(), u[:rows].contiguous()
+        try:
+            for _ in range(10):
+                sample_shared(x, 1.0, None, None, r)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                sample_shared(x, 1.0, None, None, r)
+            return (time.perf_counter() - start) / repeats * 1e6
+        finally:
+            accel.sample_plain = kernel
+
+    lib = native.generation_library()
+    out: dict = {"kernels": lib.build if lib is not None else None}
+    for rows in (1, 64):
+        best = {"native": [], "pytorch": []}
+        for _ in range(3):
+            for name in best:
+                best[name].append(micros(rows, name == "native"))
+        row = {name: round(min(times), 1) for name, times in best.items()}
+        row["speedup"] = round(row["pytorch"] / row["native"], 2) if lib is not None else None
+        out[f"rows_{rows}_us"] = row
+    return out
+
+
 def lm_figures(checkpoint: Path, text: str, folder: Path, streams: int, tokens: int,
                threads: int) -> dict:
     decoders = {name: LoadedLM.load(checkpoint, "cpu", precision).decoder
@@ -126,8 +164,12 @@ def lm_figures(checkpoint: Path, text: str, folder: Path, streams: int, tokens: 
                          step_tokens_per_second(decoder, prompt, streams, tokens)),
                      "valid_ppl": round(stepper_perplexity(decoder, valid, 64), 3)}
         log(f"[lm] {name}: {out[name]}")
+    out["sampler"] = sampler_figures(tokenizer.vocab_size)
+    log(f"[lm] sampler: {out['sampler']}")
     fp32 = out["scriven_fp32"]["valid_ppl"]
-    for row in out.values():
+    for name, row in out.items():
+        if name == "sampler":
+            continue
         row["ppl_vs_scriven_fp32_percent"] = round(100 * (row["valid_ppl"] / fp32 - 1), 3)
     return out
 

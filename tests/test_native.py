@@ -135,6 +135,28 @@ def test_native_top_k_sampling_at_the_edges_draws_what_the_pytorch_sampler_draws
     assert torch.allclose(probs, ref_probs, atol=1e-6)
 
 
+@generation_kernels
+@on_each_build
+@pytest.mark.parametrize("rows, vocab, temperature", [(1, 12157, 1.0), (5, 33, 0.7), (4, 1, 1.0),
+                                                      (64, 500, 1.3), (3, 16, 1.0), (2, 9, 0.5)])
+def test_native_plain_sampling_draws_what_the_pytorch_sampler_draws(rows, vocab, temperature):
+    """The whole vocabulary at a temperature: chunk tails shorter than 16 and 8, one token,
+    -inf logits never drawn, many draws per row width."""
+    from scriven.sampling import sample_shared
+
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(rows, vocab, generator=g) * 3
+    if vocab > 1:
+        x[0, ::3] = float("-inf")
+    for _ in range(10):
+        u = torch.rand(rows, generator=g)
+        ids, probs = native.sample_plain(x, temperature, u)
+        ref_ids, ref_probs, _ = sample_shared(x, temperature, None, None, u)
+        assert torch.equal(ids, ref_ids)
+        assert torch.allclose(probs, ref_probs, atol=1e-6)
+        assert not x[ids[:, None].eq(torch.arange(vocab)) & x.isinf()].any()
+
+
 @needs_kernels
 def test_the_avx2_build_gives_the_avx512_builds_numbers_bit_for_bit(monkeypatch, fresh_library):
     """Integer dot products are exact in both, and the float steps run in the same order, so an
@@ -157,7 +179,9 @@ def test_the_avx2_build_gives_the_avx512_builds_numbers_bit_for_bit(monkeypatch,
             (m.lstm.weight_ih_l0, m.lstm.weight_hh_l0, m.lstm.bias_ih_l0 + m.lstm.bias_hh_l0),
             (m.lstm.weight_ih_l1, m.lstm.weight_hh_l1, m.lstm.bias_ih_l1 + m.lstm.bias_hh_l1)],
             m.head.weight, m.head.bias)(ids, *state)
-        return [*out, logits, h, c, *native.sample_top_k(logits, 20, 0.8, torch.rand(9, generator=g))]
+        u = torch.rand(9, generator=g)
+        return [*out, logits, h, c, *native.sample_top_k(logits, 20, 0.8, u),
+                *native.sample_plain(logits * 4, 0.8, u)]
 
     assert native.generation_library().build == native.FULL.name
     full = outputs()
@@ -259,6 +283,10 @@ def test_the_kernels_compile_without_warnings(tmp_path, spec):
     lambda: native.sample_top_k(torch.randn(2, 100), 0, 1.0, torch.rand(2)),
     lambda: native.sample_top_k(torch.randn(2, 10), 11, 1.0, torch.rand(2)),
     lambda: native.sample_top_k(torch.randn(2, 100).double(), 5, 1.0, torch.rand(2)),
+    lambda: native.sample_plain(torch.randn(2, 100).double(), 1.0, torch.rand(2)),
+    lambda: native.sample_plain(torch.randn(2, 100), 0.0, torch.rand(2)),
+    lambda: native.sample_plain(torch.randn(2, 100), 1.0, torch.rand(3)),
+    lambda: native.sample_plain(torch.randn(2, 0), 1.0, torch.rand(2)),
     lambda: native.layer_norm_forward(torch.randn(3, 2048), torch.ones(2048), torch.zeros(2048),
                                       1e-5),
     lambda: native.layer_norm_forward(torch.randn(3, 32).t(), torch.ones(3), torch.zeros(3), 1e-5),
@@ -315,6 +343,32 @@ def test_int8_generation_uses_the_native_sampler_and_draws_as_the_plain_one():
     plain = LSTMStepper(m, "int8")
     plain.sample_top_k = None
     assert draws(fast) == draws(plain)
+
+
+@generation_kernels
+@on_each_build
+def test_plain_draws_run_on_the_native_sampler_for_any_decoder_and_draw_the_same(monkeypatch):
+    """A fp32 model (no native step) at temperature only: the kernel draws, and generation gives
+    the tokens PyTorch's sampler gives from the same seed. Where it does not apply it declines."""
+    from scriven import accel
+    from scriven.generation import sample_ids
+
+    m = LSTMLanguageModel(LSTMConfig(vocab_size=300, embed_dim=16, hidden_dim=24, num_layers=1)).eval()
+    prompt = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(0))
+
+    def draws():
+        g = torch.Generator().manual_seed(5)
+        return [ids.tolist() for ids, _, _ in sample_ids(m, prompt, 30, temperature=0.9, generator=g)]
+
+    real, calls = accel.sample_plain, []
+    monkeypatch.setattr(accel, "sample_plain", lambda *a: calls.append(1) or real(*a))
+    fast = draws()
+    assert len(calls) == 30
+    monkeypatch.setattr(accel, "sample_plain", lambda *a: None)
+    assert fast == draws()
+    x, u = torch.randn(2, 50), torch.rand(2)
+    assert real(x.double(), 1.0, u) is None and real(x[None], 1.0, u) is None
+    assert real(x, 0.0, u) is None  # greedy is not a draw
 
 
 @generation_kernels

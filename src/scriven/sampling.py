@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import accel
 from .errors import ScrivenError
 
 
@@ -217,7 +218,13 @@ def _plain_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
 
 
 def _draw(logits: Tensor, uniform: Tensor, alternatives: int) -> Sampled:
-    """One token per row from the softmax of logits (R, V), already divided by the temperature."""
+    """One token per row from the softmax of logits (R, V), already divided by the temperature.
+    Where the native kernels run, they draw by the same rule (`accel.sample_plain`): PyTorch's
+    softmax and running sums over a large vocabulary can cost more than the model's step."""
+    if not alternatives:
+        picked = accel.sample_plain(logits, 1.0, uniform)
+        if picked is not None:
+            return picked[0], picked[1], _top(None, 0, picked[0])
     probs = torch.softmax(logits, dim=-1)                                   # (R, V)
     ids = inverse_cdf(probs, uniform)                                       # (R, 1)
     return ids.squeeze(-1), probs.gather(-1, ids).squeeze(-1), \

@@ -4,8 +4,9 @@ particular machine.
 Models are plain PyTorch (`nn.Linear`, `nn.LayerNorm`, `nn.Dropout`, SDPA) and every machine
 runs them as they are. Where this CPU can run scriven's native kernels (AVX-512 VNNI, and AMX
 for bf16 weight gradients), `apply` swaps faster parts in from outside, once, when training or
-generation starts, and says what it swapped and why. The int8 generation step and top-k
-sampler (`lstm_int8_step`, `sample_top_k`) also have an AVX2 build, for CPUs without AVX-512.
+generation starts, and says what it swapped and why. The int8 generation step and the
+samplers (`lstm_int8_step`, `sample_top_k`, `sample_plain`) also have an AVX2 build, for CPUs
+without AVX-512.
 
     model = Transformer(config)
     report = accel.apply(model, device, mode="train")
@@ -127,6 +128,19 @@ def sample_top_k(logits: torch.Tensor, k: int, temperature: float,
             or k >= logits.size(1) or temperature <= 0):
         return None
     return native.sample_top_k(logits, k, temperature, uniform)
+
+
+def sample_plain(logits: torch.Tensor, temperature: float,
+                 uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Sampling from the whole softmax at a temperature on the native kernel (two passes over
+    each row): the ids and probabilities `sampling.sample_shared` draws from the same uniform
+    numbers (up to where a number falls within rounding of a boundary between two tokens), or
+    None where the kernel does not apply (no generation kernels, not float32 (B, V) on the
+    CPU)."""
+    if (native.generation_library() is None or logits.device.type != "cpu" or logits.dim() != 2
+            or logits.dtype != torch.float32 or not logits.size(1) or temperature <= 0):
+        return None
+    return native.sample_plain(logits, temperature, uniform)
 
 
 def lstm_int8_step(model: nn.Module) -> native.LSTMStepInt8 | None:

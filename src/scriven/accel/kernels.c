@@ -315,6 +315,42 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
     }
 }
 
+/* Plain sampling's two passes over a row (see scriven_sample_plain in kernels_shared.h): the
+ * largest of n floats, then e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each
+ * chunk of EXP_CHUNK in chunk[], returning their total. kernels_avx2.c adds each chunk in the
+ * same order (halves of eight, then sum8), so both builds draw the same tokens. */
+#define EXP_CHUNK 16
+
+static inline float sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+static float row_max(const float *x, int n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+    if (i < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, (__mmask16)((1u << (n - i)) - 1), x + i));
+    return _mm512_reduce_max_ps(m);
+}
+
+static float scaled_exp(const float *x, int n, float s, float shift, float *e, float *chunk) {
+    const __m512 sv = _mm512_set1_ps(s), shv = _mm512_set1_ps(shift), ninf = _mm512_set1_ps(-INFINITY);
+    float total = 0.0f;
+    for (int i = 0, c = 0; i < n; i += 16, c++) {
+        const __mmask16 in = i + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
+        const __mmask16 live = _mm512_mask_cmp_ps_mask(in, v, ninf, _CMP_NEQ_OQ);
+        const __m512 ex = _mm512_maskz_mov_ps(live, exp16(_mm512_fmsub_ps(v, sv, shv)));
+        _mm512_mask_storeu_ps(e + i, in, ex);
+        const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ex), 1));
+        chunk[c] = sum8(_mm256_add_ps(_mm512_castps512_ps256(ex), hi));
+        total += chunk[c];
+    }
+    return total;
+}
+
 #include "kernels_shared.h"
 
 /* ---- Training: label-smoothed cross-entropy of bf16 logits, turned into its gradient ---- */

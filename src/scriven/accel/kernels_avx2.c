@@ -253,4 +253,58 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
     }
 }
 
+/* Plain sampling's two passes over a row, as in kernels.c: the largest of n floats, then
+ * e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each chunk of EXP_CHUNK in
+ * chunk[], returning their total. A chunk is two vectors of eight, added as kernels.c adds the
+ * halves of one of sixteen, so both builds draw the same tokens. */
+#define EXP_CHUNK 16
+
+static inline float sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+static float row_max(const float *x, int n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    float top = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    for (; i < n; i++) top = x[i] > top ? x[i] : top;
+    return top;
+}
+
+/* exp(s·x - shift) of the first m ≤ 8 floats at x into e, 0 for -inf; the vector, zero past m. */
+static inline __m256 scaled_exp8(const float *x, int m, __m256 sv, __m256 shv, float *e) {
+    float part[8] = {0};
+    if (m <= 0) return _mm256_setzero_ps();
+    if (m < 8) memcpy(part, x, sizeof(float) * m);
+    const __m256 v = _mm256_loadu_ps(m < 8 ? part : x);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ),
+                                      _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane)));
+    const __m256 ex = _mm256_and_ps(exp8(_mm256_fmsub_ps(v, sv, shv)), keep);
+    if (m < 8) {
+        _mm256_storeu_ps(part, ex);
+        memcpy(e, part, sizeof(float) * m);
+    } else {
+        _mm256_storeu_ps(e, ex);
+    }
+    return ex;
+}
+
+static float scaled_exp(const float *x, int n, float s, float shift, float *e, float *chunk) {
+    const __m256 sv = _mm256_set1_ps(s), shv = _mm256_set1_ps(shift);
+    float total = 0.0f;
+    for (int i = 0, c = 0; i < n; i += 16, c++) {
+        const __m256 lo = scaled_exp8(x + i, n - i < 8 ? n - i : 8, sv, shv, e + i);
+        const __m256 hi = scaled_exp8(x + i + 8, n - i - 8 < 8 ? n - i - 8 : 8, sv, shv, e + i + 8);
+        chunk[c] = sum8(_mm256_add_ps(lo, hi));
+        total += chunk[c];
+    }
+    return total;
+}
+
 #include "kernels_shared.h"

@@ -1,6 +1,6 @@
 /* Shared by kernels.c and kernels_avx2.c, included by each after it defines its own
- * scriven_lstm_step_i8, scriven_linear_i8 and topk_row: the parts of int8 generation that are
- * plain C, so both builds run them alike. */
+ * scriven_lstm_step_i8, scriven_linear_i8, topk_row, row_max and scaled_exp: the parts of
+ * generation that are plain C, so both builds run them alike. */
 
 /* A whole step of an LSTM language model in one call: the embedding rows of token ids (B,)
  * from table (rows of E[0] floats), L layers of hidden size H (layer k's weights at W[k] etc.,
@@ -55,4 +55,40 @@ void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature
         ids[b] = idx[pick];
         probs[b] = (cdf[pick] - (pick ? cdf[pick - 1] : 0.0f)) / total;
     }
+}
+
+/* Sampling at a temperature from the whole vocabulary, one token per row of x (B, V), by
+ * sampling.py's rule for plain draws: the softmax of x / temperature, then the first index whose
+ * running total passes uniform[b] · total. A row is read twice: once for its largest logit,
+ * once for the exponentials (kept, with the sum of each chunk of EXP_CHUNK); the running total
+ * then walks the chunk sums and the tokens of one chunk. Writes the token ids (B,) and their
+ * probabilities (B,). Returns 0, or 1 when out of memory. */
+int scriven_sample_plain(const float *x, int B, int V, float temperature, const float *uniform,
+                         int64_t *ids, float *probs, int threads) {
+    const int chunks = (V + EXP_CHUNK - 1) / EXP_CHUNK;
+    const float s = 1.0f / temperature;
+    int failed = 0;
+    #pragma omp parallel num_threads(B > 1 ? threads : 1) reduction(| : failed)
+    {
+        float *e = malloc(sizeof(float) * ((size_t)V + chunks));
+        failed = e == NULL;
+        #pragma omp for schedule(static)
+        for (int b = 0; b < B; b++) {
+            if (!e) continue;
+            float *chunk = e + V;
+            const float *row = x + (size_t)b * V;
+            const float total = scaled_exp(row, V, s, row_max(row, V) * s, e, chunk);
+            const float target = uniform[b] * total;
+            float run = 0.0f;
+            int c = 0;
+            while (c < chunks - 1 && !(run + chunk[c] > target)) run += chunk[c++];
+            int i = c * EXP_CHUNK;
+            const int end = c == chunks - 1 ? V : i + EXP_CHUNK;
+            while (i < end - 1 && !(run + e[i] > target)) run += e[i++];
+            ids[b] = i;
+            probs[b] = e[i] / total;
+        }
+        free(e);
+    }
+    return failed;
 }
