@@ -257,13 +257,7 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
  * e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each chunk of EXP_CHUNK in
  * chunk[], returning their total. A chunk is two vectors of eight, added as kernels.c adds the
  * halves of one of sixteen, so both builds draw the same tokens. */
-#define EXP_CHUNK 16
-
-static inline float sum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
+static inline float sum8(__m256 v);  /* kernels_shared.h: the same order in both builds */
 
 static float row_max(const float *x, int n) {
     __m256 m = _mm256_set1_ps(-INFINITY);

@@ -1,6 +1,7 @@
 /* Shared by kernels.c and kernels_avx2.c, included by each after it defines its own
  * scriven_lstm_step_i8, scriven_linear_i8, topk_row, row_max and scaled_exp: the parts of
- * generation that are plain C, so both builds run them alike. */
+ * generation that are plain C (and sum8, in AVX2 instructions both builds have), so both builds
+ * run them alike. */
 
 /* A whole step of an LSTM language model in one call: the embedding rows of token ids (B,)
  * from table (rows of E[0] floats), L layers of hidden size H (layer k's weights at W[k] etc.,
@@ -55,6 +56,16 @@ void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature
         ids[b] = idx[pick];
         probs[b] = (cdf[pick] - (pick ? cdf[pick - 1] : 0.0f)) / total;
     }
+}
+
+/* The sum of eight floats, always in this order: both builds' scaled_exp add a chunk of
+ * EXP_CHUNK with it, so their totals, and so their picks, are the same bit for bit. */
+#define EXP_CHUNK 16
+
+static inline float sum8(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
 /* Sampling at a temperature from the whole vocabulary, one token per row of x (B, V), by
