@@ -328,21 +328,30 @@ def test_native_top_k_sampling_draws_what_the_pytorch_sampler_draws():
 
 @generation_kernels
 @on_each_build
-def test_int8_generation_uses_the_native_sampler_and_draws_as_the_plain_one():
+def test_top_k_draws_run_on_the_native_sampler_for_any_decoder_and_draw_the_same(monkeypatch):
+    """int8 (the native step) and fp32 alike: top-k alone goes to the kernel, and generation
+    gives the tokens PyTorch's sampler gives from the same seed; with top-p too it does not."""
+    from scriven import accel
     from scriven.generation import sample_ids
 
     m = LSTMLanguageModel(LSTMConfig(vocab_size=300, embed_dim=32, hidden_dim=32, num_layers=1)).eval()
-    fast = LSTMStepper(m, "int8")
-    assert fast.sample_top_k is not None
-    prompt = torch.randint(0, 300, (3, 4))
+    prompt = torch.randint(0, 300, (3, 4), generator=torch.Generator().manual_seed(0))
 
-    def draws(stepper):
+    def draws(stepper, top_p=None):
         g = torch.Generator().manual_seed(0)
-        return [ids.tolist() for ids, _, _ in sample_ids(stepper, prompt, 12, 0.8, 5, None, 1.0, g)]
+        return [ids.tolist() for ids, _, _ in sample_ids(stepper, prompt, 12, 0.8, 5, top_p, 1.0, g)]
 
-    plain = LSTMStepper(m, "int8")
-    plain.sample_top_k = None
-    assert draws(fast) == draws(plain)
+    real, calls = accel.sample_top_k, []
+    for precision in ("int8", "fp32"):
+        stepper = LSTMStepper(m, precision)
+        monkeypatch.setattr(accel, "sample_top_k", lambda *a: calls.append(1) or real(*a))
+        fast = draws(stepper)
+        assert len(calls) == 12
+        draws(stepper, top_p=0.9)
+        assert len(calls) == 12
+        calls.clear()
+        monkeypatch.setattr(accel, "sample_top_k", lambda *a: None)
+        assert fast == draws(stepper)
 
 
 @generation_kernels

@@ -144,20 +144,13 @@ def sample_ids(model: nn.Module | LSTMStepper | GPTStepper | runtimes.OnnxSteppe
     elif isinstance(model, GPT):
         model = GPTStepper(model, context)
     steps = _steps(model, prompt_ids)
-    # A decoder on the native kernels brings their one-pass top-k sampler: the same picks.
-    fused = getattr(model, "sample_top_k", None) if (
-        temperature and top_k and top_p is None and not alternatives) else None
     history = prompt_ids
     last = next(steps)                                                    # (B, V)
     for step in range(max_new_tokens):
         if repetition_penalty != 1.0:
             last = repetition_penalty_filter(last, history, repetition_penalty)
         u = uniform(last.size(0), generator, last.device) if temperature else None
-        picked = fused(last, top_k, temperature, u) if fused is not None else None
-        if picked is not None:
-            ids, probs, top = picked[0], picked[1], None
-        else:
-            ids, probs, top = sample_shared(last, temperature, top_k, top_p, u, alternatives)
+        ids, probs, top = sample_shared(last, temperature, top_k, top_p, u, alternatives)
         yield ids, probs, top if alternatives else None
         if repetition_penalty != 1.0:
             history = torch.cat([history, ids[:, None]], dim=1)

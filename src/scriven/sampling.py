@@ -163,6 +163,11 @@ def sample_shared(logits: Tensor, temperature: float, top_k: int | None, top_p: 
     if kind == _PLAIN:  # the common case: building per-row settings cost ~40 % of a one-row draw
         return _draw(logits if temperature == 1 else logits / temperature, uniform,
                      min(alternatives, v))
+    if kind == _FILTERED and (top_p or 1.0) >= 1 and not alternatives:
+        # Top-k alone: one pass a row on the native kernels where they run, the same picks.
+        picked = accel.sample_top_k(logits, top_k, temperature, uniform)
+        if picked is not None:
+            return picked[0], picked[1], _top(None, 0, picked[0])
     return _PASSES[kind](logits, *row_settings(logits, temperature, top_k, top_p), uniform,
                          min(alternatives, v))
 

@@ -50,8 +50,6 @@ class LSTMStepper:
         self.config = model.config
         check_precision(precision)
         self.native = accel.lstm_int8_step(model) if precision == "int8" else None
-        # With the native step comes the native one-pass top-k sampler (see `sample_ids`).
-        self.sample_top_k = accel.sample_top_k if self.native is not None else None
         self.layers: list[_CellLayer | _GateLayer] = []
         self.head: Callable[[Tensor], Tensor]                        # (B, H') -> (B, V)
         if self.native is not None:  # the kernels hold their own copy of the weights
