@@ -342,8 +342,8 @@ def test_top_k_draws_run_on_the_native_sampler_for_any_decoder_and_draw_the_same
         return [ids.tolist() for ids, _, _ in sample_ids(stepper, prompt, 12, 0.8, 5, top_p, 1.0, g)]
 
     real, calls = accel.sample_top_k, []
-    for precision in ("int8", "fp32"):
-        stepper = LSTMStepper(m, precision)
+    for held_in in ("int8", "fp32"):
+        stepper = LSTMStepper(m, held_in)
         monkeypatch.setattr(accel, "sample_top_k", lambda *a: calls.append(1) or real(*a))
         fast = draws(stepper)
         assert len(calls) == 12
