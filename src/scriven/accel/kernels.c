@@ -317,9 +317,11 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
 
 /* Plain sampling's two passes over a row (see scriven_sample_plain in kernels_shared.h): the
  * largest of n floats, then e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each
- * chunk of EXP_CHUNK in chunk[], returning their total. kernels_avx2.c adds each chunk in the
- * same order (halves of eight, then sum8), so both builds draw the same tokens. */
+ * chunk of EXP_CHUNK (64) in chunk[], returning their total. kernels_avx2.c adds each chunk in
+ * the same order (four vectors pairwise, the halves of eight, then sum8), so both builds draw
+ * the same tokens. */
 static inline float sum8(__m256 v);  /* kernels_shared.h: the same order in both builds */
+#define EXP_CHUNK 64  /* four vectors of sixteen; kernels_shared.h walks chunks of it */
 
 static float row_max(const float *x, int n) {
     __m512 m = _mm512_set1_ps(-INFINITY);
@@ -332,14 +334,20 @@ static float row_max(const float *x, int n) {
 static float scaled_exp(const float *x, int n, float s, float shift, float *e, float *chunk) {
     const __m512 sv = _mm512_set1_ps(s), shv = _mm512_set1_ps(shift), ninf = _mm512_set1_ps(-INFINITY);
     float total = 0.0f;
-    for (int i = 0, c = 0; i < n; i += 16, c++) {
-        const __mmask16 in = i + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        const __m512 v = _mm512_maskz_loadu_ps(in, x + i);
-        const __mmask16 live = _mm512_mask_cmp_ps_mask(in, v, ninf, _CMP_NEQ_OQ);
-        const __m512 ex = _mm512_maskz_mov_ps(live, exp16(_mm512_fmsub_ps(v, sv, shv)));
-        _mm512_mask_storeu_ps(e + i, in, ex);
-        const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(ex), 1));
-        chunk[c] = sum8(_mm256_add_ps(_mm512_castps512_ps256(ex), hi));
+    for (int i = 0, c = 0; i < n; i += EXP_CHUNK, c++) {
+        __m512 ex[4];  /* four independent vectors a chunk: one reduction each, and overlap */
+        for (int k = 0; k < 4; k++) {
+            const int at = i + 16 * k;
+            const __mmask16 in = at + 16 <= n ? (__mmask16)0xFFFF
+                                 : at < n ? (__mmask16)((1u << (n - at)) - 1) : (__mmask16)0;
+            const __m512 v = _mm512_maskz_loadu_ps(in, x + at);
+            const __mmask16 live = _mm512_mask_cmp_ps_mask(in, v, ninf, _CMP_NEQ_OQ);
+            ex[k] = _mm512_maskz_mov_ps(live, exp16(_mm512_fmsub_ps(v, sv, shv)));
+            _mm512_mask_storeu_ps(e + at, in, ex[k]);
+        }
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(ex[0], ex[1]), _mm512_add_ps(ex[2], ex[3]));
+        const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum), 1));
+        chunk[c] = sum8(_mm256_add_ps(_mm512_castps512_ps256(sum), hi));
         total += chunk[c];
     }
     return total;

@@ -255,9 +255,10 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
 
 /* Plain sampling's two passes over a row, as in kernels.c: the largest of n floats, then
  * e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each chunk of EXP_CHUNK in
- * chunk[], returning their total. A chunk is two vectors of eight, added as kernels.c adds the
- * halves of one of sixteen, so both builds draw the same tokens. */
+ * chunk[], returning their total. A chunk is eight vectors of eight, added as kernels.c adds
+ * its four of sixteen (pairwise, then the halves), so both builds draw the same tokens. */
 static inline float sum8(__m256 v);  /* kernels_shared.h: the same order in both builds */
+#define EXP_CHUNK 64  /* eight vectors of eight; kernels_shared.h walks chunks of it */
 
 static float row_max(const float *x, int n) {
     __m256 m = _mm256_set1_ps(-INFINITY);
@@ -292,10 +293,16 @@ static inline __m256 scaled_exp8(const float *x, int m, __m256 sv, __m256 shv, f
 static float scaled_exp(const float *x, int n, float s, float shift, float *e, float *chunk) {
     const __m256 sv = _mm256_set1_ps(s), shv = _mm256_set1_ps(shift);
     float total = 0.0f;
-    for (int i = 0, c = 0; i < n; i += 16, c++) {
-        const __m256 lo = scaled_exp8(x + i, n - i < 8 ? n - i : 8, sv, shv, e + i);
-        const __m256 hi = scaled_exp8(x + i + 8, n - i - 8 < 8 ? n - i - 8 : 8, sv, shv, e + i + 8);
-        chunk[c] = sum8(_mm256_add_ps(lo, hi));
+    for (int i = 0, c = 0; i < n; i += EXP_CHUNK, c++) {
+        __m256 lo[4], hi[4];  /* lanes 0-7 and 8-15 of kernels.c's four vectors of sixteen */
+        for (int k = 0; k < 4; k++) {
+            const int at = i + 16 * k;
+            lo[k] = scaled_exp8(x + at, n - at < 8 ? n - at : 8, sv, shv, e + at);
+            hi[k] = scaled_exp8(x + at + 8, n - at - 8 < 8 ? n - at - 8 : 8, sv, shv, e + at + 8);
+        }
+        const __m256 l = _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3]));
+        const __m256 h = _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3]));
+        chunk[c] = sum8(_mm256_add_ps(l, h));
         total += chunk[c];
     }
     return total;

@@ -59,9 +59,8 @@ void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature
 }
 
 /* The sum of eight floats, always in this order: both builds' scaled_exp add a chunk of
- * EXP_CHUNK with it, so their totals, and so their picks, are the same bit for bit. */
-#define EXP_CHUNK 16
-
+ * EXP_CHUNK (each build's, the same) with it, so their totals, and so their picks, are the same
+ * bit for bit. */
 static inline float sum8(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
