@@ -137,6 +137,35 @@ def test_native_top_k_sampling_at_the_edges_draws_what_the_pytorch_sampler_draws
 
 @generation_kernels
 @on_each_build
+def test_native_top_k_with_settings_per_row_draws_what_sample_rows_draws(monkeypatch):
+    """A server's batch: each row its own k and temperature. `sample_rows` hands top-k rows to
+    the kernel (none when a row also trims by top-p) and gets PyTorch's picks."""
+    from scriven import accel
+    from scriven.sampling import sample_rows
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 700, generator=g) * 3
+    x[1, ::2] = float("-inf")
+    k = torch.tensor([1, 5, 64, 20, 2, 63, 10, 33, 7])
+    temperature = torch.tensor([0.3, 1.0, 0.7, 1.5, 0.9, 1.0, 0.5, 2.0, 0.8])
+    real, calls = accel.sample_top_k, []
+    for _ in range(10):
+        u = torch.rand(9, generator=g)
+        for top_p, kernel in ((torch.ones(9), True), (torch.tensor([1.0] * 8 + [0.9]), False)):
+            monkeypatch.setattr(accel, "sample_top_k", lambda *a: calls.append(1) or real(*a))
+            ids, probs, _ = sample_rows(x, temperature, k, top_p, u)
+            assert bool(calls) == kernel
+            calls.clear()
+            monkeypatch.setattr(accel, "sample_top_k", lambda *a: None)
+            ref_ids, ref_probs, _ = sample_rows(x, temperature, k, top_p, u)
+            assert torch.equal(ids, ref_ids)
+            assert torch.allclose(probs, ref_probs, atol=1e-6)
+    native_ids, _ = native.sample_top_k(x, k, temperature, u)
+    assert torch.equal(native_ids, sample_rows(x, temperature, k, torch.ones(9), u)[0])
+
+
+@generation_kernels
+@on_each_build
 @pytest.mark.parametrize("rows, vocab, temperature", [(1, 12157, 1.0), (5, 33, 0.7), (4, 1, 1.0),
                                                       (64, 500, 1.3), (3, 16, 1.0), (2, 9, 0.5)])
 def test_native_plain_sampling_draws_what_the_pytorch_sampler_draws(rows, vocab, temperature):
@@ -283,6 +312,9 @@ def test_the_kernels_compile_without_warnings(tmp_path, spec):
     lambda: native.sample_top_k(torch.randn(2, 100), 0, 1.0, torch.rand(2)),
     lambda: native.sample_top_k(torch.randn(2, 10), 11, 1.0, torch.rand(2)),
     lambda: native.sample_top_k(torch.randn(2, 100).double(), 5, 1.0, torch.rand(2)),
+    lambda: native.sample_top_k(torch.randn(2, 100), torch.tensor([3, 0]), 1.0, torch.rand(2)),
+    lambda: native.sample_top_k(torch.randn(2, 100), torch.tensor([3, 4, 5]), 1.0, torch.rand(2)),
+    lambda: native.sample_top_k(torch.randn(2, 100), 3, torch.tensor([1.0, 0.0]), torch.rand(2)),
     lambda: native.sample_plain(torch.randn(2, 100).double(), 1.0, torch.rand(2)),
     lambda: native.sample_plain(torch.randn(2, 100), 0.0, torch.rand(2)),
     lambda: native.sample_plain(torch.randn(2, 100), 1.0, torch.rand(3)),

@@ -242,6 +242,12 @@ def _filtered_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Te
     of any row can be drawn, and a top-K selection is much cheaper than a sort of all V).
     Temperature keeps the order, so it scales the K kept logits, not all V."""
     v = logits.size(-1)
+    trims_p = bool((top_p < 1).any())
+    if not alternatives and not trims_p:
+        # Top-k alone: one pass a row on the native kernels where they run, the same picks.
+        picked = accel.sample_top_k(logits, top_k, temperature, uniform)
+        if picked is not None:
+            return picked[0], picked[1], _top(None, 0, picked[0])
     width = min(v, max(int(top_k.max()), alternatives, 1))
     if width < v:
         ordered, order = top_k_values(logits, width)                        # (R, K), sorted
@@ -252,7 +258,7 @@ def _filtered_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Te
         rank = torch.arange(width, device=logits.device)                    # (K,)
         ordered = ordered.masked_fill(rank[None] >= top_k[:, None], float("-inf"))  # top-k
     probs = torch.softmax(ordered, dim=-1)                                  # (R, K)
-    if bool((top_p < 1).any()):
+    if trims_p:
         mass_before = torch.cumsum(probs, dim=-1) - probs
         drop = mass_before >= top_p[:, None]                                # top-p
         probs = torch.softmax(ordered.masked_fill(drop, float("-inf")), dim=-1)

@@ -116,16 +116,20 @@ def apply(model: nn.Module, device: torch.device | str = "cpu", mode: str = "tra
     return report or {"all": "plain PyTorch (nothing here for the native kernels to run)"}
 
 
-def sample_top_k(logits: torch.Tensor, k: int, temperature: float,
+def sample_top_k(logits: torch.Tensor, k: int | torch.Tensor, temperature: float | torch.Tensor,
                  uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Top-k sampling in one pass over each row on the native kernel: the ids and probabilities
-    `sampling.sample_shared` draws from the same uniform numbers, or None where the kernel does
-    not apply (no kernels, not float32 on the CPU, k over `native.MAX_TOP_K`). With k at the
-    vocabulary size nothing is cut, and `sample_shared` then walks the tokens by id rather than
-    by rank: the kernel declines, so a seed picks the same tokens with and without it."""
+    """Top-k sampling in one pass over each row on the native kernel, k and temperature one for
+    all rows or one per row (R,): the ids and probabilities `sampling.sample_rows` draws from the
+    same uniform numbers, or None where the kernel does not apply (no kernels, not float32 on the
+    CPU, a k over `native.MAX_TOP_K`). With k at the vocabulary size nothing is cut, and the
+    PyTorch sampler then walks the tokens by id rather than by rank: the kernel declines, so a
+    seed picks the same tokens with and without it."""
     if (native.generation_library() is None or logits.device.type != "cpu" or logits.dim() != 2
-            or logits.dtype != torch.float32 or not 0 < k <= native.MAX_TOP_K
-            or k >= logits.size(1) or temperature <= 0):
+            or logits.dtype != torch.float32 or not logits.size(0)):
+        return None
+    low, high = (k, k) if isinstance(k, int) else (int(k.min()), int(k.max()))
+    coolest = float(temperature.min()) if isinstance(temperature, torch.Tensor) else temperature
+    if not (0 < low and high <= native.MAX_TOP_K and high < logits.size(1) and coolest > 0):
         return None
     return native.sample_top_k(logits, k, temperature, uniform)
 

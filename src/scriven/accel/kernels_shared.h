@@ -34,25 +34,27 @@ int scriven_lstm_lm_step_i8(int L, const int8_t *const *W, const int32_t *const 
 }
 
 /* Top-k sampling at a temperature, one token per row of x (B, V), as sampling.py does it: the
- * k best logits, softmax of them / temperature, then the first index whose running total
- * passes uniform[b] · total. Writes the token ids (B,) and their probabilities (B,). */
-void scriven_sample_top_k(const float *x, int B, int V, int k, float temperature,
+ * k[b] best logits, softmax of them / temperature[b], then the first index whose running total
+ * passes uniform[b] · total. Each row has its own k and temperature (a server's batch holds many
+ * requests). Writes the token ids (B,) and their probabilities (B,). */
+void scriven_sample_top_k(const float *x, int B, int V, const int32_t *k, const float *temperature,
                           const float *uniform, int64_t *ids, float *probs, int threads) {
-    if (k < 1 || k > 64 || k > V) return;  /* the binding refuses these first */
     #pragma omp parallel for schedule(static) num_threads(B > 1 ? threads : 1)
     for (int b = 0; b < B; b++) {
+        const int kb = k[b];
+        if (kb < 1 || kb > 64 || kb > V) continue;  /* the binding refuses these first */
         float val[64], cdf[64] = {0};  /* zeroed: the compiler cannot see k >= 1 here */
         int64_t idx[64];
-        topk_row(x + (size_t)b * V, V, k, val, idx);
-        const float top = val[0] / temperature;
+        topk_row(x + (size_t)b * V, V, kb, val, idx);
+        const float t = temperature[b], top = val[0] / t;
         float total = 0.0f;
-        for (int i = 0; i < k; i++) {
-            total += expf(val[i] / temperature - top);
+        for (int i = 0; i < kb; i++) {
+            total += expf(val[i] / t - top);
             cdf[i] = total;
         }
         const float target = uniform[b] * total;
         int pick = 0;
-        while (pick < k - 1 && !(cdf[pick] > target)) pick++;
+        while (pick < kb - 1 && !(cdf[pick] > target)) pick++;
         ids[b] = idx[pick];
         probs[b] = (cdf[pick] - (pick ? cdf[pick - 1] : 0.0f)) / total;
     }

@@ -76,8 +76,8 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
                                      ("V", _i), ("table", _p), ("vocab", _i), ("ids", _p),
                                      ("h", _p), ("c", _p), ("B", _i), ("h_out", _p),
                                      ("c_out", _p), ("logits", _p), ("threads", _i)]),
-    "scriven_sample_top_k": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _i),
-                                    ("temperature", _f), ("uniform", _p), ("ids", _p),
+    "scriven_sample_top_k": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _p),
+                                    ("temperature", _p), ("uniform", _p), ("ids", _p),
                                     ("probs", _p), ("threads", _i)]),
     "scriven_sample_plain": (_i, [("x", _p), ("B", _i), ("V", _i), ("temperature", _f),
                                   ("uniform", _p), ("ids", _p), ("probs", _p), ("threads", _i)]),
@@ -460,28 +460,38 @@ class LSTMStepInt8:
         return logits, h_out, c_out
 
 
-def _check_top_k(logits: Tensor, k: int) -> None:
-    _cpu_tensor(logits, "logits", (torch.float32,))
-    if logits.dim() == 2 and 0 < k <= min(MAX_TOP_K, logits.size(1)):
-        return
-    _require(logits.dim() == 2, f"logits must be (B, V), got {tuple(logits.shape)}")
-    _require(False, f"top-k takes 1 <= k <= {min(MAX_TOP_K, logits.size(1))}, got {k}")
+def _per_row(value: int | float | Tensor, rows: int, dtype: torch.dtype, name: str) -> Tensor:
+    """One setting for all rows, or one per row (rows,), as a contiguous CPU tensor."""
+    if not isinstance(value, Tensor):
+        return torch.full((rows,), value, dtype=dtype)
+    value = value.to("cpu", dtype).contiguous()
+    _require(value.shape == (rows,), f"{name} must be one number or ({rows},), got "
+                                     f"{tuple(value.shape)}")
+    return value
 
 
-def sample_top_k(logits: Tensor, k: int, temperature: float,
+def sample_top_k(logits: Tensor, k: int | Tensor, temperature: float | Tensor,
                  uniform: Tensor) -> tuple[Tensor, Tensor]:
-    """Top-k sampling of logits (B, V) float32 on the CPU at `temperature` > 0, k ≤ MAX_TOP_K,
-    with one uniform number in [0, 1) per row (B,): ids (B,) and their probabilities (B,), as
-    `sampling.sample_with_probability` draws them from the same numbers."""
+    """Top-k sampling of logits (B, V) float32 on the CPU, k ≤ MAX_TOP_K and `temperature` > 0
+    each one for all rows or one per row (B,), with one uniform number in [0, 1) per row (B,):
+    ids (B,) and their probabilities (B,), as `sampling.sample_rows` draws them from the same
+    numbers."""
     logits, uniform = logits.contiguous(), uniform.float().contiguous()
-    _check_top_k(logits, k)
+    _cpu_tensor(logits, "logits", (torch.float32,))
+    _require(logits.dim() == 2, f"logits must be (B, V), got {tuple(logits.shape)}")
     b, v = logits.shape
-    if not (temperature > 0 and uniform.shape == (b,)):
+    ks = _per_row(k, b, torch.int32, "k")
+    ts = _per_row(temperature, b, torch.float32, "temperature")
+    top = min(MAX_TOP_K, v)
+    if b and not (int(ks.min()) >= 1 and int(ks.max()) <= top):
+        _require(False, f"top-k takes 1 <= k <= {top}, got k from {int(ks.min())} to "
+                        f"{int(ks.max())}")
+    if not (bool((ts > 0).all()) and uniform.shape == (b,)):
         raise ValueError(f"native kernel: temperature must be > 0 (got {temperature}) and one "
                          f"uniform number given per row (got {tuple(uniform.shape)})")
     ids, probs = torch.empty(b, dtype=torch.long), torch.empty(b)
-    _generation_lib().scriven_sample_top_k(_ptr(logits), b, v, k, temperature, _ptr(uniform), _ptr(ids),
-                                _ptr(probs), torch.get_num_threads())
+    _generation_lib().scriven_sample_top_k(_ptr(logits), b, v, _ptr(ks), _ptr(ts), _ptr(uniform),
+                                           _ptr(ids), _ptr(probs), torch.get_num_threads())
     return ids, probs
 
 
