@@ -164,10 +164,9 @@ def sample_shared(logits: Tensor, temperature: float, top_k: int | None, top_p: 
         return _draw(logits if temperature == 1 else logits / temperature, uniform,
                      min(alternatives, v))
     if kind == _FILTERED and (top_p or 1.0) >= 1 and not alternatives:
-        # Top-k alone: one pass a row on the native kernels where they run, the same picks.
-        picked = accel.sample_top_k(logits, top_k, temperature, uniform)
+        picked = _native_top_k(logits, top_k, temperature, uniform)
         if picked is not None:
-            return picked[0], picked[1], _top(None, 0, picked[0])
+            return picked
     return _PASSES[kind](logits, *row_settings(logits, temperature, top_k, top_p), uniform,
                          min(alternatives, v))
 
@@ -236,6 +235,14 @@ def _draw(logits: Tensor, uniform: Tensor, alternatives: int) -> Sampled:
         _top(lambda: probs, alternatives, ids.squeeze(-1))
 
 
+def _native_top_k(logits: Tensor, top_k: int | Tensor, temperature: float | Tensor,
+                  uniform: Tensor) -> Sampled | None:
+    """Top-k alone (no top-p, no alternatives) in one pass a row on the native kernels where they
+    run, the same picks as `_filtered_rows`; None where they do not apply."""
+    picked = accel.sample_top_k(logits, top_k, temperature, uniform)
+    return None if picked is None else (picked[0], picked[1], _top(None, 0, picked[0]))
+
+
 def _filtered_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
                    uniform: Tensor, alternatives: int) -> Sampled:
     """Top-k and/or top-p: over each row's best tokens, sorted by probability (only the K best
@@ -244,10 +251,9 @@ def _filtered_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Te
     v = logits.size(-1)
     trims_p = bool((top_p < 1).any())
     if not alternatives and not trims_p:
-        # Top-k alone: one pass a row on the native kernels where they run, the same picks.
-        picked = accel.sample_top_k(logits, top_k, temperature, uniform)
+        picked = _native_top_k(logits, top_k, temperature, uniform)
         if picked is not None:
-            return picked[0], picked[1], _top(None, 0, picked[0])
+            return picked
     width = min(v, max(int(top_k.max()), alternatives, 1))
     if width < v:
         ordered, order = top_k_values(logits, width)                        # (R, K), sorted
