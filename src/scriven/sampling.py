@@ -226,7 +226,7 @@ def _draw(logits: Tensor, uniform: Tensor, alternatives: int) -> Sampled:
     Where the native kernels run, they draw by the same rule (`accel.sample_plain`): PyTorch's
     softmax and running sums over a large vocabulary can cost more than the model's step."""
     if not alternatives:
-        picked = accel.sample_plain(logits, 1.0, uniform)
+        picked = accel.sample_plain(logits, uniform)
         if picked is not None:
             return picked[0], picked[1], _top(None, 0, picked[0])
     probs = torch.softmax(logits, dim=-1)                                   # (R, V)

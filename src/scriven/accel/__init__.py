@@ -134,17 +134,17 @@ def sample_top_k(logits: torch.Tensor, k: int | torch.Tensor, temperature: float
     return native.sample_top_k(logits, k, temperature, uniform)
 
 
-def sample_plain(logits: torch.Tensor, temperature: float,
+def sample_plain(logits: torch.Tensor,
                  uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Sampling from the whole softmax at a temperature on the native kernel (two passes over
-    each row): the ids and probabilities `sampling.sample_shared` draws from the same uniform
-    numbers (up to where a number falls within rounding of a boundary between two tokens), or
-    None where the kernel does not apply (no generation kernels, not float32 (B, V) on the
-    CPU)."""
+    """Sampling from the whole softmax of logits already divided by the temperature, on the
+    native kernel (two passes over each row): the ids and probabilities `sampling` draws from the
+    same uniform numbers (up to where a number falls within rounding of a boundary between two
+    tokens), or None where the kernel does not apply (no generation kernels, not float32 (B, V)
+    on the CPU)."""
     if (native.generation_library() is None or logits.device.type != "cpu" or logits.dim() != 2
-            or logits.dtype != torch.float32 or not logits.size(1) or temperature <= 0):
+            or logits.dtype != torch.float32 or not logits.size(1)):
         return None
-    return native.sample_plain(logits, temperature, uniform)
+    return native.sample_plain(logits, uniform)
 
 
 def lstm_int8_step(model: nn.Module) -> native.LSTMStepInt8 | None:

@@ -316,7 +316,7 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
 }
 
 /* Plain sampling's two passes over a row (see scriven_sample_plain in kernels_shared.h): the
- * largest of n floats, then e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each
+ * largest of n floats, then e[i] = exp(x[i] - shift) (0 for x[i] = -inf) with the sum of each
  * chunk of EXP_CHUNK (64) in chunk[], returning their total. kernels_avx2.c adds each chunk in
  * the same order (four vectors pairwise, the halves of eight, then sum8), so both builds draw
  * the same tokens. */
@@ -331,8 +331,8 @@ static float row_max(const float *x, int n) {
     return _mm512_reduce_max_ps(m);
 }
 
-static float scaled_exp(const float *x, int n, float s, float shift, float *e, float *chunk) {
-    const __m512 sv = _mm512_set1_ps(s), shv = _mm512_set1_ps(shift), ninf = _mm512_set1_ps(-INFINITY);
+static float scaled_exp(const float *x, int n, float shift, float *e, float *chunk) {
+    const __m512 shv = _mm512_set1_ps(shift), ninf = _mm512_set1_ps(-INFINITY);
     float total = 0.0f;
     for (int i = 0, c = 0; i < n; i += EXP_CHUNK, c++) {
         __m512 ex[4];  /* four independent vectors a chunk: one reduction each, and overlap */
@@ -342,7 +342,7 @@ static float scaled_exp(const float *x, int n, float s, float shift, float *e, f
                                  : at < n ? (__mmask16)((1u << (n - at)) - 1) : (__mmask16)0;
             const __m512 v = _mm512_maskz_loadu_ps(in, x + at);
             const __mmask16 live = _mm512_mask_cmp_ps_mask(in, v, ninf, _CMP_NEQ_OQ);
-            ex[k] = _mm512_maskz_mov_ps(live, exp16(_mm512_fmsub_ps(v, sv, shv)));
+            ex[k] = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(v, shv)));
             _mm512_mask_storeu_ps(e + at, in, ex[k]);
         }
         const __m512 sum = _mm512_add_ps(_mm512_add_ps(ex[0], ex[1]), _mm512_add_ps(ex[2], ex[3]));

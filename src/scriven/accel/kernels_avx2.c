@@ -254,7 +254,7 @@ static void topk_row(const float *row, int V, int k, float *val, int64_t *idx) {
 }
 
 /* Plain sampling's two passes over a row, as in kernels.c: the largest of n floats, then
- * e[i] = exp(s·x[i] - shift) (0 for x[i] = -inf) with the sum of each chunk of EXP_CHUNK in
+ * e[i] = exp(x[i] - shift) (0 for x[i] = -inf) with the sum of each chunk of EXP_CHUNK in
  * chunk[], returning their total. A chunk is eight vectors of eight, added as kernels.c adds
  * its four of sixteen (pairwise, then the halves), so both builds draw the same tokens. */
 static inline float sum8(__m256 v);  /* kernels_shared.h: the same order in both builds */
@@ -271,8 +271,8 @@ static float row_max(const float *x, int n) {
     return top;
 }
 
-/* exp(s·x - shift) of the first m ≤ 8 floats at x into e, 0 for -inf; the vector, zero past m. */
-static inline __m256 scaled_exp8(const float *x, int m, __m256 sv, __m256 shv, float *e) {
+/* exp(x - shift) of the first m ≤ 8 floats at x into e, 0 for -inf; the vector, zero past m. */
+static inline __m256 scaled_exp8(const float *x, int m, __m256 shv, float *e) {
     float part[8] = {0};
     if (m <= 0) return _mm256_setzero_ps();
     if (m < 8) memcpy(part, x, sizeof(float) * m);
@@ -280,7 +280,7 @@ static inline __m256 scaled_exp8(const float *x, int m, __m256 sv, __m256 shv, f
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256 keep = _mm256_and_ps(_mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ),
                                       _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(m), lane)));
-    const __m256 ex = _mm256_and_ps(exp8(_mm256_fmsub_ps(v, sv, shv)), keep);
+    const __m256 ex = _mm256_and_ps(exp8(_mm256_sub_ps(v, shv)), keep);
     if (m < 8) {
         _mm256_storeu_ps(part, ex);
         memcpy(e, part, sizeof(float) * m);
@@ -290,15 +290,15 @@ static inline __m256 scaled_exp8(const float *x, int m, __m256 sv, __m256 shv, f
     return ex;
 }
 
-static float scaled_exp(const float *x, int n, float s, float shift, float *e, float *chunk) {
-    const __m256 sv = _mm256_set1_ps(s), shv = _mm256_set1_ps(shift);
+static float scaled_exp(const float *x, int n, float shift, float *e, float *chunk) {
+    const __m256 shv = _mm256_set1_ps(shift);
     float total = 0.0f;
     for (int i = 0, c = 0; i < n; i += EXP_CHUNK, c++) {
         __m256 lo[4], hi[4];  /* lanes 0-7 and 8-15 of kernels.c's four vectors of sixteen */
         for (int k = 0; k < 4; k++) {
             const int at = i + 16 * k;
-            lo[k] = scaled_exp8(x + at, n - at < 8 ? n - at : 8, sv, shv, e + at);
-            hi[k] = scaled_exp8(x + at + 8, n - at - 8 < 8 ? n - at - 8 : 8, sv, shv, e + at + 8);
+            lo[k] = scaled_exp8(x + at, n - at < 8 ? n - at : 8, shv, e + at);
+            hi[k] = scaled_exp8(x + at + 8, n - at - 8 < 8 ? n - at - 8 : 8, shv, e + at + 8);
         }
         const __m256 l = _mm256_add_ps(_mm256_add_ps(lo[0], lo[1]), _mm256_add_ps(lo[2], lo[3]));
         const __m256 h = _mm256_add_ps(_mm256_add_ps(hi[0], hi[1]), _mm256_add_ps(hi[2], hi[3]));

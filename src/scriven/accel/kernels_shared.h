@@ -69,16 +69,15 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* Sampling at a temperature from the whole vocabulary, one token per row of x (B, V), by
- * sampling.py's rule for plain draws: the softmax of x / temperature, then the first index whose
- * running total passes uniform[b] · total. A row is read twice: once for its largest logit,
+/* Sampling from the whole vocabulary, one token per row of x (B, V) (logits already divided by
+ * the temperature), by sampling.py's rule for plain draws: the softmax of x, then the first
+ * index whose running total passes uniform[b] · total. A row is read twice: once for its largest logit,
  * once for the exponentials (kept, with the sum of each chunk of EXP_CHUNK); the running total
  * then walks the chunk sums and the tokens of one chunk. Writes the token ids (B,) and their
  * probabilities (B,). Returns 0, or 1 when out of memory. */
-int scriven_sample_plain(const float *x, int B, int V, float temperature, const float *uniform,
+int scriven_sample_plain(const float *x, int B, int V, const float *uniform,
                          int64_t *ids, float *probs, int threads) {
     const int chunks = (V + EXP_CHUNK - 1) / EXP_CHUNK;
-    const float s = 1.0f / temperature;
     int failed = 0;
     #pragma omp parallel num_threads(B > 1 ? threads : 1) reduction(| : failed)
     {
@@ -89,7 +88,7 @@ int scriven_sample_plain(const float *x, int B, int V, float temperature, const 
             if (!e) continue;
             float *chunk = e + V;
             const float *row = x + (size_t)b * V;
-            const float total = scaled_exp(row, V, s, row_max(row, V) * s, e, chunk);
+            const float total = scaled_exp(row, V, row_max(row, V), e, chunk);
             const float target = uniform[b] * total;
             float run = 0.0f;
             int c = 0;

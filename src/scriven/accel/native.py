@@ -79,8 +79,8 @@ SIGNATURES: dict[str, tuple[object, list[tuple[str, object]]]] = {
     "scriven_sample_top_k": (None, [("x", _p), ("B", _i), ("V", _i), ("k", _p),
                                     ("temperature", _p), ("uniform", _p), ("ids", _p),
                                     ("probs", _p), ("threads", _i)]),
-    "scriven_sample_plain": (_i, [("x", _p), ("B", _i), ("V", _i), ("temperature", _f),
-                                  ("uniform", _p), ("ids", _p), ("probs", _p), ("threads", _i)]),
+    "scriven_sample_plain": (_i, [("x", _p), ("B", _i), ("V", _i), ("uniform", _p),
+                                  ("ids", _p), ("probs", _p), ("threads", _i)]),
     "scriven_xent_grad_bf16": (_i, [("z", _p), ("B", _i), ("V", _i), ("labels", _p),
                                     ("bias", _p), ("keep", _f), ("spread", _f), ("scale", _f),
                                     ("loss", _p), ("bias_grad", _p), ("scratch", _p),
@@ -495,21 +495,20 @@ def sample_top_k(logits: Tensor, k: int | Tensor, temperature: float | Tensor,
     return ids, probs
 
 
-def sample_plain(logits: Tensor, temperature: float, uniform: Tensor) -> tuple[Tensor, Tensor]:
-    """Sampling from the whole softmax of logits (B, V) float32 on the CPU at `temperature` > 0,
-    with one uniform number in [0, 1) per row (B,): ids (B,) and their probabilities (B,), by
-    the rule `sampling.sample_shared` draws plain samples with (equal picks but where u falls
-    within rounding of a boundary between two tokens)."""
+def sample_plain(logits: Tensor, uniform: Tensor) -> tuple[Tensor, Tensor]:
+    """Sampling from the whole softmax of logits (B, V) float32 on the CPU (already divided by
+    the temperature), with one uniform number in [0, 1) per row (B,): ids (B,) and their
+    probabilities (B,), by the rule `sampling` draws plain samples with (equal picks but where u
+    falls within rounding of a boundary between two tokens)."""
     logits, uniform = logits.contiguous(), uniform.float().contiguous()
     _cpu_tensor(logits, "logits", (torch.float32,))
     _require(logits.dim() == 2 and logits.size(1) > 0,
              f"logits must be (B, V) with V > 0, got {tuple(logits.shape)}")
     b, v = logits.shape
-    if not (temperature > 0 and uniform.shape == (b,)):
-        raise ValueError(f"native kernel: temperature must be > 0 (got {temperature}) and one "
-                         f"uniform number given per row (got {tuple(uniform.shape)})")
+    _require(uniform.shape == (b,), f"one uniform number per row ({b},) expected, got "
+                                    f"{tuple(uniform.shape)}")
     ids, probs = torch.empty(b, dtype=torch.long), torch.empty(b)
-    if _generation_lib().scriven_sample_plain(_ptr(logits), b, v, temperature, _ptr(uniform),
+    if _generation_lib().scriven_sample_plain(_ptr(logits), b, v, _ptr(uniform),
                                               _ptr(ids), _ptr(probs), torch.get_num_threads()):
         raise MemoryError("native sampler: out of memory")
     return ids, probs
