@@ -164,13 +164,11 @@ def lm_figures(checkpoint: Path, text: str, folder: Path, streams: int, tokens: 
                          step_tokens_per_second(decoder, prompt, streams, tokens)),
                      "valid_ppl": round(stepper_perplexity(decoder, valid, 64), 3)}
         log(f"[lm] {name}: {out[name]}")
+    fp32 = out["scriven_fp32"]["valid_ppl"]
+    for row in out.values():
+        row["ppl_vs_scriven_fp32_percent"] = round(100 * (row["valid_ppl"] / fp32 - 1), 3)
     out["sampler"] = sampler_figures(tokenizer.vocab_size)
     log(f"[lm] sampler: {out['sampler']}")
-    fp32 = out["scriven_fp32"]["valid_ppl"]
-    for name, row in out.items():
-        if name == "sampler":
-            continue
-        row["ppl_vs_scriven_fp32_percent"] = round(100 * (row["valid_ppl"] / fp32 - 1), 3)
     return out
 
 
